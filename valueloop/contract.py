@@ -1,0 +1,144 @@
+"""The raw contract: the typed tables every loader writes into, declared once.
+
+Loaders hand ingest string columns named as here; ingest types them inside DuckDB and sends
+every value that does not parse to ``raw.quarantine``. The DDL, the typing SQL and the
+documentation all come from these declarations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RAW_SCHEMA = "raw"
+LINEAGE_COLUMNS = ("_source_file", "_row_number", "_loaded_at", "_batch_id")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str
+    required: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    columns: tuple[Column, ...]
+    description: str
+
+    @property
+    def table(self) -> str:
+        return f"{RAW_SCHEMA}.{self.name}"
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+MONEY = "decimal(18, 4)"
+
+ORDER_LINES = Entity(
+    "order_lines",
+    (
+        Column("invoice_id", "varchar", True, "Invoice (order) number; 'C…' cancels, 'R…' returns"),
+        Column("sku", "varchar", False, "Stock code of the product, or a non-product code"),
+        Column("description", "varchar", False, "Product description as written on the line"),
+        Column("quantity", MONEY, True, "Units; negative on cancellations and returns"),
+        Column("unit_price", MONEY, True, "Price of one unit in the shop's currency"),
+        Column("invoiced_at", "timestamp", True, "When the invoice was issued"),
+        Column("customer_id", "varchar", False, "Customer id; empty for guest checkouts"),
+        Column("country", "varchar", False, "Delivery country"),
+    ),
+    "One row per invoice line.",
+)
+
+CUSTOMERS = Entity(
+    "customers",
+    (
+        Column("customer_id", "varchar", True, "Customer id"),
+        Column("signed_up_at", "timestamp", True, "When the account was created"),
+        Column("country", "varchar", False, "Country of the account"),
+        Column("acquisition_channel", "varchar", False, "Channel that brought the customer"),
+        Column("email", "varchar", False, "PII: pseudonymised in staging"),
+        Column("full_name", "varchar", False, "PII: pseudonymised in staging"),
+    ),
+    "One row per customer account.",
+)
+
+PRODUCTS = Entity(
+    "products",
+    (
+        Column("sku", "varchar", True, "Stock code"),
+        Column("description", "varchar", False, "Product description"),
+        Column("category", "varchar", False, "Product category"),
+        Column("list_price", MONEY, False, "Catalogue price"),
+    ),
+    "One row per product in the catalogue.",
+)
+
+REVIEWS = Entity(
+    "reviews",
+    (
+        Column("review_id", "varchar", True, "Review id"),
+        Column("customer_id", "varchar", True, "Author"),
+        Column("sku", "varchar", False, "Reviewed product"),
+        Column("rating", "integer", True, "Stars, 1 to 5"),
+        Column("review_text", "varchar", False, "Free text"),
+        Column("reviewed_at", "timestamp", True, "When the review was written"),
+    ),
+    "One row per product review.",
+)
+
+ENTITIES: dict[str, Entity] = {e.name: e for e in (ORDER_LINES, CUSTOMERS, PRODUCTS, REVIEWS)}
+
+QUARANTINE_DDL = f"""
+create table if not exists {RAW_SCHEMA}.quarantine (
+    _batch_id varchar not null,
+    _source_file varchar not null,
+    _row_number bigint not null,
+    entity varchar not null,
+    column_name varchar,
+    reason varchar not null,
+    raw_value varchar,
+    raw_record varchar,
+    _loaded_at timestamp not null
+)
+"""
+
+BATCHES_DDL = f"""
+create table if not exists {RAW_SCHEMA}.ingest_batches (
+    batch_id varchar primary key,
+    source_file varchar not null,
+    content_sha256 varchar not null,
+    entity varchar not null,
+    source_format varchar not null,
+    rows_read bigint not null,
+    rows_accepted bigint not null,
+    rows_quarantined bigint not null,
+    loaded_at timestamp not null,
+    unique (content_sha256, entity)
+)
+"""
+
+
+def entity_ddl(entity: Entity) -> str:
+    cols = [
+        f"    {c.name} {c.sql_type}{' not null' if c.required else ''}" for c in entity.columns
+    ]
+    cols += [
+        "    _source_file varchar not null",
+        "    _row_number bigint not null",
+        "    _loaded_at timestamp not null",
+        "    _batch_id varchar not null",
+    ]
+    return f"create table if not exists {entity.table} (\n" + ",\n".join(cols) + "\n)"
+
+
+def all_ddl() -> list[str]:
+    return [
+        f"create schema if not exists {RAW_SCHEMA}",
+        *(entity_ddl(e) for e in ENTITIES.values()),
+        QUARANTINE_DDL,
+        BATCHES_DDL,
+    ]

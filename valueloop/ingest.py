@@ -1,0 +1,289 @@
+"""Ingest: load a source file into the typed raw contract, atomically and idempotently.
+
+A *source* (see :mod:`valueloop.loaders`) yields chunks of string columns with each record's
+1-based number in its file, plus SQL expressions that map its columns onto an entity of the
+raw contract. Typing happens inside DuckDB: every row either lands in the entity's table or in
+``raw.quarantine`` with the column and the reason, so rows read = accepted + quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from valueloop.contract import ENTITIES, Entity, all_ddl
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMESTAMP_FORMATS = (
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M:%S.%f",
+    "%Y-%m-%dT%H:%M:%S.%f",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d",
+)
+# What a decoder puts where bytes are not valid in the file's encoding.
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IngestError(Exception):
+    """A file that cannot be ingested at all; the message names the file and the cause."""
+
+
+@dataclass
+class SourceChunk:
+    """String columns of consecutive records; ``row_numbers`` are 1-based within the file."""
+
+    columns: dict[str, list[str | None]]
+    row_numbers: list[int]
+    # Records that could not even be split into fields: (row number, reason, raw text).
+    malformed: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    """A file ready to ingest into one entity of the raw contract."""
+
+    path: Path
+    entity: Entity
+    source_format: str
+    # Canonical column -> SQL expression over the source's string columns (quoted names).
+    mapping: dict[str, str]
+    chunks: Iterator[SourceChunk] | None = None
+    # A DuckDB relation SQL producing string columns plus _row_number (Parquet path).
+    relation_sql: str | None = None
+    timestamp_formats: tuple[str, ...] = DEFAULT_TIMESTAMP_FORMATS
+    part: str | None = None  # a sheet of a workbook: each part is a batch of its own
+
+    @property
+    def name(self) -> str:
+        """What lineage columns record as ``_source_file``."""
+        return f"{self.path}#{self.part}" if self.part else str(self.path)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    source_file: str
+    entity: str
+    batch_id: str
+    rows_read: int
+    rows_accepted: int
+    rows_quarantined: int
+    skipped: bool
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"{self.source_file} [{self.entity}]: already loaded as batch {self.batch_id}"
+        return (
+            f"{self.source_file} [{self.entity}]: read {self.rows_read:,}, "
+            f"accepted {self.rows_accepted:,}, quarantined {self.rows_quarantined:,} "
+            f"(batch {self.batch_id})"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_raw_schema(con: duckdb.DuckDBPyConnection) -> None:
+    for statement in all_ddl():
+        con.execute(statement)
+
+
+def _typed_expression(sql_type: str, text: str, timestamp_formats: tuple[str, ...]) -> str:
+    if sql_type == "varchar":
+        return text
+    if sql_type == "timestamp":
+        formats = ", ".join("'" + f.replace("'", "''") + "'" for f in timestamp_formats)
+        return f"try_strptime({text}, [{formats}])"
+    return f"try_cast({text} as {sql_type})"
+
+
+def typing_sql(source: Source, input_relation: str) -> str:
+    """SQL typing ``input_relation`` into the entity's columns plus ``_errors``."""
+    entity = source.entity
+    raw_selects, typed_selects, checks = [], [], []
+    for column in entity.columns:
+        expression = source.mapping.get(column.name, "null")
+        raw_selects.append(f"nullif(trim(({expression})::varchar), '') as \"raw__{column.name}\"")
+        raw = f'"raw__{column.name}"'
+        typed = _typed_expression(column.sql_type, raw, source.timestamp_formats)
+        typed_selects.append(f'{typed} as "{column.name}"')
+        checks.append(
+            f"case when contains({raw}, '{REPLACEMENT_CHAR}') "
+            f"then '{column.name}: invalid bytes for the file encoding' "
+            + (
+                f"when {raw} is null then '{column.name}: missing required value' "
+                if column.required
+                else ""
+            )
+            + f"when {raw} is not null and {typed} is null "
+            f"then '{column.name}: cannot parse ' || {raw} || ' as {column.sql_type}' end"
+        )
+    raw_json = ", ".join(f"'{c.name}', \"raw__{c.name}\"" for c in entity.columns)
+    return f"""
+        with mapped as (
+            select _row_number, {", ".join(raw_selects)} from {input_relation}
+        )
+        select
+            _row_number,
+            {", ".join(typed_selects)},
+            list_filter([{", ".join(checks)}], lambda x: x is not null) as _errors,
+            [{", ".join(f'"raw__{c.name}"' for c in entity.columns)}] as _raw_values,
+            json_object({raw_json})::varchar as _raw_record
+        from mapped
+    """
+
+
+def _first_failing_column(entity: Entity) -> str:
+    names = ", ".join(f"'{c.name}'" for c in entity.columns)
+    return f"split_part(_errors[1], ':', 1) as column_name, _raw_values[list_position([{names}], split_part(_errors[1], ':', 1))] as raw_value"
+
+
+def _load_relation(
+    con: duckdb.DuckDBPyConnection,
+    source: Source,
+    relation: str,
+    batch_id: str,
+    loaded_at: datetime,
+) -> tuple[int, int]:
+    entity = source.entity
+    con.execute(f"create or replace temp table _typed as {typing_sql(source, relation)}")
+    lineage = "?::varchar, _row_number, ?::timestamp, ?::varchar"
+    source_file = source.name
+    con.execute(
+        f"insert into {entity.table} ({', '.join(entity.column_names)}, "
+        f"_source_file, _row_number, _loaded_at, _batch_id) "
+        f"select {', '.join(entity.column_names)}, {lineage} from _typed where len(_errors) = 0",
+        [source_file, loaded_at, batch_id],
+    )
+    con.execute(
+        "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity, column_name,"
+        " reason, raw_value, raw_record, _loaded_at) "
+        f"select ?, ?, _row_number, ?, {_first_failing_column(entity)}, "
+        "array_to_string(_errors, '; '), _raw_record, ? from _typed where len(_errors) > 0",
+        [batch_id, source_file, entity.name, loaded_at],
+    )
+    accepted, quarantined = con.execute(
+        "select count(*) filter (len(_errors) = 0), count(*) filter (len(_errors) > 0) from _typed"
+    ).fetchone()
+    con.execute("drop table _typed")
+    return accepted, quarantined
+
+
+def _quarantine_malformed(
+    con: duckdb.DuckDBPyConnection,
+    source: Source,
+    malformed: list[tuple[int, str, str]],
+    batch_id: str,
+    loaded_at: datetime,
+) -> None:
+    con.executemany(
+        "insert into raw.quarantine values (?, ?, ?, ?, null, ?, ?, ?, ?)",
+        [
+            (batch_id, source.name, row, source.entity.name, reason, text, text, loaded_at)
+            for row, reason, text in malformed
+        ],
+    )
+
+
+def ingest_source(con: duckdb.DuckDBPyConnection, source: Source) -> IngestResult:
+    """Load one source as one batch: all of it, or (on any error) nothing."""
+    ensure_raw_schema(con)
+    sha = file_sha256(source.path)
+    if source.part:
+        sha = hashlib.sha256(f"{sha}#{source.part}".encode()).hexdigest()
+    batch_id = f"{source.entity.name}-{sha[:16]}"
+    existing = con.execute(
+        "select rows_read, rows_accepted, rows_quarantined from raw.ingest_batches"
+        " where content_sha256 = ? and entity = ?",
+        [sha, source.entity.name],
+    ).fetchone()
+    if existing:
+        return IngestResult(source.name, source.entity.name, batch_id, *existing, True)
+
+    loaded_at = datetime.now(UTC).replace(tzinfo=None)
+    read = accepted = quarantined = 0
+    con.execute("begin transaction")
+    try:
+        if source.relation_sql is not None:
+            a, q = _load_relation(con, source, f"({source.relation_sql})", batch_id, loaded_at)
+            accepted, quarantined, read = a, q, a + q
+        else:
+            assert source.chunks is not None, "a source needs chunks or a relation"
+            for chunk in source.chunks:
+                read += len(chunk.row_numbers) + len(chunk.malformed)
+                if chunk.malformed:
+                    _quarantine_malformed(con, source, chunk.malformed, batch_id, loaded_at)
+                    quarantined += len(chunk.malformed)
+                if chunk.row_numbers:
+                    table = pa.table(
+                        {
+                            **{k: pa.array(v, pa.string()) for k, v in chunk.columns.items()},
+                            "_row_number": pa.array(chunk.row_numbers, pa.int64()),
+                        }
+                    )
+                    con.register("_chunk", table)
+                    a, q = _load_relation(con, source, "_chunk", batch_id, loaded_at)
+                    con.unregister("_chunk")
+                    accepted += a
+                    quarantined += q
+                log.info("%s: %s rows read", source.name, f"{read:,}")
+        if read != accepted + quarantined:
+            raise IngestError(
+                f"{source.path}: accounting mismatch: read {read}, accepted {accepted},"
+                f" quarantined {quarantined}"
+            )
+        con.execute(
+            "insert into raw.ingest_batches values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                batch_id,
+                source.name,
+                sha,
+                source.entity.name,
+                source.source_format,
+                read,
+                accepted,
+                quarantined,
+                loaded_at,
+            ],
+        )
+        con.execute("commit")
+    except BaseException:
+        con.execute("rollback")
+        raise
+    return IngestResult(
+        source.name, source.entity.name, batch_id, read, accepted, quarantined, False
+    )
+
+
+def export_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str, folder: Path) -> Path | None:
+    """Write a batch's quarantined rows to CSV for people to open; None when there are none."""
+    count = con.execute(
+        "select count(*) from raw.quarantine where _batch_id = ?", [batch_id]
+    ).fetchone()[0]
+    if not count:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{batch_id}.csv"
+    con.execute(
+        f"copy (select * from raw.quarantine where _batch_id = $1 order by _row_number)"
+        f" to '{target.as_posix()}' (header, delimiter ',')",
+        [batch_id],
+    )
+    return target
+
+
+__all__ = ["ENTITIES", "IngestError", "IngestResult", "Source", "SourceChunk", "ingest_source"]
