@@ -55,9 +55,7 @@ def _env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
-def load_settings(
-    env: Mapping[str, str] | None = None, home: str | Path | None = None
-) -> Settings:
+def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None = None) -> Settings:
     """Build settings from defaults, then the environment, then explicit arguments."""
     env = os.environ if env is None else env
     home_path = Path(home or env.get(_env_name("home")) or DEFAULT_HOME).resolve()

@@ -123,9 +123,7 @@ create table if not exists {RAW_SCHEMA}.ingest_batches (
 
 
 def entity_ddl(entity: Entity) -> str:
-    cols = [
-        f"    {c.name} {c.sql_type}{' not null' if c.required else ''}" for c in entity.columns
-    ]
+    cols = [f"    {c.name} {c.sql_type}{' not null' if c.required else ''}" for c in entity.columns]
     cols += [
         "    _source_file varchar not null",
         "    _row_number bigint not null",

@@ -147,9 +147,13 @@ def typing_sql(source: Source, input_relation: str) -> str:
     """
 
 
-def _first_failing_column(entity: Entity) -> str:
+def _first_failure_sql(entity: Entity) -> str:
+    """Column name, all reasons and the raw value of a row's first failing column."""
     names = ", ".join(f"'{c.name}'" for c in entity.columns)
-    return f"split_part(_errors[1], ':', 1) as column_name, _raw_values[list_position([{names}], split_part(_errors[1], ':', 1))] as raw_value"
+    column = "split_part(_errors[1], ':', 1)"
+    return (
+        f"{column}, array_to_string(_errors, '; '), _raw_values[list_position([{names}], {column})]"
+    )
 
 
 def _load_relation(
@@ -172,8 +176,8 @@ def _load_relation(
     con.execute(
         "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity, column_name,"
         " reason, raw_value, raw_record, _loaded_at) "
-        f"select ?, ?, _row_number, ?, {_first_failing_column(entity)}, "
-        "array_to_string(_errors, '; '), _raw_record, ? from _typed where len(_errors) > 0",
+        f"select ?, ?, _row_number, ?, {_first_failure_sql(entity)}, _raw_record, ?"
+        " from _typed where len(_errors) > 0",
         [batch_id, source_file, entity.name, loaded_at],
     )
     accepted, quarantined = con.execute(

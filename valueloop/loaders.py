@@ -36,7 +36,8 @@ def _open_text(path: Path, encoding: str) -> io.TextIOBase:
     # utf-8-sig drops a BOM; undecodable bytes become U+FFFD, which ingest quarantines.
     if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
         encoding = "utf-8-sig"
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+    # The wrapper owns the binary handle and closes it; callers use it as a context manager.
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")  # noqa: SIM115
     return io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")
 
 
@@ -104,7 +105,9 @@ def xlsx_sheets(path: Path) -> list[str]:
         workbook.close()
 
 
-def iter_xlsx(path: Path, sheet: str, chunk_rows: int = CHUNK_ROWS) -> tuple[list[str], Iterator[SourceChunk]]:
+def iter_xlsx(
+    path: Path, sheet: str, chunk_rows: int = CHUNK_ROWS
+) -> tuple[list[str], Iterator[SourceChunk]]:
     import openpyxl
 
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
@@ -140,8 +143,7 @@ def parquet_relation(path: Path) -> tuple[list[str], str]:
 
     literal = "'" + path.as_posix().replace("'", "''") + "'"
     columns = [
-        row[0]
-        for row in duckdb.sql(f"describe select * from read_parquet({literal})").fetchall()
+        row[0] for row in duckdb.sql(f"describe select * from read_parquet({literal})").fetchall()
     ]
     selects = ", ".join(f"{quote(c)}::varchar as {quote(c)}" for c in columns)
     sql = (
@@ -183,7 +185,8 @@ def simulator_sources(folder: Path) -> list[Source]:
     missing = [str(p) for _, paths in plan for p in paths if not p.exists()]
     if missing or not plan[2][1]:
         raise IngestError(
-            f"{folder}: not a simulator output folder; missing {', '.join(missing) or 'order_lines/*.parquet'}"
+            f"{folder}: not a simulator output folder; missing "
+            f"{', '.join(missing) or 'order_lines/*.parquet'}"
         )
     return [_identity_source(p, entity, "simulator") for entity, paths in plan for p in paths]
 
@@ -238,16 +241,29 @@ def online_retail_sources(path: Path, chunk_rows: int = CHUNK_ROWS) -> list[Sour
             header, chunks = iter_xlsx(path, sheet, chunk_rows)
             mapping = _online_retail_mapping(path, header)
             sources.append(
-                Source(path, ORDER_LINES, "online-retail", mapping, chunks=chunks,
-                       timestamp_formats=ONLINE_RETAIL_TIMESTAMPS, part=sheet)
+                Source(
+                    path,
+                    ORDER_LINES,
+                    "online-retail",
+                    mapping,
+                    chunks=chunks,
+                    timestamp_formats=ONLINE_RETAIL_TIMESTAMPS,
+                    part=sheet,
+                )
             )
         return sources
     header = read_header(path)
     mapping = _online_retail_mapping(path, header)
     chunks = iter_delimited(path, header, chunk_rows=chunk_rows)
     return [
-        Source(path, ORDER_LINES, "online-retail", mapping, chunks=chunks,
-               timestamp_formats=ONLINE_RETAIL_TIMESTAMPS)
+        Source(
+            path,
+            ORDER_LINES,
+            "online-retail",
+            mapping,
+            chunks=chunks,
+            timestamp_formats=ONLINE_RETAIL_TIMESTAMPS,
+        )
     ]
 
 
@@ -281,13 +297,23 @@ class TransactionsMapping:
             return {"tab": "\t", "\\t": "\t", "comma": ",", "space": WHITESPACE}.get(
                 self.delimiter, self.delimiter
             )
-        suffix = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+        suffix = (
+            path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+        )
         return {".tsv": "\t", ".txt": WHITESPACE}.get(suffix.lower(), ",")
 
     def source_columns(self) -> list[str]:
-        cols = [self.customer_col, self.timestamp_col, self.amount_col, self.quantity_col,
-                self.price_col, self.order_col, self.sku_col, self.description_col,
-                self.country_col]
+        cols = [
+            self.customer_col,
+            self.timestamp_col,
+            self.amount_col,
+            self.quantity_col,
+            self.price_col,
+            self.order_col,
+            self.sku_col,
+            self.description_col,
+            self.country_col,
+        ]
         return [c for c in cols if c]
 
     def to_contract(self) -> dict[str, str]:
@@ -301,8 +327,11 @@ class TransactionsMapping:
             if self.order_col
             else f"{quote(self.customer_col)} || '@' || {quote(self.timestamp_col)}",
         }
-        for contract_col, col in (("sku", self.sku_col), ("description", self.description_col),
-                                  ("country", self.country_col)):
+        for contract_col, col in (
+            ("sku", self.sku_col),
+            ("description", self.description_col),
+            ("country", self.country_col),
+        ):
             if col:
                 mapping[contract_col] = quote(col)
         return mapping
@@ -316,8 +345,16 @@ def transactions_sources(
     if path.suffix.lower() == ".parquet":
         columns, sql = parquet_relation(path)
         _require_columns(path, columns, mapping.source_columns(), "transactions")
-        return [Source(path, ORDER_LINES, "transactions", contract, relation_sql=sql,
-                       timestamp_formats=formats)]
+        return [
+            Source(
+                path,
+                ORDER_LINES,
+                "transactions",
+                contract,
+                relation_sql=sql,
+                timestamp_formats=formats,
+            )
+        ]
     delimiter = mapping.resolved_delimiter(path)
     if mapping.header:
         columns = read_header(path, delimiter, mapping.encoding)
@@ -326,5 +363,8 @@ def transactions_sources(
         columns = list(mapping.names) or [f"column_{i}" for i in range(1, len(first) + 1)]
     _require_columns(path, columns, mapping.source_columns(), "transactions")
     chunks = iter_delimited(path, columns, delimiter, mapping.header, mapping.encoding, chunk_rows)
-    return [Source(path, ORDER_LINES, "transactions", contract, chunks=chunks,
-                   timestamp_formats=formats)]
+    return [
+        Source(
+            path, ORDER_LINES, "transactions", contract, chunks=chunks, timestamp_formats=formats
+        )
+    ]

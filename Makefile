@@ -1,0 +1,44 @@
+# The README's two commands are `make run` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+export VALUELOOP_HOME ?= $(CURDIR)/data
+
+.PHONY: install run test lint format lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the lock or the package metadata changed.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+run: install ## the main job on the demo shop
+	$(BIN)/valueloop run
+
+test: install ## the whole test suite
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Regenerate the full lock from requirements.in in a scratch environment.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -r requirements.in
+	{ echo "# Full lock generated from requirements.in by 'make lock'; installs offline from the registry."; \
+	  .venv-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.txt
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) data dbt_project/target dbt_project/logs

@@ -1,0 +1,89 @@
+"""The `valueloop` command as a user runs it: a real process, a real home folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.conftest import ONLINE_RETAIL_CSV, write_text
+
+VALUELOOP = str(Path(sys.executable).with_name("valueloop"))
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VALUELOOP_")}
+    env["VALUELOOP_HOME"] = str(home)
+    return subprocess.run(
+        [VALUELOOP, *args], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["ingest"], ["run"]])
+def test_every_command_has_help(tmp_path: Path, command: list[str]) -> None:
+    result = run_cli(*command, "--help", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage: valueloop" in result.stdout
+
+
+def test_run_generates_and_ingests_the_demo_shop_idempotently(tmp_path: Path) -> None:
+    first = run_cli("run", "--customers", "300", "--seed", "5", home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "300 customers" in first.stdout and "quarantined 0" in first.stdout
+    second = run_cli("run", "--customers", "300", "--seed", "5", home=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "4 file(s) already loaded" in second.stdout
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:
+        assert con.execute("select count(*) from raw.customers").fetchone()[0] == 300
+        assert con.execute("select count(*) from raw.ingest_batches").fetchone()[0] == 4
+
+
+def test_failures_exit_non_zero_with_an_actionable_message(tmp_path: Path) -> None:
+    missing = run_cli(
+        "ingest", str(tmp_path / "nope.csv"), "--format", "online-retail", home=tmp_path
+    )
+    assert missing.returncode == 1 and "nope.csv: no such file" in missing.stderr
+    csv = write_text(tmp_path / "a.csv", "who,when,amount\nu1,2024-01-01,3\n")
+    no_format = run_cli("ingest", str(csv), home=tmp_path)
+    assert no_format.returncode == 1 and "say which --format" in no_format.stderr
+    no_mapping = run_cli("ingest", str(csv), "--format", "transactions", home=tmp_path)
+    assert no_mapping.returncode == 1 and "--customer-col and --timestamp-col" in no_mapping.stderr
+    mapped = run_cli(
+        "ingest",
+        str(csv),
+        "--format",
+        "transactions",
+        "--customer-col",
+        "who",
+        "--timestamp-col",
+        "when",
+        "--amount-col",
+        "amount",
+        home=tmp_path,
+    )
+    assert mapped.returncode == 0, mapped.stderr
+    assert "read 1, accepted 1, quarantined 0" in mapped.stdout
+    bad_choice = run_cli("ingest", str(csv), "--format", "excel", home=tmp_path)
+    assert bad_choice.returncode == 2 and "invalid choice" in bad_choice.stderr
+
+
+@pytest.mark.dataset
+@pytest.mark.skipif(
+    not ONLINE_RETAIL_CSV.exists(), reason=f"UCI Online Retail not found at {ONLINE_RETAIL_CSV}"
+)
+def test_online_retail_loads_with_exact_accounting(tmp_path: Path) -> None:
+    result = run_cli("ingest", str(ONLINE_RETAIL_CSV), "--format", "online-retail", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "read 541,909, accepted 541,909, quarantined 0" in result.stdout
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:
+        rows, customers, total, cancelled, guests = con.execute("""
+            select count(*), count(distinct customer_id), round(sum(quantity * unit_price), 2),
+                   count(*) filter (invoice_id like 'C%'), count(*) filter (customer_id is null)
+            from raw.order_lines
+        """).fetchone()
+    assert (rows, customers, float(total)) == (541_909, 4_372, 9_747_747.93)
+    assert (cancelled, guests) == (9_288, 135_080)

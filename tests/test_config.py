@@ -1,0 +1,42 @@
+from pathlib import Path
+
+from valueloop.config import load_settings
+
+
+def test_defaults_live_under_the_home_folder(tmp_path: Path) -> None:
+    settings = load_settings(env={}, home=tmp_path)
+    assert settings.warehouse_path == tmp_path / "warehouse.duckdb"
+    assert settings.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for path in (
+        settings.airflow_home,
+        settings.landing_dir,
+        settings.quarantine_dir,
+        settings.mlflow_artifacts_dir,
+        settings.demo_dir,
+    ):
+        assert path.is_relative_to(tmp_path)
+
+
+def test_home_comes_from_the_environment_and_each_setting_can_be_overridden(tmp_path: Path) -> None:
+    env = {
+        "VALUELOOP_HOME": str(tmp_path / "home"),
+        "VALUELOOP_WAREHOUSE_PATH": str(tmp_path / "elsewhere" / "w.duckdb"),
+        "VALUELOOP_DEMO_CUSTOMERS": "123",
+        "VALUELOOP_PII_SALT": "s3cret",
+    }
+    settings = load_settings(env=env)
+    assert settings.home == tmp_path / "home"
+    assert settings.warehouse_path == tmp_path / "elsewhere" / "w.duckdb"
+    assert settings.landing_dir == tmp_path / "home" / "landing"
+    assert settings.demo_customers == 123
+    assert settings.pii_salt == "s3cret"
+
+
+def test_loading_settings_creates_nothing(tmp_path: Path) -> None:
+    load_settings(env={}, home=tmp_path / "home")
+    assert not (tmp_path / "home").exists()
+
+
+def test_settings_round_trip_through_the_environment(tmp_path: Path) -> None:
+    settings = load_settings(env={}, home=tmp_path)
+    assert load_settings(env=settings.as_env()) == settings

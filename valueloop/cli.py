@@ -1,0 +1,162 @@
+"""The `valueloop` command line: thin wrappers over :mod:`valueloop.jobs`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from valueloop import jobs, loaders
+from valueloop.config import load_settings
+from valueloop.ingest import IngestError
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="write a seeded demo shop (Parquet) to a folder",
+        description="Simulate a demo online shop: customers, products, orders "
+        "and order lines with cancellations and returns, and reviews.",
+    )
+    p.add_argument("--customers", type=int, help="number of customers (default: config, 10000)")
+    p.add_argument("--seed", type=int, help="random seed; the same seed gives the same shop")
+    p.add_argument("--out", type=Path, help="output folder (default: $VALUELOOP_HOME/demo_shop)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="load a file or the simulator's folder into the warehouse's raw schema",
+        description="Load into DuckDB schema `raw`. A file already loaded (same content) is "
+        "skipped; each file is one batch, loaded whole or not at all; rows that do not parse "
+        "go to raw.quarantine with the column and the reason.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("path", type=Path, help="file, or folder written by `valueloop generate`")
+    p.add_argument(
+        "--format",
+        choices=loaders.FORMATS,
+        default=None,
+        help="input format (a folder defaults to simulator)",
+    )
+    g = p.add_argument_group("transactions format: column mapping and layout")
+    g.add_argument("--customer-col", help="column with the customer id")
+    g.add_argument("--timestamp-col", help="column with the purchase time")
+    g.add_argument("--amount-col", help="column with the line amount (or quantity and price)")
+    g.add_argument("--quantity-col", help="column with the quantity")
+    g.add_argument("--price-col", help="column with the unit price")
+    g.add_argument("--order-col", help="column with the order id (default: customer + time)")
+    g.add_argument("--sku-col", help="column with the product code")
+    g.add_argument("--description-col", help="column with the product description")
+    g.add_argument("--country-col", help="column with the country")
+    g.add_argument(
+        "--delimiter",
+        help="',', 'tab', 'whitespace' or any character "
+        "(default: from the suffix: .tsv tab, .txt whitespace, else comma)",
+    )
+    g.add_argument("--no-header", action="store_true", help="the file has no header row")
+    g.add_argument(
+        "--names",
+        help="comma-separated column names for a file without header "
+        "(default column_1, column_2, ...)",
+    )
+    g.add_argument("--date-format", help="strftime format of the timestamps, e.g. %%Y%%m%%d")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the file")
+    p.set_defaults(func=_cmd_ingest)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the main job on the demo shop: generate, then ingest",
+        description="Generate the demo shop and ingest it; prints a summary.",
+    )
+    p.add_argument("--customers", type=int, help="number of demo customers")
+    p.add_argument("--seed", type=int, help="random seed of the demo shop")
+    p.set_defaults(func=_cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="valueloop",
+        description="ValueLoop: customer intelligence for e-commerce. Settings come from "
+        "VALUELOOP_* environment variables; everything lives under VALUELOOP_HOME (./data).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_ingest(sub)
+    _add_run(sub)
+    return parser
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    print(jobs.generate_demo(settings, args.customers, args.seed, args.out))
+    return 0
+
+
+def _mapping_from_args(args: argparse.Namespace) -> loaders.TransactionsMapping | None:
+    if args.format != "transactions":
+        return None
+    if not args.customer_col or not args.timestamp_col:
+        raise ValueError("the transactions format needs --customer-col and --timestamp-col")
+    return loaders.TransactionsMapping(
+        customer_col=args.customer_col,
+        timestamp_col=args.timestamp_col,
+        amount_col=args.amount_col,
+        quantity_col=args.quantity_col,
+        price_col=args.price_col,
+        order_col=args.order_col,
+        sku_col=args.sku_col,
+        description_col=args.description_col,
+        country_col=args.country_col,
+        delimiter=args.delimiter,
+        header=not args.no_header,
+        names=tuple(n.strip() for n in args.names.split(",")) if args.names else (),
+        date_format=args.date_format,
+        encoding=args.encoding,
+    )
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    if args.format is None:
+        if not args.path.is_dir():
+            raise ValueError(
+                f"{args.path}: say which --format it is ({', '.join(loaders.FORMATS)})"
+            )
+        args.format = "simulator"
+    settings = load_settings()
+    report = jobs.ingest_path(settings, args.path, args.format, _mapping_from_args(args))
+    print(report.summary())
+    print(f"warehouse: {settings.warehouse_path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    settings.ensure_dirs()
+    print(jobs.generate_demo(settings, args.customers, args.seed))
+    report = jobs.ingest_path(settings, settings.demo_dir, "simulator")
+    print(report.summary())
+    print(f"\nwarehouse: {settings.warehouse_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (IngestError, ValueError, FileNotFoundError) as error:
+        print(f"valueloop {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
