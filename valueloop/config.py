@@ -8,6 +8,7 @@ import time: call :func:`load_settings` where the settings are needed.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import date
@@ -15,6 +16,7 @@ from pathlib import Path
 
 ENV_PREFIX = "VALUELOOP_"
 DEFAULT_HOME = Path("data")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,9 @@ class Settings:
     landing_dir: Path
     quarantine_dir: Path
     demo_dir: Path
-    pii_salt: str
+    dbt_project_dir: Path
+    dbt_target_dir: Path
+    pii_salt: str | None
     shop_opened_on: date
     demo_customers: int
     demo_seed: int
@@ -48,7 +52,23 @@ class Settings:
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, for subprocesses (dbt, Airflow)."""
-        return {_env_name(f.name): str(getattr(self, f.name)) for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {_env_name(k): str(v) for k, v in values.items() if v is not None}
+
+    def resolve_pii_salt(self) -> str:
+        """The pseudonymisation secret: the configured one, else one made for this home.
+
+        The salt never comes from the repository: without ``VALUELOOP_PII_SALT`` a random one
+        is created once in ``$VALUELOOP_HOME/.pii_salt`` and reused, so hashes stay stable.
+        """
+        if self.pii_salt:
+            return self.pii_salt
+        salt_file = self.home / ".pii_salt"
+        if not salt_file.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            salt_file.write_text(secrets.token_hex(32))
+            salt_file.chmod(0o600)
+        return salt_file.read_text().strip()
 
 
 def _env_name(field_name: str) -> str:
@@ -75,9 +95,9 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         landing_dir=path("landing_dir", home_path / "landing"),
         quarantine_dir=path("quarantine_dir", home_path / "quarantine"),
         demo_dir=path("demo_dir", home_path / "demo_shop"),
-        # The salt is a secret of the deployment: the default only keeps a fresh machine
-        # working and is announced as such by `valueloop run`.
-        pii_salt=env.get(_env_name("pii_salt"), "valueloop-demo-salt-change-me"),
+        dbt_project_dir=path("dbt_project_dir", REPO_ROOT / "dbt_project"),
+        dbt_target_dir=path("dbt_target_dir", home_path / "dbt" / "target"),
+            pii_salt=env.get(_env_name("pii_salt")) or None,
         shop_opened_on=date.fromisoformat(env.get(_env_name("shop_opened_on"), "2009-01-01")),
         demo_customers=int(env.get(_env_name("demo_customers"), "10000")),
         demo_seed=int(env.get(_env_name("demo_seed"), "42")),

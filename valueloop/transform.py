@@ -1,0 +1,118 @@
+"""Transform: run the dbt project against the warehouse and report what failed, clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from valueloop.config import Settings
+
+FAILED_STATUSES = {"error", "fail", "runtime error"}
+
+
+class TransformError(Exception):
+    """dbt failed; the message lists each failing model or test with dbt's reason."""
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    unique_id: str
+    status: str
+    message: str
+    failures: int | None
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    command: list[str]
+    nodes: list[NodeResult]
+
+    @property
+    def failed(self) -> list[NodeResult]:
+        return [n for n in self.nodes if n.status in FAILED_STATUSES]
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            counts[node.status] = counts.get(node.status, 0) + 1
+        return "dbt: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+
+def dbt_executable() -> str:
+    beside_python = Path(sys.executable).with_name("dbt")
+    found = str(beside_python) if beside_python.exists() else shutil.which("dbt")
+    if not found:
+        raise TransformError("dbt is not installed in this environment; run `make install`")
+    return found
+
+
+def dbt_vars(as_of: list[date] | None = None, horizon_days: int | None = None) -> dict:
+    values: dict[str, object] = {}
+    if as_of:
+        values["as_of_dates"] = sorted({d.isoformat() for d in as_of})
+    if horizon_days is not None:
+        values["horizon_days"] = horizon_days
+    return values
+
+
+def run_dbt(
+    settings: Settings, args: list[str], variables: dict | None = None, quiet: bool = False
+) -> TransformResult:
+    """Run one dbt command with the platform's profile, target folder, vars and secrets."""
+    settings.dbt_target_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        dbt_executable(), *args,
+        "--project-dir", str(settings.dbt_project_dir),
+        "--profiles-dir", str(settings.dbt_project_dir),
+        "--target-path", str(settings.dbt_target_dir),
+    ]
+    if variables:
+        command += ["--vars", json.dumps(variables)]
+    env = {**os.environ, **settings.as_env(), "VALUELOOP_PII_SALT": settings.resolve_pii_salt(),
+           "DBT_LOG_PATH": str(settings.dbt_target_dir.parent / "logs"),
+           "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    completed = subprocess.run(
+        command, env=env, cwd=settings.dbt_project_dir, text=True, check=False,
+        capture_output=quiet,
+    )
+    result = TransformResult(command, _read_run_results(settings.dbt_target_dir))
+    if completed.returncode != 0:
+        details = "\n".join(
+            f"  - {n.unique_id}: {n.status}"
+            + (f" ({n.failures} failing rows)" if n.failures else "")
+            + f": {n.message}"
+            for n in result.failed
+        )
+        output = (completed.stdout or "")[-3000:] if quiet else ""
+        raise TransformError(
+            f"dbt {args[0]} failed (exit {completed.returncode})"
+            + (f":\n{details}" if details else f"; see the output above{output}")
+            + f"\nrun results: {settings.dbt_target_dir / 'run_results.json'}"
+        )
+    return result
+
+
+def _read_run_results(target_dir: Path) -> list[NodeResult]:
+    path = target_dir / "run_results.json"
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text())
+    return [
+        NodeResult(r["unique_id"], r["status"], (r.get("message") or "").strip(), r.get("failures"))
+        for r in payload.get("results", [])
+    ]
+
+
+def build(
+    settings: Settings, as_of: list[date] | None = None, horizon_days: int | None = None,
+    select: str | None = None, quiet: bool = False,
+) -> TransformResult:
+    """`dbt build`: seeds, models and their tests, unit tests included."""
+    args = ["build"] + (["--select", select] if select else [])
+    return run_dbt(settings, args, dbt_vars(as_of, horizon_days), quiet=quiet)
