@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from valueloop import jobs, loaders
+from datetime import date
+
+from valueloop import jobs, loaders, transform
 from valueloop.config import load_settings
 from valueloop.ingest import IngestError
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_ingest(sub)
+    _add_transform(sub)
     _add_run(sub)
     return parser
 
@@ -135,13 +138,25 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transform(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    result = transform.build(settings, args.as_of, args.horizon_days, args.select)
+    print(result.summary())
+    if args.docs:
+        print(f"dbt docs: {transform.docs(settings) / 'index.html'}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     settings.ensure_dirs()
     print(jobs.generate_demo(settings, args.customers, args.seed))
     report = jobs.ingest_path(settings, settings.demo_dir, "simulator")
     print(report.summary())
-    print(f"\nwarehouse: {settings.warehouse_path}")
+    print(transform.build(settings).summary())
+    print(f"\nwarehouse: {settings.warehouse_path} (schemas raw, staging, marts)")
+    print(f"  query it: duckdb -readonly {settings.warehouse_path} "
+          "'select * from marts.dim_customers limit 5'")
     return 0
 
 
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (IngestError, ValueError, FileNotFoundError) as error:
+    except (IngestError, transform.TransformError, ValueError, FileNotFoundError) as error:
         print(f"valueloop {args.command}: error: {error}", file=sys.stderr)
         return 1
 

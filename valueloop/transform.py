@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from valueloop.config import Settings
 
 FAILED_STATUSES = {"error", "fail", "runtime error"}
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class TransformError(Exception):
@@ -104,7 +106,12 @@ def _read_run_results(target_dir: Path) -> list[NodeResult]:
         return []
     payload = json.loads(path.read_text())
     return [
-        NodeResult(r["unique_id"], r["status"], (r.get("message") or "").strip(), r.get("failures"))
+        NodeResult(
+            r["unique_id"],
+            r["status"],
+            ANSI_ESCAPE.sub("", r.get("message") or "").strip(),
+            r.get("failures"),
+        )
         for r in payload.get("results", [])
     ]
 
@@ -114,5 +121,15 @@ def build(
     select: str | None = None, quiet: bool = False,
 ) -> TransformResult:
     """`dbt build`: seeds, models and their tests, unit tests included."""
+    if not settings.warehouse_path.exists():
+        raise TransformError(
+            f"{settings.warehouse_path}: no warehouse yet; run `valueloop ingest` first"
+        )
     args = ["build"] + (["--select", select] if select else [])
     return run_dbt(settings, args, dbt_vars(as_of, horizon_days), quiet=quiet)
+
+
+def docs(settings: Settings, quiet: bool = False) -> Path:
+    """`dbt docs generate`; returns the folder holding index.html."""
+    run_dbt(settings, ["docs", "generate"], quiet=quiet)
+    return settings.dbt_target_dir
