@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-
 from datetime import date
+from pathlib import Path
 
 from valueloop import jobs, loaders, transform
 from valueloop.config import load_settings
@@ -69,11 +68,32 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_ingest)
 
 
+def _add_transform(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transform",
+        help="dbt build: staging, marts, ML features and labels, with their tests",
+        description="Run `dbt build` on the warehouse (profile and vars from the config). "
+        "Without --as-of, the ML marts use cutoffs derived from the data: labelled cutoffs "
+        "30 days apart ending one horizon before the last day, plus the last day to score.",
+    )
+    p.add_argument(
+        "--as-of",
+        type=date.fromisoformat,
+        action="append",
+        metavar="DATE",
+        help="a cutoff day (YYYY-MM-DD); repeat for several",
+    )
+    p.add_argument("--horizon-days", type=int, help="label horizon (default 90)")
+    p.add_argument("--select", help="dbt node selection, e.g. marts.ml+")
+    p.add_argument("--docs", action="store_true", help="also run `dbt docs generate`")
+    p.set_defaults(func=_cmd_transform)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="the main job on the demo shop: generate, then ingest",
-        description="Generate the demo shop and ingest it; prints a summary.",
+        help="the main job on the demo shop: generate, ingest, transform",
+        description="Generate the demo shop, ingest it and build the warehouse; prints a summary.",
     )
     p.add_argument("--customers", type=int, help="number of demo customers")
     p.add_argument("--seed", type=int, help="random seed of the demo shop")
@@ -155,8 +175,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(report.summary())
     print(transform.build(settings).summary())
     print(f"\nwarehouse: {settings.warehouse_path} (schemas raw, staging, marts)")
-    print(f"  query it: duckdb -readonly {settings.warehouse_path} "
-          "'select * from marts.dim_customers limit 5'")
+    print(
+        f'  query it: {sys.executable} -c "import duckdb; duckdb.connect('
+        f"'{settings.warehouse_path}', read_only=True).sql("
+        "'select * from marts.dim_customers limit 5').show()\""
+    )
     return 0
 
 

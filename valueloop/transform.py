@@ -69,18 +69,30 @@ def run_dbt(
     """Run one dbt command with the platform's profile, target folder, vars and secrets."""
     settings.dbt_target_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        dbt_executable(), *args,
-        "--project-dir", str(settings.dbt_project_dir),
-        "--profiles-dir", str(settings.dbt_project_dir),
-        "--target-path", str(settings.dbt_target_dir),
+        dbt_executable(),
+        *args,
+        "--project-dir",
+        str(settings.dbt_project_dir),
+        "--profiles-dir",
+        str(settings.dbt_project_dir),
+        "--target-path",
+        str(settings.dbt_target_dir),
     ]
     if variables:
         command += ["--vars", json.dumps(variables)]
-    env = {**os.environ, **settings.as_env(), "VALUELOOP_PII_SALT": settings.resolve_pii_salt(),
-           "DBT_LOG_PATH": str(settings.dbt_target_dir.parent / "logs"),
-           "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    env = {
+        **os.environ,
+        **settings.as_env(),
+        "VALUELOOP_PII_SALT": settings.resolve_pii_salt(),
+        "DBT_LOG_PATH": str(settings.dbt_target_dir.parent / "logs"),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
     completed = subprocess.run(
-        command, env=env, cwd=settings.dbt_project_dir, text=True, check=False,
+        command,
+        env=env,
+        cwd=settings.dbt_project_dir,
+        text=True,
+        check=False,
         capture_output=quiet,
     )
     result = TransformResult(command, _read_run_results(settings.dbt_target_dir))
@@ -117,8 +129,11 @@ def _read_run_results(target_dir: Path) -> list[NodeResult]:
 
 
 def build(
-    settings: Settings, as_of: list[date] | None = None, horizon_days: int | None = None,
-    select: str | None = None, quiet: bool = False,
+    settings: Settings,
+    as_of: list[date] | None = None,
+    horizon_days: int | None = None,
+    select: str | None = None,
+    quiet: bool = False,
 ) -> TransformResult:
     """`dbt build`: seeds, models and their tests, unit tests included."""
     if not settings.warehouse_path.exists():

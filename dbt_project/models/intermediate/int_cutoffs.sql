@@ -18,17 +18,18 @@ data_window as (
 
 candidates as (
     {%- if explicit %}
-    select unnest([
-        {%- for day in explicit %}
-        date '{{ day }}'{{ "," if not loop.last }}
-        {%- endfor %}
-    ]) as as_of
+        select unnest([
+            {%- for day in explicit %}
+                date '{{ day }}'{{ "," if not loop.last }}
+            {%- endfor %}
+        ]) as as_of
     {%- else %}
-    select
-        data_window.last_day
-        - to_days(({{ horizon }} + steps.step * {{ var('cutoff_step_days') }})::integer) as as_of
-    from data_window
-    cross join range(0, {{ var('n_training_cutoffs') }}) as steps (step)
+        select
+            data_window.last_day
+            - to_days(({{ horizon }} + steps.step * {{ var('cutoff_step_days') }})::integer)
+                as as_of
+        from data_window
+        cross join range(0, {{ var('n_training_cutoffs') }}) as steps (step)
     {%- endif %}
     union
     select last_day as as_of from data_window

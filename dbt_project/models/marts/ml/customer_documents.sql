@@ -29,14 +29,14 @@ recent_products as (
     group by features.customer_cutoff_id, order_lines.description
     qualify row_number() over (
         partition by features.customer_cutoff_id
-        order by last_bought_at desc, order_lines.description
+        order by last_bought_at desc, order_lines.description asc
     ) <= 5
 ),
 
 product_lists as (
     select
         customer_cutoff_id,
-        string_agg(lower(description), '; ' order by last_bought_at desc, description)
+        string_agg(lower(description), '; ' order by last_bought_at desc, description asc)
             as recent_products
     from recent_products
     group by customer_cutoff_id
@@ -56,7 +56,7 @@ recent_reviews as (
             and reviews.reviewed_at::date <= features.as_of
     qualify row_number() over (
         partition by features.customer_cutoff_id
-        order by reviews.reviewed_at desc, reviews.review_id
+        order by reviews.reviewed_at desc, reviews.review_id asc
     ) <= 2
 ),
 
@@ -64,7 +64,7 @@ review_lists as (
     select
         customer_cutoff_id,
         string_agg(
-            rating || ' stars: "' || snippet || '"', ' ' order by reviewed_at desc, review_id
+            rating || ' stars: "' || snippet || '"', ' ' order by reviewed_at desc, review_id asc
         ) as recent_reviews
     from recent_reviews
     group by customer_cutoff_id
@@ -111,7 +111,7 @@ final as (
         customer_cutoff_id::varchar as customer_cutoff_id,
         customer_id::varchar as customer_id,
         as_of::date as as_of,
-        left(full_text, {{ var('document_max_chars') }})::varchar as document,
+        left(full_text, {{ var('document_max_chars') }})::varchar as document,  -- noqa: RF04
         length(full_text)::integer as full_length
     from documents
 )

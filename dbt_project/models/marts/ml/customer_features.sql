@@ -112,7 +112,7 @@ top_category as (
             as top_category_share
     from category_spend
     qualify row_number() over (
-        partition by customer_cutoff_id order by amount desc, category
+        partition by customer_cutoff_id order by amount desc, category asc
     ) = 1
 ),
 
