@@ -27,6 +27,7 @@ test: install ## the whole test suite
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/sqlfluff lint dbt_project/models --processes 1 --disable-progress-bar
 
 format: install
 	$(BIN)/ruff check --fix .
