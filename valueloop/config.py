@@ -33,6 +33,7 @@ class Settings:
     demo_dir: Path
     dbt_project_dir: Path
     dbt_target_dir: Path
+    gx_project_dir: Path
     pii_salt: str | None
     shop_opened_on: date
     demo_customers: int
@@ -97,6 +98,7 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         demo_dir=path("demo_dir", home_path / "demo_shop"),
         dbt_project_dir=path("dbt_project_dir", REPO_ROOT / "dbt_project"),
         dbt_target_dir=path("dbt_target_dir", home_path / "dbt" / "target"),
+        gx_project_dir=path("gx_project_dir", REPO_ROOT / "expectations"),
         pii_salt=env.get(_env_name("pii_salt")) or None,
         shop_opened_on=date.fromisoformat(env.get(_env_name("shop_opened_on"), "2009-01-01")),
         demo_customers=int(env.get(_env_name("demo_customers"), "10000")),

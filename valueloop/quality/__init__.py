@@ -1,0 +1,1 @@
+"""Data quality: Great Expectations checkpoints at the pipeline's boundaries."""

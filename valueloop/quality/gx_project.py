@@ -1,0 +1,100 @@
+"""The Great Expectations file context in ``expectations/``: suites and checkpoints as code.
+
+Each suite validates one row of metrics that DuckDB computed (one column per check), so GX
+never loads a table. Suites, validation definitions and checkpoints are (re)written from code
+on every run; their bounds are fixed, so the files stay the same. Validation results and Data
+Docs go to ``expectations/gx/uncommitted/``, which git ignores.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import great_expectations as gx
+import pandas as pd
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.core.run_identifier import RunIdentifier
+
+from valueloop.quality.checks import Check
+
+DATASOURCE = "valueloop_metrics"
+
+
+def get_context(project_dir: Path):
+    return gx.get_context(mode="file", project_root_dir=str(project_dir))
+
+
+def _batch_definition(context, suite_name: str):
+    datasource = context.data_sources.add_or_update_pandas(name=DATASOURCE)
+    try:
+        asset = datasource.get_asset(suite_name)
+    except LookupError:
+        asset = datasource.add_dataframe_asset(name=suite_name)
+    try:
+        return asset.get_batch_definition("latest_metrics")
+    except KeyError:
+        return asset.add_batch_definition_whole_dataframe("latest_metrics")
+
+
+def build_checkpoint(context, suite_name: str, checks: list[Check]):
+    """Suite (one expectation per check), validation definition and checkpoint, as code."""
+    expectations = [
+        gx.expectations.ExpectColumnValuesToBeBetween(
+            column=check.name,
+            min_value=check.min_value,
+            max_value=check.max_value,
+            description=f"{check.table}: {check.description}",
+            meta={"check": check.name, "severity": check.severity, "table": check.table,
+                  "data_column": check.column},
+        )
+        for check in checks
+    ]
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name,
+                                                              expectations=expectations))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite_name, data=_batch_definition(context, suite_name),
+                                suite=suite)
+    )
+    return context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=f"{suite_name}_checkpoint",
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="update_data_docs")],
+            result_format={"result_format": "SUMMARY"},
+        )
+    )
+
+
+def run_checkpoint(
+    context, suite_name: str, checks: list[Check], metrics: dict[str, float | None],
+    run_id: str, run_time: datetime,
+) -> dict[str, bool]:
+    """Validate the metrics row; returns each check's success as GX judged it."""
+    checkpoint = build_checkpoint(context, suite_name, checks)
+    frame = pd.DataFrame([{c.name: metrics[c.name] for c in checks}], dtype="float64")
+    result = checkpoint.run(
+        batch_parameters={"dataframe": frame},
+        run_id=RunIdentifier(run_name=run_id, run_time=run_time),
+    )
+    outcomes: dict[str, bool] = {}
+    for validation in result.run_results.values():
+        for expectation in validation.results:
+            if expectation.exception_info and expectation.exception_info.get("raised_exception"):
+                raise RuntimeError(
+                    f"GX could not evaluate {expectation.expectation_config.meta['check']}: "
+                    f"{expectation.exception_info.get('exception_message')}"
+                )
+            outcomes[expectation.expectation_config.meta["check"]] = bool(expectation.success)
+    missing = {c.name for c in checks} - outcomes.keys()
+    if missing:
+        raise RuntimeError(f"GX returned no result for {', '.join(sorted(missing))}")
+    return outcomes
+
+
+def data_docs_index(context) -> Path | None:
+    for site in context.get_docs_sites_urls():
+        url = site.get("site_url") or ""
+        if url.startswith("file://"):
+            return Path(url.removeprefix("file://"))
+    return None

@@ -1,0 +1,297 @@
+"""The three suites, one function each: raw (after ingest), marts (after dbt), scores (before BI).
+
+dbt tests cover per-model invariants (keys, relationships, accepted values); these are the
+batch-level checks: schema, row-count change, null rates, value ranges, distributions, label
+balance. Bounds are fixed; what moves (the previous batch, the previous successful run) enters
+as a metric, a ratio or a difference against it, so the suites themselves never change.
+"""
+
+from __future__ import annotations
+
+import csv
+from datetime import datetime
+
+import duckdb
+import yaml
+
+from valueloop.config import Settings
+from valueloop.contract import ENTITIES
+from valueloop.quality.checks import Check, schema_check, sql_literal, table_exists
+
+SCORES_TABLE = "marts.customer_scores"
+# The documented schema of the published scores (see README, "Scores for BI").
+SCORES_COLUMNS = [
+    "customer_id", "as_of", "value_tier", "p_high", "p_active", "p_lapsed",
+    "churn_probability", "churn_risk_band", "segment_id", "segment_name",
+    "next_best_action", "model_name", "model_version", "model_run_id", "scored_at",
+]
+TIERS = ("high", "active", "lapsed")
+Baseline = dict[str, float]
+
+
+def non_product_codes(settings: Settings) -> list[str]:
+    """The one list of non-product stock codes: the dbt seed."""
+    with (settings.dbt_project_dir / "seeds" / "non_product_codes.csv").open() as handle:
+        return [row["stock_code"].upper() for row in csv.DictReader(handle)]
+
+
+def contract_columns(settings: Settings, model: str) -> list[str]:
+    """Columns of a contracted dbt model, read from its YAML (the contract's one home)."""
+    for path in (settings.dbt_project_dir / "models").rglob("*.yml"):
+        for node in (yaml.safe_load(path.read_text()) or {}).get("models", []):
+            if node["name"] == model:
+                return [c["name"] for c in node.get("columns", [])]
+    raise LookupError(f"no dbt model named {model} in {settings.dbt_project_dir}")
+
+
+def _ratio(metric_sql: str, previous: float | None) -> str:
+    return "null" if not previous else f"({metric_sql}) / {previous!r}"
+
+
+def _difference(metric_sql: str, previous: float | None) -> str:
+    return "null" if previous is None else f"abs(({metric_sql}) - {previous!r})"
+
+
+def _latest_batches(con: duckdb.DuckDBPyConnection, entity: str) -> tuple[dict | None, dict | None]:
+    rows = con.execute(
+        "select batch_id, rows_accepted from raw.ingest_batches where entity = ?"
+        " order by loaded_at desc, batch_id desc limit 2",
+        [entity],
+    ).fetchall()
+    as_dicts = [{"batch_id": r[0], "rows": r[1]} for r in rows]
+    return (as_dicts + [None, None])[0], (as_dicts + [None, None])[1]
+
+
+# --------------------------------------------------------------------------- raw
+
+
+def raw_suite(
+    con: duckdb.DuckDBPyConnection, settings: Settings, checked_at: datetime
+) -> list[Check]:
+    """The latest ingest batch of each entity, against the batch before it."""
+    checks: list[Check] = []
+    now = sql_literal(checked_at.isoformat(sep=" "))
+    opened = sql_literal(settings.shop_opened_on.isoformat())
+    for entity in ENTITIES.values():
+        table = entity.table
+        checks.append(schema_check(con, table, entity.column_names, f"{entity.name}.schema"))
+        latest, previous = _latest_batches(con, entity.name)
+        if latest is None:
+            continue  # this source delivers no such entity
+        batch = f"_batch_id = {sql_literal(latest['batch_id'])}"
+        ratio = _ratio("count(*)", previous and previous["rows"])
+        checks += [
+            Check(f"{entity.name}.row_count", table, "count(*)", "the batch has rows",
+                  min_value=1, where=batch),
+            Check(f"{entity.name}.row_count_vs_previous_batch", table, ratio,
+                  "row count within 0.2x-5x of the previous batch", min_value=0.2,
+                  max_value=5.0, where=batch),
+            Check(f"{entity.name}.row_count_drift", table, ratio,
+                  "row count within 0.5x-2x of the previous batch", min_value=0.5,
+                  max_value=2.0, severity="warning", where=batch),
+        ]
+        checks += _entity_checks(entity.name, table, batch, previous, now, opened, settings)
+    return checks
+
+
+def _entity_checks(
+    entity: str, table: str, batch: str, previous: dict | None, now: str, opened: str,
+    settings: Settings,
+) -> list[Check]:
+    if entity == "order_lines":
+        codes = ", ".join(sql_literal(c) for c in non_product_codes(settings))
+        null_rate = "avg((customer_id is null)::int)"
+        prev_null_rate = (
+            f"(select {null_rate} from {table} where _batch_id = "
+            f"{sql_literal(previous['batch_id'])})" if previous else None
+        )
+        duplicates = (
+            "(count(*) - count(distinct (invoice_id, sku, description, quantity, unit_price,"
+            " invoiced_at, customer_id, country))) / count(*)"
+        )
+        reversal = "upper(invoice_id) like 'C%' or upper(invoice_id) like 'R%'"
+        return [
+            Check(f"{entity}.customer_id_null_rate", table, null_rate,
+                  "at most half the lines are guest checkouts", max_value=0.5,
+                  column="customer_id", where=batch),
+            Check(f"{entity}.customer_id_null_rate_change", table,
+                  "null" if prev_null_rate is None else f"abs({null_rate} - {prev_null_rate})",
+                  "guest share moves by at most 10 points from the previous batch",
+                  max_value=0.10, column="customer_id", where=batch),
+            Check(f"{entity}.negative_price_on_products", table,
+                  f"count(*) filter (where unit_price < 0 and upper(sku) not in ({codes}))",
+                  "prices are non-negative except flagged adjustments", max_value=0,
+                  column="unit_price", where=batch,
+                  bad_rows=f"unit_price < 0 and upper(sku) not in ({codes})"),
+            Check(f"{entity}.negative_quantity_without_reversal", table,
+                  f"count(*) filter (where quantity < 0 and unit_price > 0 and not ({reversal}))",
+                  "negative quantities only on cancellations and returns", max_value=0,
+                  column="invoice_id", where=batch,
+                  bad_rows=f"quantity < 0 and unit_price > 0 and not ({reversal})"),
+            Check(f"{entity}.invoiced_in_the_future", table,
+                  f"count(*) filter (where invoiced_at > {now}::timestamp + interval 1 day)",
+                  "no invoice dated in the future", max_value=0, column="invoiced_at",
+                  where=batch, bad_rows=f"invoiced_at > {now}::timestamp + interval 1 day"),
+            Check(f"{entity}.invoiced_before_opening", table,
+                  f"count(*) filter (where invoiced_at < {opened}::date)",
+                  "no invoice before the shop opened", max_value=0, column="invoiced_at",
+                  where=batch, bad_rows=f"invoiced_at < {opened}::date"),
+            Check(f"{entity}.duplicate_line_share", table, duplicates,
+                  "at most 5% of lines repeat another line exactly", max_value=0.05,
+                  column="invoice_id", where=batch),
+            Check(f"{entity}.duplicate_line_drift", table, duplicates,
+                  "at most 0.5% of lines repeat another line exactly", max_value=0.005,
+                  severity="warning", column="invoice_id", where=batch),
+        ]
+    if entity == "customers":
+        return [
+            Check(f"{entity}.signed_up_in_the_future", table,
+                  f"count(*) filter (where signed_up_at > {now}::timestamp + interval 1 day)",
+                  "no signup in the future", max_value=0, column="signed_up_at", where=batch,
+                  bad_rows=f"signed_up_at > {now}::timestamp + interval 1 day"),
+            Check(f"{entity}.email_null_rate", table, "avg((email is null)::int)",
+                  "most accounts have an email", max_value=0.5, severity="warning",
+                  column="email", where=batch),
+        ]
+    if entity == "reviews":
+        return [
+            Check(f"{entity}.rating_out_of_range", table,
+                  "count(*) filter (where rating not between 1 and 5)", "stars are 1 to 5",
+                  max_value=0, column="rating", where=batch,
+                  bad_rows="rating not between 1 and 5"),
+            Check(f"{entity}.reviewed_in_the_future", table,
+                  f"count(*) filter (where reviewed_at > {now}::timestamp + interval 1 day)",
+                  "no review in the future", max_value=0, column="reviewed_at", where=batch,
+                  bad_rows=f"reviewed_at > {now}::timestamp + interval 1 day"),
+        ]
+    if entity == "products":
+        return [
+            Check(f"{entity}.negative_list_price", table, "count(*) filter (where list_price < 0)",
+                  "catalogue prices are non-negative", max_value=0, column="list_price",
+                  where=batch, bad_rows="list_price < 0"),
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------- marts
+
+# Key features and the least each of their statistics can sensibly be.
+KEY_FEATURES = {"recency_days": 0, "frequency": 1, "monetary_value": 0, "avg_order_value": 0}
+
+
+def marts_suite(
+    con: duckdb.DuckDBPyConnection, settings: Settings, checked_at: datetime, baseline: Baseline
+) -> list[Check]:
+    """The marts that feed training and scoring, against the previous successful run."""
+    today = sql_literal(checked_at.date().isoformat())
+    checks: list[Check] = [
+        schema_check(con, f"marts.{model}", contract_columns(settings, model),
+                     f"{model}.schema")
+        for model in ("customer_features", "customer_labels", "customer_documents")
+    ]
+    scoring, training = "marts.scoring_set", "marts.training_set"
+    checks += [
+        Check("scoring_set.row_count", scoring, "count(*)", "there are customers to score",
+              min_value=1),
+        Check("scoring_set.row_count_vs_previous_run", scoring,
+              _ratio("count(*)", baseline.get("scoring_set.row_count")),
+              "customers to score within 0.5x-2x of the previous run", min_value=0.5,
+              max_value=2.0),
+        Check("scoring_set.as_of_not_in_the_future", scoring,
+              f"count(*) filter (where as_of > {today}::date)", "as_of is not in the future",
+              max_value=0, column="as_of", bad_rows=f"as_of > {today}::date"),
+        Check("scoring_set.negative_recency", scoring, "count(*) filter (where recency_days < 0)",
+              "recency is non-negative", max_value=0, column="recency_days",
+              bad_rows="recency_days < 0"),
+        Check("scoring_set.negative_tenure", scoring, "count(*) filter (where tenure_days < 0)",
+              "tenure is non-negative", max_value=0, column="tenure_days",
+              bad_rows="tenure_days < 0"),
+        Check("scoring_set.document_null_rate", scoring, "avg((document is null)::int)",
+              "every customer has a document", max_value=0, column="document"),
+    ]
+    for feature, least in KEY_FEATURES.items():
+        for stat, sql in (("mean", f"avg({feature})"),
+                          ("p50", f"quantile_cont({feature}, 0.5)"),
+                          ("p95", f"quantile_cont({feature}, 0.95)")):
+            name = f"scoring_set.{feature}_{stat}"
+            checks += [
+                Check(name, scoring, sql, f"{stat} of {feature} is at least {least} (and is "
+                      "the next run's baseline)", min_value=least, severity="warning",
+                      column=feature),
+                Check(f"{name}_vs_previous_run", scoring, _ratio(sql, baseline.get(name)),
+                      f"{stat} of {feature} within 0.5x-2x of the previous successful run",
+                      min_value=0.5, max_value=2.0, severity="warning", column=feature),
+            ]
+        checks.append(
+            Check(f"scoring_set.{feature}_null_rate", scoring, f"avg(({feature} is null)::int)",
+                  f"{feature} is never null", max_value=0, column=feature)
+        )
+    train = "split = 'train'"
+    churn_rate = "avg(is_churned::int)"
+    checks += [
+        Check("training_set.row_count", training, "count(*)", "there are labelled rows",
+              min_value=1),
+        Check("training_set.splits", training, "count(distinct split)",
+              "train, validation and test splits are all present", min_value=3, max_value=3),
+        Check("training_set.churn_rate", training, churn_rate,
+              "churn is neither (almost) everyone nor no one", min_value=0.02, max_value=0.98,
+              column="is_churned", where=train),
+        Check("training_set.high_tier_share", training, "avg((value_tier = 'high')::int)",
+              "the high tier is a minority but present", min_value=0.005, max_value=0.5,
+              column="value_tier", where=train),
+        Check("training_set.churn_rate_change", training,
+              _difference(churn_rate, baseline.get("training_set.churn_rate")),
+              "churn rate moves by at most 15 points from the previous run", max_value=0.15,
+              severity="warning", column="is_churned", where=train),
+        Check("fct_order_lines.rows_minus_raw", "marts.fct_order_lines",
+              "count(*) - (select count(*) from raw.order_lines)",
+              "every raw order line reaches the fact table", min_value=0, max_value=0),
+    ]
+    return checks
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def scores_suite(
+    con: duckdb.DuckDBPyConnection, table: str = SCORES_TABLE, baseline: Baseline | None = None
+) -> list[Check]:
+    """Scores about to be published (``table`` may be a candidate table) against their schema."""
+    baseline = baseline or {}
+    probabilities = ("p_high", "p_active", "p_lapsed", "churn_probability")
+    out_of_range = " or ".join(f"{p} not between 0 and 1" for p in probabilities)
+    tiers = ", ".join(sql_literal(t) for t in TIERS)
+    churn_mean = "avg(churn_probability)"
+    return [
+        schema_check(con, table, SCORES_COLUMNS, "customer_scores.schema"),
+        Check("customer_scores.rows_minus_scoring_set", table,
+              "count(*) - (select count(*) from marts.scoring_set)",
+              "every customer of the scoring set is scored once", min_value=0, max_value=0),
+        Check("customer_scores.probability_out_of_range", table,
+              f"count(*) filter (where {out_of_range})", "probabilities are within [0, 1]",
+              max_value=0, column="churn_probability", bad_rows=out_of_range),
+        Check("customer_scores.tier_probabilities_not_summing_to_one", table,
+              "count(*) filter (where abs(p_high + p_active + p_lapsed - 1) > 1e-3)",
+              "tier probabilities sum to 1", max_value=0, column="p_high",
+              bad_rows="abs(p_high + p_active + p_lapsed - 1) > 1e-3"),
+        Check("customer_scores.unknown_tier", table,
+              f"count(*) filter (where value_tier is null or value_tier not in ({tiers}))",
+              "tiers are high, active or lapsed", max_value=0, column="value_tier",
+              bad_rows=f"value_tier is null or value_tier not in ({tiers})"),
+        Check("customer_scores.missing_model_version", table,
+              "count(*) filter (where model_version is null)", "every score names its model",
+              max_value=0, column="model_version"),
+        Check("customer_scores.churn_probability_mean", table, churn_mean,
+              "mean churn probability is a probability (and the next run's baseline)",
+              min_value=0, max_value=1, column="churn_probability"),
+        Check("customer_scores.churn_probability_mean_change", table,
+              _difference(churn_mean, baseline.get("customer_scores.churn_probability_mean")),
+              "mean churn probability moves by at most 0.2 from the previous run",
+              max_value=0.2, severity="warning", column="churn_probability"),
+    ]
+
+
+def require_table(con: duckdb.DuckDBPyConnection, table: str, hint: str) -> None:
+    if not table_exists(con, table):
+        raise LookupError(f"{table} does not exist yet; {hint}")
+
