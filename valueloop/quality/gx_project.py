@@ -15,6 +15,7 @@ import great_expectations as gx
 import pandas as pd
 from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.exceptions import DataContextError
 
 from valueloop.quality.checks import Check
 
@@ -26,7 +27,10 @@ def get_context(project_dir: Path):
 
 
 def _batch_definition(context, suite_name: str):
-    datasource = context.data_sources.add_or_update_pandas(name=DATASOURCE)
+    try:
+        datasource = context.data_sources.get(DATASOURCE)
+    except KeyError:
+        datasource = context.data_sources.add_pandas(name=DATASOURCE)
     try:
         asset = datasource.get_asset(suite_name)
     except LookupError:
@@ -37,33 +41,60 @@ def _batch_definition(context, suite_name: str):
         return asset.add_batch_definition_whole_dataframe("latest_metrics")
 
 
+def _without_ids(suite) -> list[dict]:
+    configs = [e.configuration.to_json_dict() for e in suite.expectations]
+    return [{k: v for k, v in c.items() if k != "id"} for c in configs]
+
+
 def build_checkpoint(context, suite_name: str, checks: list[Check]):
-    """Suite (one expectation per check), validation definition and checkpoint, as code."""
-    expectations = [
-        gx.expectations.ExpectColumnValuesToBeBetween(
-            column=check.name,
-            min_value=check.min_value,
-            max_value=check.max_value,
-            description=f"{check.table}: {check.description}",
-            meta={"check": check.name, "severity": check.severity, "table": check.table,
-                  "data_column": check.column},
-        )
-        for check in checks
-    ]
-    suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name,
-                                                              expectations=expectations))
-    definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=suite_name, data=_batch_definition(context, suite_name),
-                                suite=suite)
+    """Suite (one expectation per check), validation definition and checkpoint, as code.
+
+    Objects that already match the code are reused, so the committed files stay the same.
+    """
+    wanted = gx.ExpectationSuite(
+        name=suite_name,
+        expectations=[
+            gx.expectations.ExpectColumnValuesToBeBetween(
+                column=check.name,
+                min_value=check.min_value,
+                max_value=check.max_value,
+                severity=check.severity,
+                description=f"{check.table}: {check.description}",
+                meta={"check": check.name, "table": check.table, "data_column": check.column},
+            )
+            for check in checks
+        ],
     )
-    return context.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=f"{suite_name}_checkpoint",
-            validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="update_data_docs")],
-            result_format={"result_format": "SUMMARY"},
+    try:
+        suite = context.suites.get(suite_name)
+        if _without_ids(suite) != _without_ids(wanted):
+            suite = context.suites.add_or_update(wanted)
+    except DataContextError:
+        suite = context.suites.add(wanted)
+    batch_definition = _batch_definition(context, suite_name)
+    try:
+        definition = context.validation_definitions.get(suite_name)
+        if definition.suite.id != suite.id or definition.data.id != batch_definition.id:
+            raise DataContextError(f"validation definition {suite_name} is out of date")
+    except DataContextError:
+        definition = context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=suite_name, data=batch_definition, suite=suite)
         )
-    )
+    name = f"{suite_name}_checkpoint"
+    try:
+        checkpoint = context.checkpoints.get(name)
+        if [d.name for d in checkpoint.validation_definitions] != [definition.name]:
+            raise DataContextError(f"checkpoint {name} is out of date")
+    except DataContextError:
+        checkpoint = context.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=name,
+                validation_definitions=[definition],
+                actions=[UpdateDataDocsAction(name="update_data_docs")],
+                result_format={"result_format": "SUMMARY"},
+            )
+        )
+    return checkpoint
 
 
 def run_checkpoint(
