@@ -11,6 +11,7 @@ from pathlib import Path
 from valueloop import jobs, loaders, transform
 from valueloop.config import load_settings
 from valueloop.ingest import IngestError
+from valueloop.quality import runner as quality
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -89,10 +90,24 @@ def _add_transform(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_transform)
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="run a data-quality checkpoint: raw, marts or scores (exit 1 on a critical failure)",
+        description="Validate a boundary with Great Expectations: `raw` (the latest ingest "
+        "batches), `marts` (before training and scoring) or `scores` (before publishing). "
+        "Results go to quality.validation_results and to Data Docs. A critical failure exits "
+        "1 naming the expectation, column and sample bad values; warnings are reported.",
+    )
+    p.add_argument("checkpoint", choices=quality.CHECKPOINTS)
+    p.add_argument("--run-id", help="id to store the results under (default manual__<time>)")
+    p.set_defaults(func=_cmd_check)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="the main job on the demo shop: generate, ingest, transform",
+        help="the main job on the demo shop: generate, ingest, check, transform, check",
         description="Generate the demo shop, ingest it and build the warehouse; prints a summary.",
     )
     p.add_argument("--customers", type=int, help="number of demo customers")
@@ -111,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_ingest(sub)
     _add_transform(sub)
+    _add_check(sub)
     _add_run(sub)
     return parser
 
@@ -167,13 +183,22 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    report = quality.run_checkpoint(load_settings(), args.checkpoint, args.run_id)
+    print(report.summary())
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     settings.ensure_dirs()
     print(jobs.generate_demo(settings, args.customers, args.seed))
     report = jobs.ingest_path(settings, settings.demo_dir, "simulator")
     print(report.summary())
+    run_id = quality.default_run_id()
+    print(quality.run_checkpoint(settings, "raw", run_id).summary())
     print(transform.build(settings).summary())
+    print(quality.run_checkpoint(settings, "marts", run_id).summary())
     print(f"\nwarehouse: {settings.warehouse_path} (schemas raw, staging, marts)")
     print(
         f'  query it: {sys.executable} -c "import duckdb; duckdb.connect('
@@ -191,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (IngestError, transform.TransformError, ValueError, FileNotFoundError) as error:
+    except (
+        IngestError,
+        transform.TransformError,
+        quality.QualityError,
+        LookupError,
+        ValueError,
+        FileNotFoundError,
+    ) as error:
         print(f"valueloop {args.command}: error: {error}", file=sys.stderr)
         return 1
 

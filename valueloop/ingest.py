@@ -62,6 +62,7 @@ class Source:
     relation_sql: str | None = None
     timestamp_formats: tuple[str, ...] = DEFAULT_TIMESTAMP_FORMATS
     part: str | None = None  # a sheet of a workbook: each part is a batch of its own
+    ignored_columns: tuple[str, ...] = ()  # columns of the file the format does not use
 
     @property
     def name(self) -> str:
@@ -78,6 +79,7 @@ class IngestResult:
     rows_accepted: int
     rows_quarantined: int
     skipped: bool
+    ignored_columns: tuple[str, ...] = ()
 
     def summary(self) -> str:
         if self.skipped:
@@ -86,6 +88,11 @@ class IngestResult:
             f"{self.source_file} [{self.entity}]: read {self.rows_read:,}, "
             f"accepted {self.rows_accepted:,}, quarantined {self.rows_quarantined:,} "
             f"(batch {self.batch_id})"
+            + (
+                f"; ignored extra column(s): {', '.join(self.ignored_columns)}"
+                if self.ignored_columns
+                else ""
+            )
         )
 
 
@@ -269,7 +276,14 @@ def ingest_source(con: duckdb.DuckDBPyConnection, source: Source) -> IngestResul
         con.execute("rollback")
         raise
     return IngestResult(
-        source.name, source.entity.name, batch_id, read, accepted, quarantined, False
+        source.name,
+        source.entity.name,
+        batch_id,
+        read,
+        accepted,
+        quarantined,
+        False,
+        source.ignored_columns,
     )
 
 

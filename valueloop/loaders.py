@@ -218,6 +218,10 @@ ONLINE_RETAIL_VARIANTS = {
 ONLINE_RETAIL_TIMESTAMPS = (*DEFAULT_TIMESTAMP_FORMATS, "%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S")
 
 
+def _unused(header: list[str], used: list[str]) -> tuple[str, ...]:
+    return tuple(c for c in header if c not in used)
+
+
 def _online_retail_mapping(path: Path, header: list[str]) -> dict[str, str]:
     for columns in ONLINE_RETAIL_VARIANTS.values():
         if columns["invoice_id"] in header:
@@ -249,6 +253,7 @@ def online_retail_sources(path: Path, chunk_rows: int = CHUNK_ROWS) -> list[Sour
                     chunks=chunks,
                     timestamp_formats=ONLINE_RETAIL_TIMESTAMPS,
                     part=sheet,
+                    ignored_columns=_unused(header, _online_retail_columns(header)),
                 )
             )
         return sources
@@ -263,8 +268,16 @@ def online_retail_sources(path: Path, chunk_rows: int = CHUNK_ROWS) -> list[Sour
             mapping,
             chunks=chunks,
             timestamp_formats=ONLINE_RETAIL_TIMESTAMPS,
+            ignored_columns=_unused(header, _online_retail_columns(header)),
         )
     ]
+
+
+def _online_retail_columns(header: list[str]) -> list[str]:
+    for columns in ONLINE_RETAIL_VARIANTS.values():
+        if columns["invoice_id"] in header:
+            return list(columns.values())
+    return []
 
 
 @dataclass(frozen=True)
@@ -353,6 +366,7 @@ def transactions_sources(
                 contract,
                 relation_sql=sql,
                 timestamp_formats=formats,
+                ignored_columns=_unused(columns, mapping.source_columns()),
             )
         ]
     delimiter = mapping.resolved_delimiter(path)
@@ -365,6 +379,12 @@ def transactions_sources(
     chunks = iter_delimited(path, columns, delimiter, mapping.header, mapping.encoding, chunk_rows)
     return [
         Source(
-            path, ORDER_LINES, "transactions", contract, chunks=chunks, timestamp_formats=formats
+            path,
+            ORDER_LINES,
+            "transactions",
+            contract,
+            chunks=chunks,
+            timestamp_formats=formats,
+            ignored_columns=_unused(columns, mapping.source_columns()),
         )
     ]

@@ -52,7 +52,9 @@ class CheckResult:
             if part
         )
         where = self.check.table + (f".{self.check.column}" if self.check.column else "")
-        observed = "no baseline yet" if self.observed is None else f"{self.observed:g}"
+        observed = (
+            "n/a (no batch or no baseline)" if self.observed is None else f"{self.observed:g}"
+        )
         text = (
             f"[{self.check.severity}] {self.check.name} on {where}: observed {observed}, "
             f"expected {bounds} ({self.check.description})"
@@ -71,14 +73,14 @@ def compute_metrics(con: duckdb.DuckDBPyConnection, checks: list[Check]) -> dict
     for (table, where), group in groups.items():
         selects = ", ".join(f'({c.metric_sql})::double as "{c.name}"' for c in group)
         # count(*) makes it an aggregate query: exactly one row, even over an empty table.
-        row = con.execute(
-            f"select count(*), {selects} from {table} where {where}"
-        ).fetchone()
+        row = con.execute(f"select count(*), {selects} from {table} where {where}").fetchone()
         metrics.update({c.name: value for c, value in zip(group, row[1:], strict=True)})
     return metrics
 
 
-def sample_bad_values(con: duckdb.DuckDBPyConnection, check: Check, limit: int = 5) -> tuple[str, ...]:
+def sample_bad_values(
+    con: duckdb.DuckDBPyConnection, check: Check, limit: int = 5
+) -> tuple[str, ...]:
     if check.samples:
         return check.samples
     if not check.bad_rows:

@@ -98,8 +98,12 @@ def build_checkpoint(context, suite_name: str, checks: list[Check]):
 
 
 def run_checkpoint(
-    context, suite_name: str, checks: list[Check], metrics: dict[str, float | None],
-    run_id: str, run_time: datetime,
+    context,
+    suite_name: str,
+    checks: list[Check],
+    metrics: dict[str, float | None],
+    run_id: str,
+    run_time: datetime,
 ) -> dict[str, bool]:
     """Validate the metrics row; returns each check's success as GX judged it."""
     checkpoint = build_checkpoint(context, suite_name, checks)

@@ -119,8 +119,12 @@ def previous_baseline(con: duckdb.DuckDBPyConnection, checkpoint: str, run_id: s
 
 
 def _suite_checks(
-    con: duckdb.DuckDBPyConnection, settings: Settings, checkpoint: Checkpoint,
-    checked_at: datetime, baseline: dict, scores_table: str,
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    checkpoint: Checkpoint,
+    checked_at: datetime,
+    baseline: dict,
+    scores_table: str,
 ):
     if checkpoint == "raw":
         suites.require_table(con, "raw.ingest_batches", "run `valueloop ingest` first")
@@ -143,9 +147,21 @@ def _store(
     con.executemany(
         "insert into quality.validation_results values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (report.run_id, report.checkpoint, r.check.name, r.check.table, r.check.column,
-             r.check.severity, r.success, r.observed, r.check.min_value, r.check.max_value,
-             r.check.description, "; ".join(r.samples) or None, validated_at)
+            (
+                report.run_id,
+                report.checkpoint,
+                r.check.name,
+                r.check.table,
+                r.check.column,
+                r.check.severity,
+                r.success,
+                r.observed,
+                r.check.min_value,
+                r.check.max_value,
+                r.check.description,
+                "; ".join(r.samples) or None,
+                validated_at,
+            )
             for r in report.results
         ],
     )
@@ -175,12 +191,15 @@ def run_checkpoint(
             context, f"valueloop_{checkpoint}", checks, metrics, run_id, checked_at
         )
         results = [
-            CheckResult(check, metrics[check.name], outcomes[check.name],
-                        () if outcomes[check.name] else sample_bad_values(con, check))
+            CheckResult(
+                check,
+                metrics[check.name],
+                outcomes[check.name],
+                () if outcomes[check.name] else sample_bad_values(con, check),
+            )
             for check in checks
         ]
-        report = ValidationReport(checkpoint, run_id, results,
-                                  gx_project.data_docs_index(context))
+        report = ValidationReport(checkpoint, run_id, results, gx_project.data_docs_index(context))
         _store(con, report, checked_at)
     if raise_on_critical and not report.success:
         raise QualityError(report)

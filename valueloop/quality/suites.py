@@ -9,6 +9,7 @@ as a metric, a ratio or a difference against it, so the suites themselves never 
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from datetime import datetime
 
 import duckdb
@@ -21,9 +22,21 @@ from valueloop.quality.checks import Check, schema_check, sql_literal, table_exi
 SCORES_TABLE = "marts.customer_scores"
 # The documented schema of the published scores (see README, "Scores for BI").
 SCORES_COLUMNS = [
-    "customer_id", "as_of", "value_tier", "p_high", "p_active", "p_lapsed",
-    "churn_probability", "churn_risk_band", "segment_id", "segment_name",
-    "next_best_action", "model_name", "model_version", "model_run_id", "scored_at",
+    "customer_id",
+    "as_of",
+    "value_tier",
+    "p_high",
+    "p_active",
+    "p_lapsed",
+    "churn_probability",
+    "churn_risk_band",
+    "segment_id",
+    "segment_name",
+    "next_best_action",
+    "model_name",
+    "model_version",
+    "model_run_id",
+    "scored_at",
 ]
 TIERS = ("high", "active", "lapsed")
 Baseline = dict[str, float]
@@ -58,8 +71,8 @@ def _latest_batches(con: duckdb.DuckDBPyConnection, entity: str) -> tuple[dict |
         " order by loaded_at desc, batch_id desc limit 2",
         [entity],
     ).fetchall()
-    as_dicts = [{"batch_id": r[0], "rows": r[1]} for r in rows]
-    return (as_dicts + [None, None])[0], (as_dicts + [None, None])[1]
+    padded = [*({"batch_id": r[0], "rows": r[1]} for r in rows), None, None]
+    return padded[0], padded[1]
 
 
 # --------------------------------------------------------------------------- raw
@@ -76,26 +89,53 @@ def raw_suite(
         table = entity.table
         checks.append(schema_check(con, table, entity.column_names, f"{entity.name}.schema"))
         latest, previous = _latest_batches(con, entity.name)
-        if latest is None:
-            continue  # this source delivers no such entity
-        batch = f"_batch_id = {sql_literal(latest['batch_id'])}"
+        # A source without this entity still gets every check, each not applicable (null),
+        # so the suite is the same for every shop.
+        batch = f"_batch_id = {sql_literal(latest['batch_id'])}" if latest else "false"
         ratio = _ratio("count(*)", previous and previous["rows"])
-        checks += [
-            Check(f"{entity.name}.row_count", table, "count(*)", "the batch has rows",
-                  min_value=1, where=batch),
-            Check(f"{entity.name}.row_count_vs_previous_batch", table, ratio,
-                  "row count within 0.2x-5x of the previous batch", min_value=0.2,
-                  max_value=5.0, where=batch),
-            Check(f"{entity.name}.row_count_drift", table, ratio,
-                  "row count within 0.5x-2x of the previous batch", min_value=0.5,
-                  max_value=2.0, severity="warning", where=batch),
+        entity_checks = [
+            Check(
+                f"{entity.name}.row_count",
+                table,
+                "count(*)",
+                "the batch has rows",
+                min_value=1,
+                where=batch,
+            ),
+            Check(
+                f"{entity.name}.row_count_vs_previous_batch",
+                table,
+                ratio,
+                "row count within 0.2x-5x of the previous batch",
+                min_value=0.2,
+                max_value=5.0,
+                where=batch,
+            ),
+            Check(
+                f"{entity.name}.row_count_drift",
+                table,
+                ratio,
+                "row count within 0.5x-2x of the previous batch",
+                min_value=0.5,
+                max_value=2.0,
+                severity="warning",
+                where=batch,
+            ),
+            *_entity_checks(entity.name, table, batch, previous, now, opened, settings),
         ]
-        checks += _entity_checks(entity.name, table, batch, previous, now, opened, settings)
+        if latest is None:
+            entity_checks = [replace(c, metric_sql="null") for c in entity_checks]
+        checks += entity_checks
     return checks
 
 
 def _entity_checks(
-    entity: str, table: str, batch: str, previous: dict | None, now: str, opened: str,
+    entity: str,
+    table: str,
+    batch: str,
+    previous: dict | None,
+    now: str,
+    opened: str,
     settings: Settings,
 ) -> list[Check]:
     if entity == "order_lines":
@@ -103,7 +143,9 @@ def _entity_checks(
         null_rate = "avg((customer_id is null)::int)"
         prev_null_rate = (
             f"(select {null_rate} from {table} where _batch_id = "
-            f"{sql_literal(previous['batch_id'])})" if previous else None
+            f"{sql_literal(previous['batch_id'])})"
+            if previous
+            else None
         )
         duplicates = (
             "(count(*) - count(distinct (invoice_id, sku, description, quantity, unit_price,"
@@ -111,64 +153,142 @@ def _entity_checks(
         )
         reversal = "upper(invoice_id) like 'C%' or upper(invoice_id) like 'R%'"
         return [
-            Check(f"{entity}.customer_id_null_rate", table, null_rate,
-                  "at most half the lines are guest checkouts", max_value=0.5,
-                  column="customer_id", where=batch),
-            Check(f"{entity}.customer_id_null_rate_change", table,
-                  "null" if prev_null_rate is None else f"abs({null_rate} - {prev_null_rate})",
-                  "guest share moves by at most 10 points from the previous batch",
-                  max_value=0.10, column="customer_id", where=batch),
-            Check(f"{entity}.negative_price_on_products", table,
-                  f"count(*) filter (where unit_price < 0 and upper(sku) not in ({codes}))",
-                  "prices are non-negative except flagged adjustments", max_value=0,
-                  column="unit_price", where=batch,
-                  bad_rows=f"unit_price < 0 and upper(sku) not in ({codes})"),
-            Check(f"{entity}.negative_quantity_without_reversal", table,
-                  f"count(*) filter (where quantity < 0 and unit_price > 0 and not ({reversal}))",
-                  "negative quantities only on cancellations and returns", max_value=0,
-                  column="invoice_id", where=batch,
-                  bad_rows=f"quantity < 0 and unit_price > 0 and not ({reversal})"),
-            Check(f"{entity}.invoiced_in_the_future", table,
-                  f"count(*) filter (where invoiced_at > {now}::timestamp + interval 1 day)",
-                  "no invoice dated in the future", max_value=0, column="invoiced_at",
-                  where=batch, bad_rows=f"invoiced_at > {now}::timestamp + interval 1 day"),
-            Check(f"{entity}.invoiced_before_opening", table,
-                  f"count(*) filter (where invoiced_at < {opened}::date)",
-                  "no invoice before the shop opened", max_value=0, column="invoiced_at",
-                  where=batch, bad_rows=f"invoiced_at < {opened}::date"),
-            Check(f"{entity}.duplicate_line_share", table, duplicates,
-                  "at most 5% of lines repeat another line exactly", max_value=0.05,
-                  column="invoice_id", where=batch),
-            Check(f"{entity}.duplicate_line_drift", table, duplicates,
-                  "at most 0.5% of lines repeat another line exactly", max_value=0.005,
-                  severity="warning", column="invoice_id", where=batch),
+            Check(
+                f"{entity}.customer_id_null_rate",
+                table,
+                null_rate,
+                "at most half the lines are guest checkouts",
+                max_value=0.5,
+                column="customer_id",
+                where=batch,
+            ),
+            Check(
+                f"{entity}.customer_id_null_rate_change",
+                table,
+                "null" if prev_null_rate is None else f"abs({null_rate} - {prev_null_rate})",
+                "guest share moves by at most 10 points from the previous batch",
+                max_value=0.10,
+                column="customer_id",
+                where=batch,
+            ),
+            Check(
+                f"{entity}.negative_price_on_products",
+                table,
+                f"count(*) filter (where unit_price < 0 and upper(sku) not in ({codes}))",
+                "prices are non-negative except flagged adjustments",
+                max_value=0,
+                column="unit_price",
+                where=batch,
+                bad_rows=f"unit_price < 0 and upper(sku) not in ({codes})",
+            ),
+            Check(
+                f"{entity}.negative_quantity_without_reversal",
+                table,
+                f"count(*) filter (where quantity < 0 and unit_price > 0 and not ({reversal}))",
+                "negative quantities only on cancellations and returns",
+                max_value=0,
+                column="invoice_id",
+                where=batch,
+                bad_rows=f"quantity < 0 and unit_price > 0 and not ({reversal})",
+            ),
+            Check(
+                f"{entity}.invoiced_in_the_future",
+                table,
+                f"count(*) filter (where invoiced_at > {now}::timestamp + interval 1 day)",
+                "no invoice dated in the future",
+                max_value=0,
+                column="invoiced_at",
+                where=batch,
+                bad_rows=f"invoiced_at > {now}::timestamp + interval 1 day",
+            ),
+            Check(
+                f"{entity}.invoiced_before_opening",
+                table,
+                f"count(*) filter (where invoiced_at < {opened}::date)",
+                "no invoice before the shop opened",
+                max_value=0,
+                column="invoiced_at",
+                where=batch,
+                bad_rows=f"invoiced_at < {opened}::date",
+            ),
+            Check(
+                f"{entity}.duplicate_line_share",
+                table,
+                duplicates,
+                "at most 5% of lines repeat another line exactly",
+                max_value=0.05,
+                column="invoice_id",
+                where=batch,
+            ),
+            Check(
+                f"{entity}.duplicate_line_drift",
+                table,
+                duplicates,
+                "at most 0.5% of lines repeat another line exactly",
+                max_value=0.005,
+                severity="warning",
+                column="invoice_id",
+                where=batch,
+            ),
         ]
     if entity == "customers":
         return [
-            Check(f"{entity}.signed_up_in_the_future", table,
-                  f"count(*) filter (where signed_up_at > {now}::timestamp + interval 1 day)",
-                  "no signup in the future", max_value=0, column="signed_up_at", where=batch,
-                  bad_rows=f"signed_up_at > {now}::timestamp + interval 1 day"),
-            Check(f"{entity}.email_null_rate", table, "avg((email is null)::int)",
-                  "most accounts have an email", max_value=0.5, severity="warning",
-                  column="email", where=batch),
+            Check(
+                f"{entity}.signed_up_in_the_future",
+                table,
+                f"count(*) filter (where signed_up_at > {now}::timestamp + interval 1 day)",
+                "no signup in the future",
+                max_value=0,
+                column="signed_up_at",
+                where=batch,
+                bad_rows=f"signed_up_at > {now}::timestamp + interval 1 day",
+            ),
+            Check(
+                f"{entity}.email_null_rate",
+                table,
+                "avg((email is null)::int)",
+                "most accounts have an email",
+                max_value=0.5,
+                severity="warning",
+                column="email",
+                where=batch,
+            ),
         ]
     if entity == "reviews":
         return [
-            Check(f"{entity}.rating_out_of_range", table,
-                  "count(*) filter (where rating not between 1 and 5)", "stars are 1 to 5",
-                  max_value=0, column="rating", where=batch,
-                  bad_rows="rating not between 1 and 5"),
-            Check(f"{entity}.reviewed_in_the_future", table,
-                  f"count(*) filter (where reviewed_at > {now}::timestamp + interval 1 day)",
-                  "no review in the future", max_value=0, column="reviewed_at", where=batch,
-                  bad_rows=f"reviewed_at > {now}::timestamp + interval 1 day"),
+            Check(
+                f"{entity}.rating_out_of_range",
+                table,
+                "count(*) filter (where rating not between 1 and 5)",
+                "stars are 1 to 5",
+                max_value=0,
+                column="rating",
+                where=batch,
+                bad_rows="rating not between 1 and 5",
+            ),
+            Check(
+                f"{entity}.reviewed_in_the_future",
+                table,
+                f"count(*) filter (where reviewed_at > {now}::timestamp + interval 1 day)",
+                "no review in the future",
+                max_value=0,
+                column="reviewed_at",
+                where=batch,
+                bad_rows=f"reviewed_at > {now}::timestamp + interval 1 day",
+            ),
         ]
     if entity == "products":
         return [
-            Check(f"{entity}.negative_list_price", table, "count(*) filter (where list_price < 0)",
-                  "catalogue prices are non-negative", max_value=0, column="list_price",
-                  where=batch, bad_rows="list_price < 0"),
+            Check(
+                f"{entity}.negative_list_price",
+                table,
+                "count(*) filter (where list_price < 0)",
+                "catalogue prices are non-negative",
+                max_value=0,
+                column="list_price",
+                where=batch,
+                bad_rows="list_price < 0",
+            ),
         ]
     return []
 
@@ -185,67 +305,152 @@ def marts_suite(
     """The marts that feed training and scoring, against the previous successful run."""
     today = sql_literal(checked_at.date().isoformat())
     checks: list[Check] = [
-        schema_check(con, f"marts.{model}", contract_columns(settings, model),
-                     f"{model}.schema")
+        schema_check(con, f"marts.{model}", contract_columns(settings, model), f"{model}.schema")
         for model in ("customer_features", "customer_labels", "customer_documents")
     ]
     scoring, training = "marts.scoring_set", "marts.training_set"
     checks += [
-        Check("scoring_set.row_count", scoring, "count(*)", "there are customers to score",
-              min_value=1),
-        Check("scoring_set.row_count_vs_previous_run", scoring,
-              _ratio("count(*)", baseline.get("scoring_set.row_count")),
-              "customers to score within 0.5x-2x of the previous run", min_value=0.5,
-              max_value=2.0),
-        Check("scoring_set.as_of_not_in_the_future", scoring,
-              f"count(*) filter (where as_of > {today}::date)", "as_of is not in the future",
-              max_value=0, column="as_of", bad_rows=f"as_of > {today}::date"),
-        Check("scoring_set.negative_recency", scoring, "count(*) filter (where recency_days < 0)",
-              "recency is non-negative", max_value=0, column="recency_days",
-              bad_rows="recency_days < 0"),
-        Check("scoring_set.negative_tenure", scoring, "count(*) filter (where tenure_days < 0)",
-              "tenure is non-negative", max_value=0, column="tenure_days",
-              bad_rows="tenure_days < 0"),
-        Check("scoring_set.document_null_rate", scoring, "avg((document is null)::int)",
-              "every customer has a document", max_value=0, column="document"),
+        Check(
+            "scoring_set.row_count",
+            scoring,
+            "count(*)",
+            "there are customers to score",
+            min_value=1,
+        ),
+        Check(
+            "scoring_set.row_count_vs_previous_run",
+            scoring,
+            _ratio("count(*)", baseline.get("scoring_set.row_count")),
+            "customers to score within 0.5x-2x of the previous run",
+            min_value=0.5,
+            max_value=2.0,
+        ),
+        Check(
+            "scoring_set.as_of_not_in_the_future",
+            scoring,
+            f"count(*) filter (where as_of > {today}::date)",
+            "as_of is not in the future",
+            max_value=0,
+            column="as_of",
+            bad_rows=f"as_of > {today}::date",
+        ),
+        Check(
+            "scoring_set.negative_recency",
+            scoring,
+            "count(*) filter (where recency_days < 0)",
+            "recency is non-negative",
+            max_value=0,
+            column="recency_days",
+            bad_rows="recency_days < 0",
+        ),
+        Check(
+            "scoring_set.negative_tenure",
+            scoring,
+            "count(*) filter (where tenure_days < 0)",
+            "tenure is non-negative",
+            max_value=0,
+            column="tenure_days",
+            bad_rows="tenure_days < 0",
+        ),
+        Check(
+            "scoring_set.document_null_rate",
+            scoring,
+            "avg((document is null)::int)",
+            "every customer has a document",
+            max_value=0,
+            column="document",
+        ),
     ]
     for feature, least in KEY_FEATURES.items():
-        for stat, sql in (("mean", f"avg({feature})"),
-                          ("p50", f"quantile_cont({feature}, 0.5)"),
-                          ("p95", f"quantile_cont({feature}, 0.95)")):
+        for stat, sql in (
+            ("mean", f"avg({feature})"),
+            ("p50", f"quantile_cont({feature}, 0.5)"),
+            ("p95", f"quantile_cont({feature}, 0.95)"),
+        ):
             name = f"scoring_set.{feature}_{stat}"
             checks += [
-                Check(name, scoring, sql, f"{stat} of {feature} is at least {least} (and is "
-                      "the next run's baseline)", min_value=least, severity="warning",
-                      column=feature),
-                Check(f"{name}_vs_previous_run", scoring, _ratio(sql, baseline.get(name)),
-                      f"{stat} of {feature} within 0.5x-2x of the previous successful run",
-                      min_value=0.5, max_value=2.0, severity="warning", column=feature),
+                Check(
+                    name,
+                    scoring,
+                    sql,
+                    f"{stat} of {feature} is at least {least} (and is the next run's baseline)",
+                    min_value=least,
+                    severity="warning",
+                    column=feature,
+                ),
+                Check(
+                    f"{name}_vs_previous_run",
+                    scoring,
+                    _ratio(sql, baseline.get(name)),
+                    f"{stat} of {feature} within 0.5x-2x of the previous successful run",
+                    min_value=0.5,
+                    max_value=2.0,
+                    severity="warning",
+                    column=feature,
+                ),
             ]
         checks.append(
-            Check(f"scoring_set.{feature}_null_rate", scoring, f"avg(({feature} is null)::int)",
-                  f"{feature} is never null", max_value=0, column=feature)
+            Check(
+                f"scoring_set.{feature}_null_rate",
+                scoring,
+                f"avg(({feature} is null)::int)",
+                f"{feature} is never null",
+                max_value=0,
+                column=feature,
+            )
         )
     train = "split = 'train'"
     churn_rate = "avg(is_churned::int)"
     checks += [
-        Check("training_set.row_count", training, "count(*)", "there are labelled rows",
-              min_value=1),
-        Check("training_set.splits", training, "count(distinct split)",
-              "train, validation and test splits are all present", min_value=3, max_value=3),
-        Check("training_set.churn_rate", training, churn_rate,
-              "churn is neither (almost) everyone nor no one", min_value=0.02, max_value=0.98,
-              column="is_churned", where=train),
-        Check("training_set.high_tier_share", training, "avg((value_tier = 'high')::int)",
-              "the high tier is a minority but present", min_value=0.005, max_value=0.5,
-              column="value_tier", where=train),
-        Check("training_set.churn_rate_change", training,
-              _difference(churn_rate, baseline.get("training_set.churn_rate")),
-              "churn rate moves by at most 15 points from the previous run", max_value=0.15,
-              severity="warning", column="is_churned", where=train),
-        Check("fct_order_lines.rows_minus_raw", "marts.fct_order_lines",
-              "count(*) - (select count(*) from raw.order_lines)",
-              "every raw order line reaches the fact table", min_value=0, max_value=0),
+        Check(
+            "training_set.row_count", training, "count(*)", "there are labelled rows", min_value=1
+        ),
+        Check(
+            "training_set.splits",
+            training,
+            "count(distinct split)",
+            "train, validation and test splits are all present",
+            min_value=3,
+            max_value=3,
+        ),
+        Check(
+            "training_set.churn_rate",
+            training,
+            churn_rate,
+            "churn is neither (almost) everyone nor no one",
+            min_value=0.02,
+            max_value=0.98,
+            column="is_churned",
+            where=train,
+        ),
+        Check(
+            "training_set.high_tier_share",
+            training,
+            "avg((value_tier = 'high')::int)",
+            "the high tier is a minority but present",
+            min_value=0.005,
+            max_value=0.5,
+            column="value_tier",
+            where=train,
+        ),
+        Check(
+            "training_set.churn_rate_change",
+            training,
+            _difference(churn_rate, baseline.get("training_set.churn_rate")),
+            "churn rate moves by at most 15 points from the previous run",
+            max_value=0.15,
+            severity="warning",
+            column="is_churned",
+            where=train,
+        ),
+        Check(
+            "fct_order_lines.rows_minus_raw",
+            "marts.fct_order_lines",
+            "count(*) - (select count(*) from raw.order_lines)",
+            "every raw order line reaches the fact table",
+            min_value=0,
+            max_value=0,
+        ),
     ]
     return checks
 
@@ -264,34 +469,70 @@ def scores_suite(
     churn_mean = "avg(churn_probability)"
     return [
         schema_check(con, table, SCORES_COLUMNS, "customer_scores.schema"),
-        Check("customer_scores.rows_minus_scoring_set", table,
-              "count(*) - (select count(*) from marts.scoring_set)",
-              "every customer of the scoring set is scored once", min_value=0, max_value=0),
-        Check("customer_scores.probability_out_of_range", table,
-              f"count(*) filter (where {out_of_range})", "probabilities are within [0, 1]",
-              max_value=0, column="churn_probability", bad_rows=out_of_range),
-        Check("customer_scores.tier_probabilities_not_summing_to_one", table,
-              "count(*) filter (where abs(p_high + p_active + p_lapsed - 1) > 1e-3)",
-              "tier probabilities sum to 1", max_value=0, column="p_high",
-              bad_rows="abs(p_high + p_active + p_lapsed - 1) > 1e-3"),
-        Check("customer_scores.unknown_tier", table,
-              f"count(*) filter (where value_tier is null or value_tier not in ({tiers}))",
-              "tiers are high, active or lapsed", max_value=0, column="value_tier",
-              bad_rows=f"value_tier is null or value_tier not in ({tiers})"),
-        Check("customer_scores.missing_model_version", table,
-              "count(*) filter (where model_version is null)", "every score names its model",
-              max_value=0, column="model_version"),
-        Check("customer_scores.churn_probability_mean", table, churn_mean,
-              "mean churn probability is a probability (and the next run's baseline)",
-              min_value=0, max_value=1, column="churn_probability"),
-        Check("customer_scores.churn_probability_mean_change", table,
-              _difference(churn_mean, baseline.get("customer_scores.churn_probability_mean")),
-              "mean churn probability moves by at most 0.2 from the previous run",
-              max_value=0.2, severity="warning", column="churn_probability"),
+        Check(
+            "customer_scores.rows_minus_scoring_set",
+            table,
+            "count(*) - (select count(*) from marts.scoring_set)",
+            "every customer of the scoring set is scored once",
+            min_value=0,
+            max_value=0,
+        ),
+        Check(
+            "customer_scores.probability_out_of_range",
+            table,
+            f"count(*) filter (where {out_of_range})",
+            "probabilities are within [0, 1]",
+            max_value=0,
+            column="churn_probability",
+            bad_rows=out_of_range,
+        ),
+        Check(
+            "customer_scores.tier_probabilities_not_summing_to_one",
+            table,
+            "count(*) filter (where abs(p_high + p_active + p_lapsed - 1) > 1e-3)",
+            "tier probabilities sum to 1",
+            max_value=0,
+            column="p_high",
+            bad_rows="abs(p_high + p_active + p_lapsed - 1) > 1e-3",
+        ),
+        Check(
+            "customer_scores.unknown_tier",
+            table,
+            f"count(*) filter (where value_tier is null or value_tier not in ({tiers}))",
+            "tiers are high, active or lapsed",
+            max_value=0,
+            column="value_tier",
+            bad_rows=f"value_tier is null or value_tier not in ({tiers})",
+        ),
+        Check(
+            "customer_scores.missing_model_version",
+            table,
+            "count(*) filter (where model_version is null)",
+            "every score names its model",
+            max_value=0,
+            column="model_version",
+        ),
+        Check(
+            "customer_scores.churn_probability_mean",
+            table,
+            churn_mean,
+            "mean churn probability is a probability (and the next run's baseline)",
+            min_value=0,
+            max_value=1,
+            column="churn_probability",
+        ),
+        Check(
+            "customer_scores.churn_probability_mean_change",
+            table,
+            _difference(churn_mean, baseline.get("customer_scores.churn_probability_mean")),
+            "mean churn probability moves by at most 0.2 from the previous run",
+            max_value=0.2,
+            severity="warning",
+            column="churn_probability",
+        ),
     ]
 
 
 def require_table(con: duckdb.DuckDBPyConnection, table: str, hint: str) -> None:
     if not table_exists(con, table):
         raise LookupError(f"{table} does not exist yet; {hint}")
-

@@ -1,0 +1,240 @@
+"""Great Expectations checkpoints through the real GX context, DuckDB and dbt marts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests import corpus
+from valueloop import jobs, transform
+from valueloop.config import Settings, load_settings
+from valueloop.ingest import IngestError
+from valueloop.quality.runner import QualityError, run_checkpoint
+from valueloop.quality.suites import SCORES_COLUMNS
+from valueloop.simulator import SimulationConfig, generate
+
+
+def rows_by_batch(settings: Settings) -> dict[str, tuple[list[int], list[int]]]:
+    """Accepted and quarantined row numbers of every batch."""
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        batches = [r[0] for r in con.execute("select batch_id from raw.ingest_batches").fetchall()]
+        return {
+            b: (
+                [
+                    r[0]
+                    for r in con.execute(
+                        "select _row_number from raw.order_lines where _batch_id = ? order by 1",
+                        [b],
+                    ).fetchall()
+                ],
+                [
+                    r[0]
+                    for r in con.execute(
+                        "select _row_number from raw.quarantine where _batch_id = ? order by 1", [b]
+                    ).fetchall()
+                ],
+            )
+            for b in batches
+        }
+
+
+def assert_nothing_lost_or_duplicated(settings: Settings) -> None:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        read = dict(con.execute("select batch_id, rows_read from raw.ingest_batches").fetchall())
+    for batch, (accepted, quarantined) in rows_by_batch(settings).items():
+        assert not set(accepted) & set(quarantined), batch
+        assert sorted(accepted + quarantined) == list(range(1, read[batch] + 1)), batch
+
+
+def ingest(settings: Settings, path: Path):
+    return jobs.ingest_path(settings, path, "online-retail")
+
+
+@pytest.fixture
+def with_good_batch(settings: Settings, tmp_path: Path) -> Settings:
+    """A warehouse whose last batch was clean and passed the raw checkpoint."""
+    ingest(settings, corpus.write_csv(tmp_path / "day1.csv", corpus.clean_batch(seed=1)))
+    assert run_checkpoint(settings, "raw", run_id="day1").success
+    return settings
+
+
+def test_a_clean_batch_passes_and_results_are_stored(with_good_batch: Settings) -> None:
+    settings = with_good_batch
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        stored = con.execute(
+            "select count(*), bool_and(success), count(distinct checkpoint)"
+            " from quality.validation_results where run_id = 'day1'"
+        ).fetchone()
+    assert stored[0] > 10 and stored[1] and stored[2] == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "expectation", "sample"),
+    [
+        ("negative_without_cancellation", "order_lines.negative_quantity_without_reversal", "6"),
+        ("future_dates", "order_lines.invoiced_in_the_future", "2099-01-01 10:00:00"),
+        ("null_customers", "order_lines.customer_id_null_rate_change", None),
+        ("much_smaller", "order_lines.row_count_vs_previous_batch", None),
+        ("duplicated_lines", "order_lines.duplicate_line_share", None),
+    ],
+)
+def test_a_broken_batch_stops_the_pipeline_naming_the_expectation(
+    with_good_batch: Settings, tmp_path: Path, case: str, expectation: str, sample: str | None
+) -> None:
+    settings = with_good_batch
+    rows = corpus.MUTATIONS[case](corpus.clean_batch(seed=2))
+    ingest(settings, corpus.write_csv(tmp_path / f"{case}.csv", rows))
+    with pytest.raises(QualityError) as stopped:
+        run_checkpoint(settings, "raw", run_id=case)
+    message = str(stopped.value)
+    assert f"[critical] {expectation} on raw.order_lines" in message
+    assert "raw checkpoint stopped the pipeline (suite valueloop_raw" in message
+    if sample:
+        assert sample in message.split("sample bad values:")[1]
+    failed = [r.check.name for r in stopped.value.report.critical_failures]
+    assert failed == [expectation]
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        assert (
+            con.execute(
+                "select count(*) from quality.validation_results where run_id = ?"
+                " and not success and check_name = ?",
+                [case, expectation],
+            ).fetchone()[0]
+            == 1
+        )
+    assert_nothing_lost_or_duplicated(settings)
+
+
+def test_a_few_duplicates_are_a_warning_not_a_stop(
+    with_good_batch: Settings, tmp_path: Path
+) -> None:
+    rows = corpus.duplicated_lines(corpus.clean_batch(seed=3), share=0.02)
+    ingest(with_good_batch, corpus.write_csv(tmp_path / "dups.csv", rows))
+    report = run_checkpoint(with_good_batch, "raw", run_id="dups")
+    assert report.success
+    assert [r.check.name for r in report.warnings] == ["order_lines.duplicate_line_drift"]
+    assert "[warning] order_lines.duplicate_line_drift" in report.summary()
+
+
+def test_wrong_types_and_bad_bytes_are_quarantined_with_reasons(
+    with_good_batch: Settings, tmp_path: Path
+) -> None:
+    settings = with_good_batch
+    typed = ingest(
+        settings,
+        corpus.write_csv(tmp_path / "types.csv", corpus.wrong_types(corpus.clean_batch(seed=4))),
+    )
+    encoded = ingest(
+        settings, corpus.mangled_encoding(tmp_path / "latin1.csv", corpus.clean_batch(seed=5))
+    )
+    assert (typed.rows_read, typed.rows_quarantined) == (2_000, 40)
+    assert (encoded.rows_read, encoded.rows_quarantined) == (2_000, 8)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        reasons = dict(
+            con.execute("select column_name, count(*) from raw.quarantine group by 1").fetchall()
+        )
+    assert reasons == {"quantity": 20, "invoiced_at": 20, "description": 8}
+    assert run_checkpoint(settings, "raw").success  # what was accepted is clean
+    assert_nothing_lost_or_duplicated(settings)
+
+
+def test_duplicated_files_are_loaded_once(with_good_batch: Settings, tmp_path: Path) -> None:
+    path = corpus.write_csv(tmp_path / "again.csv", corpus.clean_batch(seed=1))
+    report = ingest(with_good_batch, path)
+    assert report.results[0].skipped
+    assert len(rows_by_batch(with_good_batch)) == 1
+    assert_nothing_lost_or_duplicated(with_good_batch)
+
+
+@pytest.mark.parametrize(
+    ("drift", "error"),
+    [
+        (corpus.renamed_column, r"missing column\(s\) Quantity"),
+        (corpus.missing_column, r"missing column\(s\) Country"),
+    ],
+)
+def test_schema_drift_stops_ingest_naming_the_columns(
+    with_good_batch: Settings, tmp_path: Path, drift, error: str
+) -> None:
+    rows, header = drift(corpus.clean_batch(seed=6))
+    with pytest.raises(IngestError, match=error):
+        ingest(with_good_batch, corpus.write_csv(tmp_path / "drift.csv", rows, header))
+    assert len(rows_by_batch(with_good_batch)) == 1
+
+
+def test_an_extra_column_is_reported_and_ignored(with_good_batch: Settings, tmp_path: Path) -> None:
+    rows, header = corpus.extra_column(corpus.clean_batch(seed=7))
+    report = ingest(with_good_batch, corpus.write_csv(tmp_path / "extra.csv", rows, header))
+    assert report.results[0].ignored_columns == ("Channel",)
+    assert "ignored extra column(s): Channel" in report.summary()
+    assert report.rows_accepted == 2_000
+    assert run_checkpoint(with_good_batch, "raw").success
+
+
+# ----------------------------------------------------------------- marts and scores
+
+
+@pytest.fixture(scope="module")
+def marts(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    settings = load_settings(
+        env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path_factory.mktemp("quality_marts")
+    )
+    generate(settings.demo_dir, SimulationConfig(customers=1_200, seed=21))
+    jobs.ingest_path(settings, settings.demo_dir, "simulator")
+    transform.build(settings, quiet=True)
+    return settings
+
+
+def test_marts_checkpoint_passes_then_flags_drift_and_stops_on_bad_values(marts: Settings) -> None:
+    first = run_checkpoint(marts, "marts", run_id="m1")
+    assert first.success and not first.warnings
+    with duckdb.connect(str(marts.warehouse_path)) as con:
+        con.execute("update marts.scoring_set set monetary_value = monetary_value * 3")
+    drifted = run_checkpoint(marts, "marts", run_id="m2")
+    assert drifted.success
+    assert "scoring_set.monetary_value_mean_vs_previous_run" in {
+        r.check.name for r in drifted.warnings
+    }
+    with duckdb.connect(str(marts.warehouse_path)) as con:
+        con.execute("update marts.scoring_set set recency_days = -5 where frequency = 1")
+    with pytest.raises(
+        QualityError,
+        match=r"scoring_set.negative_recency on marts.scoring_set"
+        r".recency_days: observed \d+.*sample bad values: -5",
+    ):
+        run_checkpoint(marts, "marts", run_id="m3")
+
+
+def _publish_scores(settings: Settings, churn: str) -> None:
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute(f"""
+            create or replace table marts.customer_scores as
+            select customer_id, as_of, 'active' as value_tier, 0.2 as p_high, 0.5 as p_active,
+                   0.3 as p_lapsed, {churn} as churn_probability, 'medium' as churn_risk_band,
+                   0 as segment_id, 'steady' as segment_name, 'cross-sell' as next_best_action,
+                   'valueloop-customer-model' as model_name, '1' as model_version,
+                   'run' as model_run_id, now() as scored_at
+            from marts.scoring_set""")
+
+
+def test_scores_suite_validates_the_documented_schema(marts: Settings) -> None:
+    _publish_scores(marts, "0.4")
+    assert run_checkpoint(marts, "scores", run_id="s1").success
+    _publish_scores(marts, "case when frequency > 3 then 1.7 else 0.4 end")
+    with pytest.raises(QualityError, match=r"customer_scores\.probability_out_of_range"):
+        run_checkpoint(marts, "scores", run_id="s2")
+    with duckdb.connect(str(marts.warehouse_path)) as con:
+        con.execute("alter table marts.customer_scores drop column segment_name")
+    with pytest.raises(
+        QualityError, match=r"customer_scores\.schema.*sample bad values: segment_name"
+    ):
+        run_checkpoint(marts, "scores", run_id="s3")
+    assert "segment_name" in SCORES_COLUMNS
+
+
+def test_data_docs_are_built(marts: Settings) -> None:
+    report = run_checkpoint(marts, "marts", run_id="docs", raise_on_critical=False)
+    assert report.data_docs and report.data_docs.exists()
+    assert "valueloop_marts" in report.data_docs.read_text()
