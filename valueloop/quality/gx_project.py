@@ -104,8 +104,8 @@ def run_checkpoint(
     metrics: dict[str, float | None],
     run_id: str,
     run_time: datetime,
-) -> dict[str, bool]:
-    """Validate the metrics row; returns each check's success as GX judged it."""
+) -> tuple[dict[str, bool], Path | None]:
+    """Validate the metrics row: each check's success as GX judged it, and its Data Docs page."""
     checkpoint = build_checkpoint(context, suite_name, checks)
     frame = pd.DataFrame([{c.name: metrics[c.name] for c in checks}], dtype="float64")
     result = checkpoint.run(
@@ -113,6 +113,7 @@ def run_checkpoint(
         run_id=RunIdentifier(run_name=run_id, run_time=run_time),
     )
     outcomes: dict[str, bool] = {}
+    pages = [_file_url(context, identifier) for identifier in result.run_results]
     for validation in result.run_results.values():
         for expectation in validation.results:
             if expectation.exception_info and expectation.exception_info.get("raised_exception"):
@@ -124,11 +125,15 @@ def run_checkpoint(
     missing = {c.name for c in checks} - outcomes.keys()
     if missing:
         raise RuntimeError(f"GX returned no result for {', '.join(sorted(missing))}")
-    return outcomes
+    return outcomes, next((p for p in pages if p), None)
 
 
-def data_docs_index(context) -> Path | None:
-    for site in context.get_docs_sites_urls():
+def _file_url(context, identifier=None) -> Path | None:
+    """The local Data Docs page of a validation result (or the index without one).
+
+    A validation's page renders offline; the index's tables load their scripts from a CDN.
+    """
+    for site in context.get_docs_sites_urls(resource_identifier=identifier):
         url = site.get("site_url") or ""
         if url.startswith("file://"):
             return Path(url.removeprefix("file://"))

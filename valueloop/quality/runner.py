@@ -187,7 +187,7 @@ def run_checkpoint(
         checks = _suite_checks(con, settings, checkpoint, checked_at, baseline, scores_table)
         metrics = compute_metrics(con, checks)
         context = gx_project.get_context(settings.gx_project_dir)
-        outcomes = gx_project.run_checkpoint(
+        outcomes, docs_page = gx_project.run_checkpoint(
             context, f"valueloop_{checkpoint}", checks, metrics, run_id, checked_at
         )
         results = [
@@ -199,7 +199,7 @@ def run_checkpoint(
             )
             for check in checks
         ]
-        report = ValidationReport(checkpoint, run_id, results, gx_project.data_docs_index(context))
+        report = ValidationReport(checkpoint, run_id, results, docs_page)
         _store(con, report, checked_at)
     if raise_on_critical and not report.success:
         raise QualityError(report)
