@@ -1,0 +1,1 @@
+"""ValueLoop's ML: a fine-tuned transformer for value tier and churn, baselines, registry."""

@@ -1,0 +1,137 @@
+"""Baselines trained on the same splits: LightGBM, BG/NBD (pymc-marketing) and an RFM rule.
+
+Each has ``predict(frame) -> Predictions``, so the evaluation and the gate treat them alike.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from ml.data import CATEGORICAL_COLUMNS, TIERS, tier_index
+from ml.evaluate import Predictions
+
+log = logging.getLogger(__name__)
+
+
+class LightGBMBaseline:
+    """Two gradient-boosted models on customer_features: tier (class-balanced) and churn."""
+
+    name = "lightgbm"
+
+    def __init__(self, numeric: list[str], seed: int) -> None:
+        self.numeric, self.seed = numeric, seed
+        self.categories: dict[str, list[str]] = {}
+        self.tier_model: lgb.LGBMClassifier | None = None
+        self.churn_model: lgb.LGBMClassifier | None = None
+
+    def _matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
+        matrix = frame[self.numeric].astype("float64").copy()
+        for column in CATEGORICAL_COLUMNS:
+            matrix[column] = pd.Categorical(frame[column].astype("string"),
+                                            categories=self.categories[column])
+        return matrix
+
+    def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> LightGBMBaseline:
+        self.categories = {c: sorted(train[c].dropna().astype(str).unique())
+                           for c in CATEGORICAL_COLUMNS}
+        x_train, x_val = self._matrix(train), self._matrix(validation)
+        common = {"n_estimators": 400, "learning_rate": 0.05, "num_leaves": 31,
+                  "min_child_samples": 20, "subsample": 0.9, "subsample_freq": 1,
+                  "colsample_bytree": 0.9, "random_state": self.seed, "verbose": -1,
+                  "n_jobs": 2, "deterministic": True, "force_row_wise": True}
+        stop = [lgb.early_stopping(30, verbose=False)]
+        self.tier_model = lgb.LGBMClassifier(objective="multiclass", class_weight="balanced",
+                                             **common)
+        self.tier_model.fit(x_train, tier_index(train["value_tier"]),
+                            eval_set=[(x_val, tier_index(validation["value_tier"]))],
+                            callbacks=stop)
+        self.churn_model = lgb.LGBMClassifier(objective="binary", **common)
+        self.churn_model.fit(x_train, train["is_churned"].astype(int),
+                             eval_set=[(x_val, validation["is_churned"].astype(int))],
+                             callbacks=stop)
+        return self
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        x = self._matrix(frame)
+        tier_probs = self.tier_model.predict_proba(x)
+        churn = self.churn_model.predict_proba(x)[:, 1]
+        return Predictions(churn, tier_probs, tier_probs[:, TIERS.index("high")])
+
+
+class BGNBDBaseline:
+    """BG/NBD on (frequency, recency, T): churn = P(no purchase within the horizon)."""
+
+    name = "bg_nbd"
+
+    def __init__(self, horizon_days: int) -> None:
+        self.horizon_days = horizon_days
+        self.model = None
+
+    @staticmethod
+    def rfm(frame: pd.DataFrame) -> pd.DataFrame:
+        """BTYD inputs in days: repeat purchases, first-to-last purchase, age."""
+        age = frame["first_order_days_ago"].astype("float64").clip(lower=1.0)
+        recency = (age - frame["recency_days"].astype("float64")).clip(lower=0.0)
+        return pd.DataFrame({
+            "customer_id": np.arange(len(frame)),
+            "frequency": (frame["frequency"].astype("float64") - 1).clip(lower=0.0),
+            "recency": recency,
+            "T": np.maximum(age, recency),
+        })
+
+    def fit(self, train: pd.DataFrame) -> BGNBDBaseline:
+        from pymc_marketing.clv import BetaGeoModel
+
+        self.model = BetaGeoModel(data=self.rfm(train))
+        self.model.fit(method="map", progressbar=False)
+        return self
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        data = self.rfm(frame)
+        no_purchase = self.model.expected_probability_no_purchase(data=data, t=self.horizon_days)
+        purchases = self.model.expected_purchases(data=data, future_t=self.horizon_days)
+        churn = np.asarray(no_purchase.mean(("chain", "draw")).values, dtype="float64")
+        expected = np.asarray(purchases.mean(("chain", "draw")).values, dtype="float64")
+        value = expected * frame["avg_order_value"].fillna(0).to_numpy(dtype="float64")
+        return Predictions(np.clip(churn, 0.0, 1.0), None, value)
+
+
+class RFMRuleBaseline:
+    """The rule a marketer writes on day one: quintile scores and fixed cut-offs.
+
+    Churn probability is the train churn rate of the customer's recency quintile; the tier is
+    `lapsed` for the two stalest quintiles, `high` for top frequency and spend, else `active`.
+    """
+
+    name = "rfm_rule"
+
+    def __init__(self) -> None:
+        self.edges: dict[str, np.ndarray] = {}
+        self.churn_by_recency: dict[int, float] = {}
+
+    def _score(self, frame: pd.DataFrame, column: str) -> np.ndarray:
+        return np.digitize(frame[column].fillna(0).to_numpy(dtype="float64"),
+                           self.edges[column]) + 1  # 1..5
+
+    def fit(self, train: pd.DataFrame) -> RFMRuleBaseline:
+        for column in ("recency_days", "frequency", "monetary_value"):
+            self.edges[column] = np.unique(np.quantile(train[column].fillna(0), [.2, .4, .6, .8]))
+        recency = self._score(train, "recency_days")
+        churned = train["is_churned"].to_numpy(dtype="float64")
+        self.churn_by_recency = {int(r): float(churned[recency == r].mean())
+                                 for r in np.unique(recency)}
+        return self
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        recency = self._score(frame, "recency_days")
+        frequency = self._score(frame, "frequency")
+        monetary = self._score(frame, "monetary_value")
+        overall = float(np.mean(list(self.churn_by_recency.values())))
+        churn = np.array([self.churn_by_recency.get(int(r), overall) for r in recency])
+        tier = np.where(recency >= 4, 2, np.where((frequency >= 4) & (monetary >= 5), 0, 1))
+        tier_probs = np.eye(len(TIERS))[tier]
+        return Predictions(churn, tier_probs, monetary * 10.0 - recency)

@@ -1,0 +1,222 @@
+"""Data: the training and scoring marts, read-only, split by time, tokenised once, padded late."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+TIERS = ("high", "active", "lapsed")
+ID_COLUMNS = ("customer_cutoff_id", "customer_id", "as_of")
+CATEGORICAL_COLUMNS = ("country", "acquisition_channel", "top_category")
+LABEL_COLUMNS = ("split", "future_orders", "future_spend", "value_tier", "is_churned")
+TEXT_COLUMN = "document"
+
+
+def read_mart(warehouse: Path, table: str) -> pd.DataFrame:
+    """A mart from the warehouse, opened read-only (the pipeline may be writing elsewhere)."""
+    if not warehouse.exists():
+        raise FileNotFoundError(f"{warehouse}: no warehouse; run `valueloop transform` first")
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        frame = con.execute(f"select * from marts.{table} order by customer_cutoff_id").df()
+    if frame.empty:
+        raise ValueError(f"marts.{table} in {warehouse} is empty; nothing to learn from")
+    return frame
+
+
+def numeric_columns(frame: pd.DataFrame) -> list[str]:
+    """Every numeric feature of customer_features (labels and ids excluded)."""
+    skip = set(ID_COLUMNS) | set(CATEGORICAL_COLUMNS) | set(LABEL_COLUMNS) | {TEXT_COLUMN}
+    return [c for c in frame.columns
+            if c not in skip and pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])]
+
+
+def to_model_input(frame: pd.DataFrame) -> pd.DataFrame:
+    """What a model scores: ids, categoricals, numeric features as float64 (NA-safe), text."""
+    out = frame.drop(columns=[c for c in LABEL_COLUMNS if c in frame.columns])
+    for column in numeric_columns(out):
+        out[column] = out[column].astype("float64")
+    for column in (*CATEGORICAL_COLUMNS, TEXT_COLUMN, "customer_cutoff_id", "customer_id"):
+        out[column] = out[column].astype(object).where(out[column].notna(), None)
+    out["as_of"] = pd.to_datetime(out["as_of"])
+    return out
+
+
+def _sample(frame: pd.DataFrame, rows: int | None, seed: int, stratify: str | None) -> pd.DataFrame:
+    if rows is None or len(frame) <= rows:
+        return frame
+    if stratify is None:
+        return frame.sample(n=rows, random_state=seed).sort_values("customer_cutoff_id")
+    share = rows / len(frame)
+    parts = [g.sample(n=max(1, round(len(g) * share)), random_state=seed)
+             for _, g in frame.groupby(stratify, sort=True)]
+    return pd.concat(parts).sort_values("customer_cutoff_id")
+
+
+def split_by_time(frame: pd.DataFrame, max_train_rows: int | None, max_val_rows: int | None,
+                  holdout_rows: int | None, seed: int) -> dict[str, pd.DataFrame]:
+    """Train on earlier cutoffs, validate and test on the latest (marts' `split` column).
+
+    The test sample is the frozen holdout: the same rows for every model of a dataset.
+    """
+    splits = {name: frame[frame["split"] == name] for name in ("train", "validation", "test")}
+    for name, part in splits.items():
+        if part.empty:
+            raise ValueError(f"the training set has no {name} rows; widen the data's time span")
+    return {
+        "train": _sample(splits["train"], max_train_rows, seed, "value_tier"),
+        "validation": _sample(splits["validation"], max_val_rows, seed, "value_tier"),
+        "test": _sample(splits["test"], holdout_rows, seed, None),
+    }
+
+
+def fingerprint(frames: dict[str, pd.DataFrame]) -> dict:
+    """What the models saw: as_of dates, row counts and a hash of keys and labels."""
+    digest = hashlib.sha256()
+    info: dict[str, object] = {}
+    for name, part in frames.items():
+        info[f"{name}_rows"] = len(part)
+        info[f"{name}_as_of"] = sorted(str(d)[:10] for d in part["as_of"].unique())
+        for row in part[["customer_cutoff_id", "value_tier", "is_churned"]].itertuples(index=False):
+            digest.update("|".join(map(str, row)).encode())
+    info["sha256"] = digest.hexdigest()
+    return info
+
+
+@dataclass
+class FeatureScaler:
+    """Signed log1p then standardisation, fitted on train; missing values become the mean."""
+
+    columns: list[str]
+    mean: list[float]
+    std: list[float]
+
+    @staticmethod
+    def _squash(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+        values = frame[columns].astype("float64").to_numpy()
+        return np.sign(values) * np.log1p(np.abs(values))
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, columns: list[str]) -> FeatureScaler:
+        values = cls._squash(frame, columns)
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0)
+        return cls(columns, np.nan_to_num(mean).tolist(),
+                   np.where(np.nan_to_num(std) > 0, np.nan_to_num(std), 1.0).tolist())
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise KeyError(f"features missing from the input: {', '.join(missing)}")
+        scaled = (self._squash(frame, self.columns) - np.array(self.mean)) / np.array(self.std)
+        return np.nan_to_num(scaled, nan=0.0).astype("float32")
+
+    def to_json(self) -> str:
+        return json.dumps({"columns": self.columns, "mean": self.mean, "std": self.std})
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureScaler:
+        return cls(**json.loads(text))
+
+
+def tier_index(values: pd.Series) -> np.ndarray:
+    lookup = {t: i for i, t in enumerate(TIERS)}
+    return values.map(lookup).to_numpy(dtype="int64")
+
+
+class CustomerDataset(Dataset):
+    """Token ids (unpadded), standardised features and, when known, the two labels."""
+
+    def __init__(self, token_ids: list[list[int]], numeric: np.ndarray,
+                 tiers: np.ndarray | None = None, churn: np.ndarray | None = None) -> None:
+        self.token_ids, self.numeric, self.tiers, self.churn = token_ids, numeric, tiers, churn
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"input_ids": self.token_ids[index], "numeric": self.numeric[index]}
+        if self.tiers is not None:
+            item["tier"], item["churn"] = self.tiers[index], self.churn[index]
+        return item
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest document of the batch, not to max_length."""
+    width = max(len(item["input_ids"]) for item in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        mask[row, : len(item["input_ids"])] = 1
+    out = {"input_ids": ids, "attention_mask": mask,
+           "numeric": torch.tensor(np.stack([i["numeric"] for i in batch]))}
+    if "tier" in batch[0]:
+        out["tier"] = torch.tensor([i["tier"] for i in batch], dtype=torch.long)
+        out["churn"] = torch.tensor([i["churn"] for i in batch], dtype=torch.float32)
+    return out
+
+
+def tokenize(tokenizer, documents: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(documents, truncation=True, max_length=max_length)["input_ids"]
+
+
+class CustomerDataModule(pl.LightningDataModule):
+    """Owns tokenising (cached on disk, once per dataset and tokenizer) and the loaders."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], tokenizer, scaler: FeatureScaler,
+                 max_length: int, batch_size: int, eval_batch_size: int, cache_dir: Path,
+                 seed: int) -> None:
+        super().__init__()
+        self.frames, self.tokenizer, self.scaler = frames, tokenizer, scaler
+        self.max_length, self.batch_size, self.eval_batch_size = (max_length, batch_size,
+                                                                  eval_batch_size)
+        self.cache_dir, self.seed = cache_dir, seed
+        self.datasets: dict[str, CustomerDataset] = {}
+
+    def _cache_path(self, name: str) -> Path:
+        digest = hashlib.sha256()
+        digest.update(f"{self.tokenizer.name_or_path}|{self.max_length}|".encode())
+        for doc in self.frames[name][TEXT_COLUMN]:
+            digest.update(doc.encode())
+        return self.cache_dir / f"tokens-{digest.hexdigest()[:20]}.json"
+
+    def prepare_data(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for name, frame in self.frames.items():
+            path = self._cache_path(name)
+            if not path.exists():
+                ids = tokenize(self.tokenizer, frame[TEXT_COLUMN].tolist(), self.max_length)
+                path.write_text(json.dumps(ids))
+
+    def setup(self, stage: str | None = None) -> None:
+        for name, frame in self.frames.items():
+            ids = json.loads(self._cache_path(name).read_text())
+            self.datasets[name] = CustomerDataset(
+                ids, self.scaler.transform(frame), tier_index(frame["value_tier"]),
+                frame["is_churned"].to_numpy(dtype="float32"))
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle, collate_fn=lambda b: collate(b, self.tokenizer.pad_token_id),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,146 @@
+"""Evaluate: the same metrics and plots for every model, on the same frozen holdout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from ml.data import TIERS  # noqa: E402
+
+
+@dataclass
+class Predictions:
+    """What every model produces for the holdout (tier probabilities may be absent)."""
+
+    churn_prob: np.ndarray
+    tier_probs: np.ndarray | None
+    value_score: np.ndarray  # ranks customers by expected future value (for lift)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        chosen = index == b
+        if chosen.any():
+            error += chosen.mean() * abs(y[chosen].mean() - p[chosen].mean())
+    return float(error)
+
+
+def top_decile_capture(future_spend: np.ndarray, score: np.ndarray) -> float:
+    """Share of all future spend made by the 10% of customers the model ranks highest."""
+    total = future_spend.sum()
+    if total <= 0:
+        return 0.0
+    top = np.argsort(-score, kind="stable")[: max(1, len(score) // 10)]
+    return float(future_spend[top].sum() / total)
+
+
+def compute_metrics(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
+                    predictions: Predictions) -> dict[str, float]:
+    p = predictions.churn_prob
+    metrics = {
+        "churn_roc_auc": float(roc_auc_score(churn, p)),
+        "churn_pr_auc": float(average_precision_score(churn, p)),
+        "churn_brier": float(brier_score_loss(churn, p)),
+        "churn_ece": expected_calibration_error(churn, p),
+        "top_decile_revenue_capture": top_decile_capture(future_spend, predictions.value_score),
+    }
+    if predictions.tier_probs is not None:
+        predicted = predictions.tier_probs.argmax(1)
+        labels = list(range(len(TIERS)))
+        metrics["tier_macro_f1"] = float(f1_score(tiers, predicted, average="macro",
+                                                  labels=labels, zero_division=0))
+        for i, tier in enumerate(TIERS):
+            metrics[f"tier_{tier}_precision"] = float(
+                precision_score(tiers == i, predicted == i, zero_division=0))
+            metrics[f"tier_{tier}_recall"] = float(
+                recall_score(tiers == i, predicted == i, zero_division=0))
+        metrics["customer_score"] = (metrics["churn_roc_auc"] + metrics["tier_macro_f1"]) / 2
+    return metrics
+
+
+def plot_all(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
+             predictions: Predictions, out_dir: Path, title: str) -> list[Path]:
+    """Confusion matrix, ROC and PR curves, calibration, lift and gain, as PNG files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    p = predictions.churn_prob
+
+    def save(fig, name: str) -> None:
+        fig.suptitle(f"{title}: {name.replace('_', ' ')}")
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+
+    if predictions.tier_probs is not None:
+        matrix = confusion_matrix(tiers, predictions.tier_probs.argmax(1),
+                                  labels=list(range(len(TIERS))))
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(TIERS)), TIERS)
+        ax.set_yticks(range(len(TIERS)), TIERS)
+        ax.set_xlabel("predicted tier")
+        ax.set_ylabel("true tier")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(value), ha="center", va="center",
+                    color="white" if value > matrix.max() / 2 else "black")
+        save(fig, "confusion_matrix")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    fpr, tpr, _ = roc_curve(churn, p)
+    axes[0].plot(fpr, tpr, label=f"AUC {roc_auc_score(churn, p):.3f}")
+    axes[0].plot([0, 1], [0, 1], "--", color="grey")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (churn)")
+    axes[0].legend()
+    precision, recall, _ = precision_recall_curve(churn, p)
+    axes[1].plot(recall, precision, label=f"AP {average_precision_score(churn, p):.3f}")
+    axes[1].axhline(churn.mean(), ls="--", color="grey")
+    axes[1].set(xlabel="recall", ylabel="precision", title="precision-recall (churn)")
+    axes[1].legend()
+    save(fig, "roc_pr")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    observed, predicted = calibration_curve(churn, p, n_bins=10, strategy="quantile")
+    ax.plot(predicted, observed, "o-")
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.set(xlabel="predicted churn probability", ylabel="observed churn rate")
+    save(fig, "calibration")
+
+    order = np.argsort(-predictions.value_score, kind="stable")
+    share = np.arange(1, len(order) + 1) / len(order)
+    total = max(future_spend.sum(), 1e-9)
+    gain = np.cumsum(future_spend[order]) / total
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    axes[0].plot(share, gain)
+    axes[0].plot([0, 1], [0, 1], "--", color="grey")
+    axes[0].set(xlabel="share of customers (ranked by model)", ylabel="share of future spend",
+                title="cumulative gain")
+    deciles = np.array_split(future_spend[order], 10)
+    lift = [d.mean() / max(future_spend.mean(), 1e-9) for d in deciles]
+    axes[1].bar(range(1, 11), lift)
+    axes[1].axhline(1, ls="--", color="grey")
+    axes[1].set(xlabel="decile (1 = highest predicted value)", ylabel="lift", title="lift")
+    save(fig, "lift_gain")
+    return paths

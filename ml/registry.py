@@ -1,0 +1,215 @@
+"""Registry: models as MLflow pyfuncs with one interface, and the champion/challenger gate.
+
+Both the transformer and the LightGBM fallback load with ``mlflow.pyfunc.load_model`` and
+score a DataFrame of ``customer_features`` columns plus ``document`` into
+``p_high, p_active, p_lapsed, churn_probability, value_tier`` (and ``embedding_*`` with
+``params={"return_embedding": True}``). Scoring loads ``models:/<name>@champion``; only the
+gate (or ``valueloop promote`` for a rollback) moves that alias.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+from ml.data import FeatureScaler
+from ml.evaluate import Predictions
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PREDICT_PARAMS = {"return_embedding": False, "batch_size": 256}
+
+
+def configure(tracking_uri: str, artifacts_dir: Path, experiment: str) -> str:
+    """Point MLflow at the platform's store; returns the experiment id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
+        experiment_id = client.create_experiment(experiment,
+                                                 artifact_location=artifacts_dir.as_uri())
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+class TransformerPyfunc(mlflow.pyfunc.PythonModel):
+    """The fine-tuned net with its tokenizer, scaler and config, rebuilt from artifacts."""
+
+    def load_context(self, context) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from ml.model import CustomerNet
+
+        folder = Path(context.artifacts["model_dir"])
+        self.meta = json.loads((folder / "config.json").read_text())
+        self.scaler = FeatureScaler.from_json((folder / "scaler.json").read_text())
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(folder / "encoder")))
+        self.net = CustomerNet(encoder, len(self.scaler.columns), self.meta["fused_dim"],
+                               self.meta["dropout"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.to(device).eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from ml.predict import output_frame, predict_net
+
+        params = {**PREDICT_PARAMS, **(params or {})}
+        tiers, churn, embeddings = predict_net(
+            self.net, self.tokenizer, self.scaler, model_input, self.meta["max_length"],
+            int(params["batch_size"]))
+        return output_frame(tiers, churn, embeddings if params["return_embedding"] else None,
+                            model_input.index)
+
+
+class BaselinePyfunc(mlflow.pyfunc.PythonModel):
+    """LightGBM with the same interface; its embedding is the standardised feature vector."""
+
+    def load_context(self, context) -> None:
+        folder = Path(context.artifacts["model_dir"])
+        with (folder / "baseline.pkl").open("rb") as handle:
+            self.baseline = pickle.load(handle)  # noqa: S301 - our own artifact
+        self.scaler = FeatureScaler.from_json((folder / "scaler.json").read_text())
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from ml.predict import output_frame
+
+        params = {**PREDICT_PARAMS, **(params or {})}
+        predictions: Predictions = self.baseline.predict(model_input)
+        embeddings = self.scaler.transform(model_input) if params["return_embedding"] else None
+        return output_frame(predictions.tier_probs, predictions.churn_prob, embeddings,
+                            model_input.index)
+
+
+def save_transformer_artifacts(folder: Path, net, tokenizer, scaler: FeatureScaler,
+                               meta: dict) -> Path:
+    import torch
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "net.pt")
+    net.encoder.config.save_pretrained(str(folder / "encoder"))
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "scaler.json").write_text(scaler.to_json())
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def save_baseline_artifacts(folder: Path, baseline, scaler: FeatureScaler) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with (folder / "baseline.pkl").open("wb") as handle:
+        pickle.dump(baseline, handle)
+    (folder / "scaler.json").write_text(scaler.to_json())
+    return folder
+
+
+def log_pyfunc(python_model, model_dir: Path, example: pd.DataFrame, registered_model: str,
+               description: str) -> str:
+    """Log the model to the active run with signature and example; register; return version."""
+    output = python_model_predict(python_model, model_dir, example)
+    signature = infer_signature(example, output, params=PREDICT_PARAMS)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=python_model, artifacts={"model_dir": str(model_dir)},
+        signature=signature, input_example=example,
+        code_paths=[str(Path(__file__).parent)], registered_model_name=registered_model,
+    )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    client.update_model_version(registered_model, version, description)
+    return version
+
+
+def python_model_predict(python_model, model_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Run a pyfunc class in-process exactly as MLflow will (for the signature's output)."""
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"model_dir": str(model_dir)},
+                                               model_config={})
+    python_model.load_context(context)
+    return python_model.predict(context, frame)
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION).version
+    except mlflow.exceptions.MlflowException as error:
+        if "not found" in str(error).lower() or "RESOURCE_DOES_NOT_EXIST" in str(error):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    challenger_score: float
+    champion_score: float | None
+    challenger_brier: float
+    champion_brier: float | None
+    compared_with: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def decide(challenger: dict[str, float], incumbent: dict[str, float] | None, incumbent_name: str,
+           primary: str, margin: float, calibration_tolerance: float) -> GateDecision:
+    """Promote only if the challenger beats the incumbent by `margin` on the primary metric
+    without losing calibration (churn Brier score worse by more than the tolerance)."""
+    if incumbent is None:
+        return GateDecision(True, "no incumbent", challenger[primary], None,
+                            challenger["churn_brier"], None, incumbent_name)
+    better = challenger[primary] >= incumbent[primary] + margin
+    calibrated = challenger["churn_brier"] <= incumbent["churn_brier"] + calibration_tolerance
+    if better and calibrated:
+        reason = (f"{primary} {challenger[primary]:.4f} beats {incumbent_name}'s "
+                  f"{incumbent[primary]:.4f} by at least {margin}")
+    elif not better:
+        reason = (f"{primary} {challenger[primary]:.4f} does not beat {incumbent_name}'s "
+                  f"{incumbent[primary]:.4f} by {margin}")
+    else:
+        reason = (f"calibration lost: churn Brier {challenger['churn_brier']:.4f} vs "
+                  f"{incumbent['churn_brier']:.4f} (tolerance {calibration_tolerance})")
+    return GateDecision(better and calibrated, reason, challenger[primary], incumbent[primary],
+                        challenger["churn_brier"], incumbent["churn_brier"], incumbent_name)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def promote(tracking_uri: str, name: str, version: str) -> str:
+    """Point `champion` at a version (a rollback, or a manual promotion); returns the old one."""
+    client = MlflowClient(tracking_uri)
+    known = {v.version for v in client.search_model_versions(f"name = '{name}'")}
+    if str(version) not in known:
+        raise ValueError(f"{name} has no version {version}; versions: "
+                         f"{', '.join(sorted(known, key=int)) or 'none'}")
+    previous = champion_version(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "promoted_by", "valueloop promote")
+    return previous or "none"
+
+
+def holdout_scores(model_uri: str, frame: pd.DataFrame) -> Predictions:
+    """Load a registered model and score the holdout exactly as scoring will."""
+    output = mlflow.pyfunc.load_model(model_uri).predict(frame)
+    tiers = output[["p_high", "p_active", "p_lapsed"]].to_numpy(dtype="float64")
+    return Predictions(output["churn_probability"].to_numpy(dtype="float64"), tiers,
+                       tiers[:, 0])
+
+
+def numeric_frame(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    return frame[columns].to_numpy()
