@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 export VALUELOOP_HOME ?= $(CURDIR)/data
 
-.PHONY: install run test lint format lock clean
+.PHONY: install run test lint format lock clean mlflow-ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: install ## the main job on the demo shop
 
 test: install ## the whole test suite
 	$(BIN)/pytest
+
+mlflow-ui: install ## the MLflow UI on the platform's tracking store
+	@echo "MLflow UI: http://127.0.0.1:5000 (tracking store $(VALUELOOP_HOME)/mlflow.db)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(VALUELOOP_HOME)/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: install
 	$(BIN)/ruff check .

@@ -31,28 +31,49 @@ class LightGBMBaseline:
     def _matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
         matrix = frame[self.numeric].astype("float64").copy()
         for column in CATEGORICAL_COLUMNS:
-            matrix[column] = pd.Categorical(frame[column].astype("string"),
-                                            categories=self.categories[column])
+            matrix[column] = pd.Categorical(
+                frame[column].astype("string"), categories=self.categories[column]
+            )
         return matrix
 
     def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> LightGBMBaseline:
-        self.categories = {c: sorted(train[c].dropna().astype(str).unique())
-                           for c in CATEGORICAL_COLUMNS}
+        self.categories = {
+            c: sorted(train[c].dropna().astype(str).unique()) for c in CATEGORICAL_COLUMNS
+        }
         x_train, x_val = self._matrix(train), self._matrix(validation)
-        common = {"n_estimators": 400, "learning_rate": 0.05, "num_leaves": 31,
-                  "min_child_samples": 20, "subsample": 0.9, "subsample_freq": 1,
-                  "colsample_bytree": 0.9, "random_state": self.seed, "verbose": -1,
-                  "n_jobs": 2, "deterministic": True, "force_row_wise": True}
+        common = {
+            "n_estimators": 400,
+            "learning_rate": 0.05,
+            "num_leaves": 31,
+            "min_child_samples": 20,
+            "subsample": 0.9,
+            "subsample_freq": 1,
+            "colsample_bytree": 0.9,
+            "random_state": self.seed,
+            "verbose": -1,
+            "n_jobs": 2,
+            "deterministic": True,
+            "force_row_wise": True,
+        }
         stop = [lgb.early_stopping(30, verbose=False)]
-        self.tier_model = lgb.LGBMClassifier(objective="multiclass", class_weight="balanced",
-                                             **common)
-        self.tier_model.fit(x_train, tier_index(train["value_tier"]),
-                            eval_set=[(x_val, tier_index(validation["value_tier"]))],
-                            callbacks=stop)
+        self.tier_model = lgb.LGBMClassifier(
+            objective="multiclass", class_weight="balanced", **common
+        )
+        self.tier_model.fit(
+            x_train,
+            tier_index(train["value_tier"]),
+            eval_X=(x_val,),
+            eval_y=(tier_index(validation["value_tier"]),),
+            callbacks=stop,
+        )
         self.churn_model = lgb.LGBMClassifier(objective="binary", **common)
-        self.churn_model.fit(x_train, train["is_churned"].astype(int),
-                             eval_set=[(x_val, validation["is_churned"].astype(int))],
-                             callbacks=stop)
+        self.churn_model.fit(
+            x_train,
+            train["is_churned"].astype(int),
+            eval_X=(x_val,),
+            eval_y=(validation["is_churned"].astype(int),),
+            callbacks=stop,
+        )
         return self
 
     def predict(self, frame: pd.DataFrame) -> Predictions:
@@ -76,12 +97,14 @@ class BGNBDBaseline:
         """BTYD inputs in days: repeat purchases, first-to-last purchase, age."""
         age = frame["first_order_days_ago"].astype("float64").clip(lower=1.0)
         recency = (age - frame["recency_days"].astype("float64")).clip(lower=0.0)
-        return pd.DataFrame({
-            "customer_id": np.arange(len(frame)),
-            "frequency": (frame["frequency"].astype("float64") - 1).clip(lower=0.0),
-            "recency": recency,
-            "T": np.maximum(age, recency),
-        })
+        return pd.DataFrame(
+            {
+                "customer_id": np.arange(len(frame)),
+                "frequency": (frame["frequency"].astype("float64") - 1).clip(lower=0.0),
+                "recency": recency,
+                "T": np.maximum(age, recency),
+            }
+        )
 
     def fit(self, train: pd.DataFrame) -> BGNBDBaseline:
         from pymc_marketing.clv import BetaGeoModel
@@ -114,16 +137,20 @@ class RFMRuleBaseline:
         self.churn_by_recency: dict[int, float] = {}
 
     def _score(self, frame: pd.DataFrame, column: str) -> np.ndarray:
-        return np.digitize(frame[column].fillna(0).to_numpy(dtype="float64"),
-                           self.edges[column]) + 1  # 1..5
+        return (
+            np.digitize(frame[column].fillna(0).to_numpy(dtype="float64"), self.edges[column]) + 1
+        )  # 1..5
 
     def fit(self, train: pd.DataFrame) -> RFMRuleBaseline:
         for column in ("recency_days", "frequency", "monetary_value"):
-            self.edges[column] = np.unique(np.quantile(train[column].fillna(0), [.2, .4, .6, .8]))
+            self.edges[column] = np.unique(
+                np.quantile(train[column].fillna(0), [0.2, 0.4, 0.6, 0.8])
+            )
         recency = self._score(train, "recency_days")
         churned = train["is_churned"].to_numpy(dtype="float64")
-        self.churn_by_recency = {int(r): float(churned[recency == r].mean())
-                                 for r in np.unique(recency)}
+        self.churn_by_recency = {
+            int(r): float(churned[recency == r].mean()) for r in np.unique(recency)
+        }
         return self
 
     def predict(self, frame: pd.DataFrame) -> Predictions:

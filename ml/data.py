@@ -35,9 +35,13 @@ def read_mart(warehouse: Path, table: str) -> pd.DataFrame:
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
     """Every numeric feature of customer_features (labels and ids excluded)."""
     skip = set(ID_COLUMNS) | set(CATEGORICAL_COLUMNS) | set(LABEL_COLUMNS) | {TEXT_COLUMN}
-    return [c for c in frame.columns
-            if c not in skip and pd.api.types.is_numeric_dtype(frame[c])
-            and not pd.api.types.is_bool_dtype(frame[c])]
+    return [
+        c
+        for c in frame.columns
+        if c not in skip
+        and pd.api.types.is_numeric_dtype(frame[c])
+        and not pd.api.types.is_bool_dtype(frame[c])
+    ]
 
 
 def to_model_input(frame: pd.DataFrame) -> pd.DataFrame:
@@ -57,13 +61,20 @@ def _sample(frame: pd.DataFrame, rows: int | None, seed: int, stratify: str | No
     if stratify is None:
         return frame.sample(n=rows, random_state=seed).sort_values("customer_cutoff_id")
     share = rows / len(frame)
-    parts = [g.sample(n=max(1, round(len(g) * share)), random_state=seed)
-             for _, g in frame.groupby(stratify, sort=True)]
+    parts = [
+        g.sample(n=max(1, round(len(g) * share)), random_state=seed)
+        for _, g in frame.groupby(stratify, sort=True)
+    ]
     return pd.concat(parts).sort_values("customer_cutoff_id")
 
 
-def split_by_time(frame: pd.DataFrame, max_train_rows: int | None, max_val_rows: int | None,
-                  holdout_rows: int | None, seed: int) -> dict[str, pd.DataFrame]:
+def split_by_time(
+    frame: pd.DataFrame,
+    max_train_rows: int | None,
+    max_val_rows: int | None,
+    holdout_rows: int | None,
+    seed: int,
+) -> dict[str, pd.DataFrame]:
     """Train on earlier cutoffs, validate and test on the latest (marts' `split` column).
 
     The test sample is the frozen holdout: the same rows for every model of a dataset.
@@ -110,8 +121,11 @@ class FeatureScaler:
         values = cls._squash(frame, columns)
         mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0)
-        return cls(columns, np.nan_to_num(mean).tolist(),
-                   np.where(np.nan_to_num(std) > 0, np.nan_to_num(std), 1.0).tolist())
+        return cls(
+            columns,
+            np.nan_to_num(mean).tolist(),
+            np.where(np.nan_to_num(std) > 0, np.nan_to_num(std), 1.0).tolist(),
+        )
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [c for c in self.columns if c not in frame.columns]
@@ -136,8 +150,13 @@ def tier_index(values: pd.Series) -> np.ndarray:
 class CustomerDataset(Dataset):
     """Token ids (unpadded), standardised features and, when known, the two labels."""
 
-    def __init__(self, token_ids: list[list[int]], numeric: np.ndarray,
-                 tiers: np.ndarray | None = None, churn: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        token_ids: list[list[int]],
+        numeric: np.ndarray,
+        tiers: np.ndarray | None = None,
+        churn: np.ndarray | None = None,
+    ) -> None:
         self.token_ids, self.numeric, self.tiers, self.churn = token_ids, numeric, tiers, churn
 
     def __len__(self) -> int:
@@ -158,8 +177,11 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for row, item in enumerate(batch):
         ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
         mask[row, : len(item["input_ids"])] = 1
-    out = {"input_ids": ids, "attention_mask": mask,
-           "numeric": torch.tensor(np.stack([i["numeric"] for i in batch]))}
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "numeric": torch.tensor(np.stack([i["numeric"] for i in batch])),
+    }
     if "tier" in batch[0]:
         out["tier"] = torch.tensor([i["tier"] for i in batch], dtype=torch.long)
         out["churn"] = torch.tensor([i["churn"] for i in batch], dtype=torch.float32)
@@ -173,13 +195,24 @@ def tokenize(tokenizer, documents: list[str], max_length: int) -> list[list[int]
 class CustomerDataModule(pl.LightningDataModule):
     """Owns tokenising (cached on disk, once per dataset and tokenizer) and the loaders."""
 
-    def __init__(self, frames: dict[str, pd.DataFrame], tokenizer, scaler: FeatureScaler,
-                 max_length: int, batch_size: int, eval_batch_size: int, cache_dir: Path,
-                 seed: int) -> None:
+    def __init__(
+        self,
+        frames: dict[str, pd.DataFrame],
+        tokenizer,
+        scaler: FeatureScaler,
+        max_length: int,
+        batch_size: int,
+        eval_batch_size: int,
+        cache_dir: Path,
+        seed: int,
+    ) -> None:
         super().__init__()
         self.frames, self.tokenizer, self.scaler = frames, tokenizer, scaler
-        self.max_length, self.batch_size, self.eval_batch_size = (max_length, batch_size,
-                                                                  eval_batch_size)
+        self.max_length, self.batch_size, self.eval_batch_size = (
+            max_length,
+            batch_size,
+            eval_batch_size,
+        )
         self.cache_dir, self.seed = cache_dir, seed
         self.datasets: dict[str, CustomerDataset] = {}
 
@@ -202,13 +235,18 @@ class CustomerDataModule(pl.LightningDataModule):
         for name, frame in self.frames.items():
             ids = json.loads(self._cache_path(name).read_text())
             self.datasets[name] = CustomerDataset(
-                ids, self.scaler.transform(frame), tier_index(frame["value_tier"]),
-                frame["is_churned"].to_numpy(dtype="float32"))
+                ids,
+                self.scaler.transform(frame),
+                tier_index(frame["value_tier"]),
+                frame["is_churned"].to_numpy(dtype="float32"),
+            )
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.datasets[name], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle, collate_fn=lambda b: collate(b, self.tokenizer.pad_token_id),
+            self.datasets[name],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=lambda b: collate(b, self.tokenizer.pad_token_id),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 

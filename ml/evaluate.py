@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
     confusion_matrix,
@@ -23,7 +23,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from ml.data import TIERS  # noqa: E402
+from ml.data import TIERS
 
 
 @dataclass
@@ -55,8 +55,9 @@ def top_decile_capture(future_spend: np.ndarray, score: np.ndarray) -> float:
     return float(future_spend[top].sum() / total)
 
 
-def compute_metrics(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
-                    predictions: Predictions) -> dict[str, float]:
+def compute_metrics(
+    tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray, predictions: Predictions
+) -> dict[str, float]:
     p = predictions.churn_prob
     metrics = {
         "churn_roc_auc": float(roc_auc_score(churn, p)),
@@ -68,19 +69,28 @@ def compute_metrics(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarr
     if predictions.tier_probs is not None:
         predicted = predictions.tier_probs.argmax(1)
         labels = list(range(len(TIERS)))
-        metrics["tier_macro_f1"] = float(f1_score(tiers, predicted, average="macro",
-                                                  labels=labels, zero_division=0))
+        metrics["tier_macro_f1"] = float(
+            f1_score(tiers, predicted, average="macro", labels=labels, zero_division=0)
+        )
         for i, tier in enumerate(TIERS):
             metrics[f"tier_{tier}_precision"] = float(
-                precision_score(tiers == i, predicted == i, zero_division=0))
+                precision_score(tiers == i, predicted == i, zero_division=0)
+            )
             metrics[f"tier_{tier}_recall"] = float(
-                recall_score(tiers == i, predicted == i, zero_division=0))
+                recall_score(tiers == i, predicted == i, zero_division=0)
+            )
         metrics["customer_score"] = (metrics["churn_roc_auc"] + metrics["tier_macro_f1"]) / 2
     return metrics
 
 
-def plot_all(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
-             predictions: Predictions, out_dir: Path, title: str) -> list[Path]:
+def plot_all(
+    tiers: np.ndarray,
+    churn: np.ndarray,
+    future_spend: np.ndarray,
+    predictions: Predictions,
+    out_dir: Path,
+    title: str,
+) -> list[Path]:
     """Confusion matrix, ROC and PR curves, calibration, lift and gain, as PNG files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -95,8 +105,9 @@ def plot_all(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
         paths.append(path)
 
     if predictions.tier_probs is not None:
-        matrix = confusion_matrix(tiers, predictions.tier_probs.argmax(1),
-                                  labels=list(range(len(TIERS))))
+        matrix = confusion_matrix(
+            tiers, predictions.tier_probs.argmax(1), labels=list(range(len(TIERS)))
+        )
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.imshow(matrix, cmap="Blues")
         ax.set_xticks(range(len(TIERS)), TIERS)
@@ -104,8 +115,14 @@ def plot_all(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
         ax.set_xlabel("predicted tier")
         ax.set_ylabel("true tier")
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if value > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                color="white" if value > matrix.max() / 2 else "black",
+            )
         save(fig, "confusion_matrix")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
@@ -135,8 +152,11 @@ def plot_all(tiers: np.ndarray, churn: np.ndarray, future_spend: np.ndarray,
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     axes[0].plot(share, gain)
     axes[0].plot([0, 1], [0, 1], "--", color="grey")
-    axes[0].set(xlabel="share of customers (ranked by model)", ylabel="share of future spend",
-                title="cumulative gain")
+    axes[0].set(
+        xlabel="share of customers (ranked by model)",
+        ylabel="share of future spend",
+        title="cumulative gain",
+    )
     deciles = np.array_split(future_spend[order], 10)
     lift = [d.mean() / max(future_spend.mean(), 1e-9) for d in deciles]
     axes[1].bar(range(1, 11), lift)

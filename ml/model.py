@@ -36,9 +36,14 @@ def encoder_config(encoder: str, vocab_size: int):
     from transformers import AutoConfig, BertConfig
 
     if encoder == TINY_RANDOM:
-        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, intermediate_size=64,
-                          max_position_embeddings=512)
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+        )
     source = packaged_minilm() if encoder == "minilm" else encoder
     return AutoConfig.from_pretrained(str(source))
 
@@ -56,15 +61,23 @@ def load_encoder(encoder: str, vocab_size: int, pretrained: bool = True) -> nn.M
 class CustomerNet(nn.Module):
     """Mean-pooled document embedding + numeric tower -> fused embedding -> two heads."""
 
-    def __init__(self, encoder: nn.Module, n_numeric: int, fused_dim: int, dropout: float,
-                 trainable_layers: int | None = None) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        n_numeric: int,
+        fused_dim: int,
+        dropout: float,
+        trainable_layers: int | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         hidden = encoder.config.hidden_size
-        self.numeric_tower = nn.Sequential(nn.Linear(n_numeric, 64), nn.GELU(),
-                                           nn.Linear(64, 64), nn.GELU())
-        self.fusion = nn.Sequential(nn.Linear(hidden + 64, fused_dim), nn.GELU(),
-                                    nn.Dropout(dropout))
+        self.numeric_tower = nn.Sequential(
+            nn.Linear(n_numeric, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU()
+        )
+        self.fusion = nn.Sequential(
+            nn.Linear(hidden + 64, fused_dim), nn.GELU(), nn.Dropout(dropout)
+        )
         self.tier_head = nn.Linear(fused_dim, len(TIERS))
         self.churn_head = nn.Linear(fused_dim, 1)
         if trainable_layers is not None:
@@ -79,48 +92,78 @@ class CustomerNet(nn.Module):
             for parameter in layer.parameters():
                 parameter.requires_grad = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                numeric: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, numeric: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         text = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         fused = self.fusion(torch.cat([text, self.numeric_tower(numeric.to(hidden.dtype))], -1))
-        return {"tier_logits": self.tier_head(fused),
-                "churn_logit": self.churn_head(fused).squeeze(-1), "embedding": fused}
+        return {
+            "tier_logits": self.tier_head(fused),
+            "churn_logit": self.churn_head(fused).squeeze(-1),
+            "embedding": fused,
+        }
 
 
 class CustomerModel(pl.LightningModule):
     """Owns the net, the losses (class-weighted tier CE + churn BCE) and the optimiser."""
 
-    def __init__(self, encoder: str, vocab_size: int, n_numeric: int, fused_dim: int,
-                 dropout: float, trainable_layers: int | None, encoder_lr: float,
-                 head_lr: float, weight_decay: float, churn_loss_weight: float,
-                 tier_weights: list[float]) -> None:
+    def __init__(
+        self,
+        encoder: str,
+        vocab_size: int,
+        n_numeric: int,
+        fused_dim: int,
+        dropout: float,
+        trainable_layers: int | None,
+        encoder_lr: float,
+        head_lr: float,
+        weight_decay: float,
+        churn_loss_weight: float,
+        tier_weights: list[float],
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = CustomerNet(load_encoder(encoder, vocab_size), n_numeric, fused_dim, dropout,
-                               trainable_layers)
+        self.net = CustomerNet(
+            load_encoder(encoder, vocab_size), n_numeric, fused_dim, dropout, trainable_layers
+        )
+        self.net.train()  # from_pretrained returns the encoder in eval mode (dropout off)
         self.register_buffer("tier_weights", torch.tensor(tier_weights, dtype=torch.float32))
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{name}": metric
-            for stage in ("val", "test")
-            for name, metric in (("churn_auroc", BinaryAUROC()),
-                                 ("tier_f1", MulticlassF1Score(len(TIERS), average="macro")))
-        })
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{name}": metric
+                for stage in ("val", "test")
+                for name, metric in (
+                    ("churn_auroc", BinaryAUROC()),
+                    ("tier_f1", MulticlassF1Score(len(TIERS), average="macro")),
+                )
+            }
+        )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.net(batch["input_ids"], batch["attention_mask"], batch["numeric"])
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor]):
+        """Class-weighted tier cross-entropy plus weighted churn BCE, and the outputs."""
         out = self(batch)
-        tier_loss = F.cross_entropy(out["tier_logits"].float(), batch["tier"],
-                                    weight=self.tier_weights)
-        churn_loss = F.binary_cross_entropy_with_logits(out["churn_logit"].float(),
-                                                        batch["churn"])
-        loss = tier_loss + self.hparams.churn_loss_weight * churn_loss
+        tier_loss = F.cross_entropy(
+            out["tier_logits"].float(), batch["tier"], weight=self.tier_weights
+        )
+        churn_loss = F.binary_cross_entropy_with_logits(out["churn_logit"].float(), batch["churn"])
+        return tier_loss + self.hparams.churn_loss_weight * churn_loss, out
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss, out = self.compute_loss(batch)
         size = batch["tier"].shape[0]
-        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size,
-                 on_step=stage == "train", on_epoch=True)
+        self.log(
+            f"{stage}_loss",
+            loss,
+            prog_bar=True,
+            batch_size=size,
+            on_step=stage == "train",
+            on_epoch=True,
+        )
         if stage != "train":
             auroc, f1 = self.metrics[f"{stage}_churn_auroc"], self.metrics[f"{stage}_tier_f1"]
             auroc.update(torch.sigmoid(out["churn_logit"].float()), batch["churn"].long())
@@ -131,8 +174,9 @@ class CustomerModel(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # The early-stopping metric: churn AUROC and tier macro-F1, equally weighted.
-        score = (self.metrics["val_churn_auroc"].compute()
-                 + self.metrics["val_tier_f1"].compute()) / 2
+        score = (
+            self.metrics["val_churn_auroc"].compute() + self.metrics["val_tier_f1"].compute()
+        ) / 2
         self.log("val_score", score, prog_bar=True)
 
     def training_step(self, batch, batch_idx):
@@ -146,16 +190,23 @@ class CustomerModel(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         out = self(batch)
-        return {"tier_probs": torch.softmax(out["tier_logits"].float(), -1),
-                "churn_prob": torch.sigmoid(out["churn_logit"].float()),
-                "embedding": out["embedding"].float()}
+        return {
+            "tier_probs": torch.softmax(out["tier_logits"].float(), -1),
+            "churn_prob": torch.sigmoid(out["churn_logit"].float()),
+            "embedding": out["embedding"].float(),
+        }
 
     def configure_optimizers(self):
         encoder_params = [p for p in self.net.encoder.parameters() if p.requires_grad]
-        head_params = [p for n, p in self.net.named_parameters()
-                       if not n.startswith("encoder.") and p.requires_grad]
+        head_params = [
+            p
+            for n, p in self.net.named_parameters()
+            if not n.startswith("encoder.") and p.requires_grad
+        ]
         return torch.optim.AdamW(
-            [{"params": encoder_params, "lr": self.hparams.encoder_lr},
-             {"params": head_params, "lr": self.hparams.head_lr}],
+            [
+                {"params": encoder_params, "lr": self.hparams.encoder_lr},
+                {"params": head_params, "lr": self.hparams.head_lr},
+            ],
             weight_decay=self.hparams.weight_decay,
         )

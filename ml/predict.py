@@ -25,9 +25,15 @@ def device_for(net: torch.nn.Module) -> torch.device:
     return next(net.parameters()).device
 
 
-def predict_net(net: CustomerNet, tokenizer, scaler: FeatureScaler, frame: pd.DataFrame,
-                max_length: int, batch_size: int = 256, progress: bool = False,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_net(
+    net: CustomerNet,
+    tokenizer,
+    scaler: FeatureScaler,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tier probabilities (n, 3), churn probabilities (n,), fused embeddings (n, d)."""
     net.eval()
     device = device_for(net)
@@ -37,16 +43,22 @@ def predict_net(net: CustomerNet, tokenizer, scaler: FeatureScaler, frame: pd.Da
     tiers = np.zeros((len(ids), len(TIERS)), dtype="float32")
     churn = np.zeros(len(ids), dtype="float32")
     embeddings: np.ndarray | None = None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
     starts = range(0, len(ids), batch_size)
     with torch.inference_mode(), autocast:
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-            chosen = order[start: start + batch_size]
-            batch = collate([{"input_ids": ids[i], "numeric": numeric[i]} for i in chosen],
-                            tokenizer.pad_token_id)
-            out = net(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                      batch["numeric"].to(device))
+            chosen = order[start : start + batch_size]
+            batch = collate(
+                [{"input_ids": ids[i], "numeric": numeric[i]} for i in chosen],
+                tokenizer.pad_token_id,
+            )
+            out = net(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["numeric"].to(device),
+            )
             tiers[chosen] = torch.softmax(out["tier_logits"].float(), -1).cpu().numpy()
             churn[chosen] = torch.sigmoid(out["churn_logit"].float()).cpu().numpy()
             embedding = out["embedding"].float().cpu().numpy()
@@ -59,20 +71,27 @@ def predict_net(net: CustomerNet, tokenizer, scaler: FeatureScaler, frame: pd.Da
 
 
 def as_predictions(tiers: np.ndarray, churn: np.ndarray) -> Predictions:
-    return Predictions(churn.astype("float64"), tiers.astype("float64"),
-                       tiers[:, TIERS.index("high")].astype("float64"))
+    return Predictions(
+        churn.astype("float64"),
+        tiers.astype("float64"),
+        tiers[:, TIERS.index("high")].astype("float64"),
+    )
 
 
-def output_frame(tiers: np.ndarray, churn: np.ndarray, embeddings: np.ndarray | None,
-                 index: pd.Index) -> pd.DataFrame:
+def output_frame(
+    tiers: np.ndarray, churn: np.ndarray, embeddings: np.ndarray | None, index: pd.Index
+) -> pd.DataFrame:
     """The pyfunc's documented output: tier probabilities, churn, tier, optional embedding."""
-    out = pd.DataFrame({
-        "p_high": tiers[:, 0].astype("float64"),
-        "p_active": tiers[:, 1].astype("float64"),
-        "p_lapsed": tiers[:, 2].astype("float64"),
-        "churn_probability": churn.astype("float64"),
-        "value_tier": np.array(TIERS, dtype=object)[tiers.argmax(1)],
-    }, index=index)
+    out = pd.DataFrame(
+        {
+            "p_high": tiers[:, 0].astype("float64"),
+            "p_active": tiers[:, 1].astype("float64"),
+            "p_lapsed": tiers[:, 2].astype("float64"),
+            "churn_probability": churn.astype("float64"),
+            "value_tier": np.array(TIERS, dtype=object)[tiers.argmax(1)],
+        },
+        index=index,
+    )
     if embeddings is not None:
         for i in range(embeddings.shape[1]):
             out[f"embedding_{i}"] = embeddings[:, i].astype("float64")

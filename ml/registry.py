@@ -35,8 +35,9 @@ def configure(tracking_uri: str, artifacts_dir: Path, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         artifacts_dir.mkdir(parents=True, exist_ok=True)
-        experiment_id = client.create_experiment(experiment,
-                                                 artifact_location=artifacts_dir.as_uri())
+        experiment_id = client.create_experiment(
+            experiment, artifact_location=artifacts_dir.as_uri()
+        )
     else:
         experiment_id = found.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
@@ -57,8 +58,9 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
         self.scaler = FeatureScaler.from_json((folder / "scaler.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(folder / "encoder")))
-        self.net = CustomerNet(encoder, len(self.scaler.columns), self.meta["fused_dim"],
-                               self.meta["dropout"])
+        self.net = CustomerNet(
+            encoder, len(self.scaler.columns), self.meta["fused_dim"], self.meta["dropout"]
+        )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
         self.net.load_state_dict(state)
@@ -69,10 +71,16 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
 
         params = {**PREDICT_PARAMS, **(params or {})}
         tiers, churn, embeddings = predict_net(
-            self.net, self.tokenizer, self.scaler, model_input, self.meta["max_length"],
-            int(params["batch_size"]))
-        return output_frame(tiers, churn, embeddings if params["return_embedding"] else None,
-                            model_input.index)
+            self.net,
+            self.tokenizer,
+            self.scaler,
+            model_input,
+            self.meta["max_length"],
+            int(params["batch_size"]),
+        )
+        return output_frame(
+            tiers, churn, embeddings if params["return_embedding"] else None, model_input.index
+        )
 
 
 class BaselinePyfunc(mlflow.pyfunc.PythonModel):
@@ -81,7 +89,7 @@ class BaselinePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         folder = Path(context.artifacts["model_dir"])
         with (folder / "baseline.pkl").open("rb") as handle:
-            self.baseline = pickle.load(handle)  # noqa: S301 - our own artifact
+            self.baseline = pickle.load(handle)
         self.scaler = FeatureScaler.from_json((folder / "scaler.json").read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
@@ -90,12 +98,14 @@ class BaselinePyfunc(mlflow.pyfunc.PythonModel):
         params = {**PREDICT_PARAMS, **(params or {})}
         predictions: Predictions = self.baseline.predict(model_input)
         embeddings = self.scaler.transform(model_input) if params["return_embedding"] else None
-        return output_frame(predictions.tier_probs, predictions.churn_prob, embeddings,
-                            model_input.index)
+        return output_frame(
+            predictions.tier_probs, predictions.churn_prob, embeddings, model_input.index
+        )
 
 
-def save_transformer_artifacts(folder: Path, net, tokenizer, scaler: FeatureScaler,
-                               meta: dict) -> Path:
+def save_transformer_artifacts(
+    folder: Path, net, tokenizer, scaler: FeatureScaler, meta: dict
+) -> Path:
     import torch
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -117,15 +127,20 @@ def save_baseline_artifacts(folder: Path, baseline, scaler: FeatureScaler) -> Pa
     return folder
 
 
-def log_pyfunc(python_model, model_dir: Path, example: pd.DataFrame, registered_model: str,
-               description: str) -> str:
+def log_pyfunc(
+    python_model, model_dir: Path, example: pd.DataFrame, registered_model: str, description: str
+) -> str:
     """Log the model to the active run with signature and example; register; return version."""
     output = python_model_predict(python_model, model_dir, example)
     signature = infer_signature(example, output, params=PREDICT_PARAMS)
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=python_model, artifacts={"model_dir": str(model_dir)},
-        signature=signature, input_example=example,
-        code_paths=[str(Path(__file__).parent)], registered_model_name=registered_model,
+        name="model",
+        python_model=python_model,
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        code_paths=[str(Path(__file__).parent)],
+        registered_model_name=registered_model,
     )
     client = MlflowClient()
     version = str(info.registered_model_version)
@@ -135,15 +150,16 @@ def log_pyfunc(python_model, model_dir: Path, example: pd.DataFrame, registered_
 
 def python_model_predict(python_model, model_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
     """Run a pyfunc class in-process exactly as MLflow will (for the signature's output)."""
-    context = mlflow.pyfunc.PythonModelContext(artifacts={"model_dir": str(model_dir)},
-                                               model_config={})
+    context = mlflow.pyfunc.PythonModelContext(
+        artifacts={"model_dir": str(model_dir)}, model_config={}
+    )
     python_model.load_context(context)
     return python_model.predict(context, frame)
 
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except mlflow.exceptions.MlflowException as error:
         if "not found" in str(error).lower() or "RESOURCE_DOES_NOT_EXIST" in str(error):
             return None
@@ -164,26 +180,52 @@ class GateDecision:
         return json.dumps(asdict(self), indent=2)
 
 
-def decide(challenger: dict[str, float], incumbent: dict[str, float] | None, incumbent_name: str,
-           primary: str, margin: float, calibration_tolerance: float) -> GateDecision:
+def decide(
+    challenger: dict[str, float],
+    incumbent: dict[str, float] | None,
+    incumbent_name: str,
+    primary: str,
+    margin: float,
+    calibration_tolerance: float,
+) -> GateDecision:
     """Promote only if the challenger beats the incumbent by `margin` on the primary metric
     without losing calibration (churn Brier score worse by more than the tolerance)."""
     if incumbent is None:
-        return GateDecision(True, "no incumbent", challenger[primary], None,
-                            challenger["churn_brier"], None, incumbent_name)
+        return GateDecision(
+            True,
+            "no incumbent",
+            challenger[primary],
+            None,
+            challenger["churn_brier"],
+            None,
+            incumbent_name,
+        )
     better = challenger[primary] >= incumbent[primary] + margin
     calibrated = challenger["churn_brier"] <= incumbent["churn_brier"] + calibration_tolerance
     if better and calibrated:
-        reason = (f"{primary} {challenger[primary]:.4f} beats {incumbent_name}'s "
-                  f"{incumbent[primary]:.4f} by at least {margin}")
+        reason = (
+            f"{primary} {challenger[primary]:.4f} beats {incumbent_name}'s "
+            f"{incumbent[primary]:.4f} by at least {margin}"
+        )
     elif not better:
-        reason = (f"{primary} {challenger[primary]:.4f} does not beat {incumbent_name}'s "
-                  f"{incumbent[primary]:.4f} by {margin}")
+        reason = (
+            f"{primary} {challenger[primary]:.4f} does not beat {incumbent_name}'s "
+            f"{incumbent[primary]:.4f} by {margin}"
+        )
     else:
-        reason = (f"calibration lost: churn Brier {challenger['churn_brier']:.4f} vs "
-                  f"{incumbent['churn_brier']:.4f} (tolerance {calibration_tolerance})")
-    return GateDecision(better and calibrated, reason, challenger[primary], incumbent[primary],
-                        challenger["churn_brier"], incumbent["churn_brier"], incumbent_name)
+        reason = (
+            f"calibration lost: churn Brier {challenger['churn_brier']:.4f} vs "
+            f"{incumbent['churn_brier']:.4f} (tolerance {calibration_tolerance})"
+        )
+    return GateDecision(
+        better and calibrated,
+        reason,
+        challenger[primary],
+        incumbent[primary],
+        challenger["churn_brier"],
+        incumbent["churn_brier"],
+        incumbent_name,
+    )
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
@@ -193,10 +235,12 @@ def set_alias(name: str, alias: str, version: str) -> None:
 def promote(tracking_uri: str, name: str, version: str) -> str:
     """Point `champion` at a version (a rollback, or a manual promotion); returns the old one."""
     client = MlflowClient(tracking_uri)
-    known = {v.version for v in client.search_model_versions(f"name = '{name}'")}
+    known = {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
     if str(version) not in known:
-        raise ValueError(f"{name} has no version {version}; versions: "
-                         f"{', '.join(sorted(known, key=int)) or 'none'}")
+        raise ValueError(
+            f"{name} has no version {version}; versions: "
+            f"{', '.join(sorted(known, key=int)) or 'none'}"
+        )
     previous = champion_version(client, name)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_model_version_tag(name, str(version), "promoted_by", "valueloop promote")
@@ -207,8 +251,7 @@ def holdout_scores(model_uri: str, frame: pd.DataFrame) -> Predictions:
     """Load a registered model and score the holdout exactly as scoring will."""
     output = mlflow.pyfunc.load_model(model_uri).predict(frame)
     tiers = output[["p_high", "p_active", "p_lapsed"]].to_numpy(dtype="float64")
-    return Predictions(output["churn_probability"].to_numpy(dtype="float64"), tiers,
-                       tiers[:, 0])
+    return Predictions(output["churn_probability"].to_numpy(dtype="float64"), tiers, tiers[:, 0])
 
 
 def numeric_frame(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:

@@ -55,17 +55,27 @@ class TrainReport:
 
     def summary(self) -> str:
         names = list(self.metrics)
-        keys = ["customer_score", "churn_roc_auc", "churn_pr_auc", "churn_brier",
-                "tier_macro_f1", "top_decile_revenue_capture"]
+        keys = [
+            "customer_score",
+            "churn_roc_auc",
+            "churn_pr_auc",
+            "churn_brier",
+            "tier_macro_f1",
+            "top_decile_revenue_capture",
+        ]
         width = max(len(n) for n in names)
         lines = [f"{'model':<{width}}  " + "  ".join(f"{k:>14}" for k in keys)]
         for name in names:
             values = [self.metrics[name].get(k) for k in keys]
-            lines.append(f"{name:<{width}}  " + "  ".join(
-                f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in values))
+            lines.append(
+                f"{name:<{width}}  "
+                + "  ".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in values)
+            )
         verdict = "promoted to champion" if self.decision.promote else "not promoted"
-        lines.append(f"transformer v{self.challenger_version} is challenger, {verdict}: "
-                     f"{self.decision.reason}; champion is v{self.champion_version}")
+        lines.append(
+            f"transformer v{self.challenger_version} is challenger, {verdict}: "
+            f"{self.decision.reason}; champion is v{self.champion_version}"
+        )
         lines.append(f"MLflow parent run {self.parent_run_id}")
         return "\n".join(lines)
 
@@ -76,12 +86,16 @@ def _horizon_days(warehouse: Path) -> int:
 
 
 def _labels(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (tier_index(frame["value_tier"]), frame["is_churned"].to_numpy(dtype="int64"),
-            frame["future_spend"].to_numpy(dtype="float64"))
+    return (
+        tier_index(frame["value_tier"]),
+        frame["is_churned"].to_numpy(dtype="int64"),
+        frame["future_spend"].to_numpy(dtype="float64"),
+    )
 
 
-def _log_evaluation(name: str, holdout: pd.DataFrame, predictions: Predictions,
-                    plots_dir: Path) -> dict[str, float]:
+def _log_evaluation(
+    name: str, holdout: pd.DataFrame, predictions: Predictions, plots_dir: Path
+) -> dict[str, float]:
     tiers, churn, spend = _labels(holdout)
     metrics = compute_metrics(tiers, churn, spend, predictions)
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
@@ -108,9 +122,15 @@ def _trainer(cfg: TrainConfig, mlflow_logger: MLFlowLogger, checkpoint_dir: Path
         deterministic="warn" if cuda else True,
         logger=mlflow_logger,
         callbacks=[
-            EarlyStopping(monitor="val_score", mode="max", patience=cfg.patience),
-            ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_score", mode="max",
-                            save_top_k=1, filename="best"),
+            # strict=False: a run capped by max_steps may end before its first validation.
+            EarlyStopping(monitor="val_score", mode="max", patience=cfg.patience, strict=False),
+            ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                monitor="val_score",
+                mode="max",
+                save_top_k=1,
+                filename="best",
+            ),
         ],
         enable_progress_bar=True,
         log_every_n_steps=10,
@@ -118,17 +138,39 @@ def _trainer(cfg: TrainConfig, mlflow_logger: MLFlowLogger, checkpoint_dir: Path
     )
 
 
-def train_transformer(cfg: TrainConfig, frames: dict[str, pd.DataFrame], scaler: FeatureScaler,
-                      cache_dir: Path, work_dir: Path, tracking_uri: str, run_id: str):
+def train_transformer(
+    cfg: TrainConfig,
+    frames: dict[str, pd.DataFrame],
+    scaler: FeatureScaler,
+    cache_dir: Path,
+    work_dir: Path,
+    tracking_uri: str,
+    run_id: str,
+):
     """Fine-tune with Lightning; returns the best net (on CPU or GPU) and its tokenizer."""
     tokenizer = load_tokenizer(cfg.encoder)
-    data = CustomerDataModule(frames, tokenizer, scaler, cfg.max_length, cfg.batch_size,
-                              cfg.eval_batch_size, cache_dir, cfg.seed)
+    data = CustomerDataModule(
+        frames,
+        tokenizer,
+        scaler,
+        cfg.max_length,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        cache_dir,
+        cfg.seed,
+    )
     module = CustomerModel(
-        encoder=cfg.encoder, vocab_size=tokenizer.vocab_size, n_numeric=len(scaler.columns),
-        fused_dim=cfg.fused_dim, dropout=cfg.dropout, trainable_layers=cfg.trainable_layers,
-        encoder_lr=cfg.encoder_lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay,
-        churn_loss_weight=cfg.churn_loss_weight, tier_weights=_class_weights(frames["train"]),
+        encoder=cfg.encoder,
+        vocab_size=tokenizer.vocab_size,
+        n_numeric=len(scaler.columns),
+        fused_dim=cfg.fused_dim,
+        dropout=cfg.dropout,
+        trainable_layers=cfg.trainable_layers,
+        encoder_lr=cfg.encoder_lr,
+        head_lr=cfg.head_lr,
+        weight_decay=cfg.weight_decay,
+        churn_loss_weight=cfg.churn_loss_weight,
+        tier_weights=_class_weights(frames["train"]),
     )
     mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     trainer = _trainer(cfg, mlflow_logger, work_dir / "checkpoints")
@@ -140,14 +182,14 @@ def train_transformer(cfg: TrainConfig, frames: dict[str, pd.DataFrame], scaler:
     return module.net.to(device), tokenizer, trainer
 
 
-def train(cfg: TrainConfig, warehouse: Path, tracking_uri: str, artifacts_dir: Path,
-          cache_dir: Path) -> TrainReport:
+def train(
+    cfg: TrainConfig, warehouse: Path, tracking_uri: str, artifacts_dir: Path, cache_dir: Path
+) -> TrainReport:
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     frame = read_mart(warehouse, "training_set")
-    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows,
-                           cfg.seed)
+    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
     numeric = numeric_columns(frame)
     scaler = FeatureScaler.fit(frames["train"], numeric)
     holdout = frames["test"]
@@ -156,64 +198,115 @@ def train(cfg: TrainConfig, warehouse: Path, tracking_uri: str, artifacts_dir: P
     client = mlflow.MlflowClient(tracking_uri)
     metrics: dict[str, dict[str, float]] = {}
 
-    with tempfile.TemporaryDirectory(prefix="valueloop-train-") as tmp, mlflow.start_run(
-        run_name=f"train-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    ) as parent:
+    with (
+        tempfile.TemporaryDirectory(prefix="valueloop-train-") as tmp,
+        mlflow.start_run(run_name=f"train-{datetime.now(UTC):%Y%m%dT%H%M%S}") as parent,
+    ):
         work = Path(tmp)
         info = dataset_fingerprint(frames)
         mlflow.log_params({f"cfg_{k}": v for k, v in cfg.to_dict().items()})
-        mlflow.log_params({"data_sha256": info["sha256"], "horizon_days": horizon,
-                           **{k: v for k, v in info.items() if k.endswith("_rows")}})
+        mlflow.log_params(
+            {
+                "data_sha256": info["sha256"],
+                "horizon_days": horizon,
+                **{k: v for k, v in info.items() if k.endswith("_rows")},
+            }
+        )
         mlflow.log_dict(info, "dataset_fingerprint.json")
         mlflow.set_tags({"valueloop.kind": "training", "warehouse": str(warehouse)})
 
         lightgbm = LightGBMBaseline(numeric, cfg.seed).fit(frames["train"], frames["validation"])
-        baselines = [(lightgbm, lightgbm.predict),
-                     (bgnbd := BGNBDBaseline(horizon).fit(frames["train"]), bgnbd.predict),
-                     (rfm := RFMRuleBaseline().fit(frames["train"]), rfm.predict)]
+        baselines = [
+            (lightgbm, lightgbm.predict),
+            (bgnbd := BGNBDBaseline(horizon).fit(frames["train"]), bgnbd.predict),
+            (rfm := RFMRuleBaseline().fit(frames["train"]), rfm.predict),
+        ]
         for baseline, predict in baselines:
             with mlflow.start_run(run_name=baseline.name, nested=True):
                 mlflow.set_tags({"valueloop.model": baseline.name, "valueloop.kind": "baseline"})
                 mlflow.log_params({"data_sha256": info["sha256"]})
-                metrics[baseline.name] = _log_evaluation(baseline.name, holdout,
-                                                         predict(holdout), work / "plots")
+                metrics[baseline.name] = _log_evaluation(
+                    baseline.name, holdout, predict(holdout), work / "plots"
+                )
 
         with mlflow.start_run(run_name="transformer", nested=True) as child:
-            mlflow.set_tags({"valueloop.model": "transformer", "valueloop.kind": "challenger",
-                             "encoder": cfg.encoder})
+            mlflow.set_tags(
+                {
+                    "valueloop.model": "transformer",
+                    "valueloop.kind": "challenger",
+                    "encoder": cfg.encoder,
+                }
+            )
             mlflow.log_params({"data_sha256": info["sha256"]})
             net, tokenizer, trainer = train_transformer(
-                cfg, frames, scaler, cache_dir, work, tracking_uri, child.info.run_id)
-            tiers, churn, _ = predict_net(net, tokenizer, scaler, holdout, cfg.max_length,
-                                          cfg.eval_batch_size, progress=True)
-            metrics["transformer"] = _log_evaluation("transformer", holdout,
-                                                     as_predictions(tiers, churn), work / "plots")
+                cfg, frames, scaler, cache_dir, work, tracking_uri, child.info.run_id
+            )
+            tiers, churn, _ = predict_net(
+                net, tokenizer, scaler, holdout, cfg.max_length, cfg.eval_batch_size, progress=True
+            )
+            metrics["transformer"] = _log_evaluation(
+                "transformer", holdout, as_predictions(tiers, churn), work / "plots"
+            )
             mlflow.log_metric("epochs_trained", trainer.current_epoch)
             model_dir = registry.save_transformer_artifacts(
-                work / "transformer", net, tokenizer, scaler,
-                {"encoder": cfg.encoder, "fused_dim": cfg.fused_dim, "dropout": cfg.dropout,
-                 "max_length": cfg.max_length, "data_sha256": info["sha256"]})
+                work / "transformer",
+                net,
+                tokenizer,
+                scaler,
+                {
+                    "encoder": cfg.encoder,
+                    "fused_dim": cfg.fused_dim,
+                    "dropout": cfg.dropout,
+                    "max_length": cfg.max_length,
+                    "data_sha256": info["sha256"],
+                },
+            )
             example = to_model_input(holdout.head(5))
             version = registry.log_pyfunc(
-                registry.TransformerPyfunc(), model_dir, example, cfg.registered_model,
-                f"transformer ({cfg.encoder}) trained on {info['sha256'][:12]}")
+                registry.TransformerPyfunc(),
+                model_dir,
+                example,
+                cfg.registered_model,
+                f"transformer ({cfg.encoder}) trained on {info['sha256'][:12]}",
+            )
             registry.set_alias(cfg.registered_model, registry.CHALLENGER, version)
 
-            decision, champion = _gate(cfg, client, holdout, metrics, version, lightgbm, scaler,
-                                       example, work, info)
+            decision, champion = _gate(
+                cfg, client, holdout, metrics, version, lightgbm, scaler, example, work, info
+            )
             mlflow.log_text(decision.to_json(), "gate_decision.json")
-            mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "refused",
-                             "gate.reason": decision.reason})
-            mlflow.log_metrics({"gate_challenger_score": decision.challenger_score,
-                                **({"gate_incumbent_score": decision.champion_score}
-                                   if decision.champion_score is not None else {})})
+            mlflow.set_tags(
+                {
+                    "gate.decision": "promoted" if decision.promote else "refused",
+                    "gate.reason": decision.reason,
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    "gate_challenger_score": decision.challenger_score,
+                    **(
+                        {"gate_incumbent_score": decision.champion_score}
+                        if decision.champion_score is not None
+                        else {}
+                    ),
+                }
+            )
         mlflow.log_dict(metrics, "holdout_metrics.json")
         return TrainReport(parent.info.run_id, metrics, version, champion, decision)
 
 
-def _gate(cfg: TrainConfig, client: mlflow.MlflowClient, holdout: pd.DataFrame,
-          metrics: dict[str, dict[str, float]], version: str, lightgbm: LightGBMBaseline,
-          scaler: FeatureScaler, example: pd.DataFrame, work: Path, info: dict):
+def _gate(
+    cfg: TrainConfig,
+    client: mlflow.MlflowClient,
+    holdout: pd.DataFrame,
+    metrics: dict[str, dict[str, float]],
+    version: str,
+    lightgbm: LightGBMBaseline,
+    scaler: FeatureScaler,
+    example: pd.DataFrame,
+    work: Path,
+    info: dict,
+):
     name = cfg.registered_model
     incumbent_version = registry.champion_version(client, name)
     if incumbent_version is not None:
@@ -221,17 +314,27 @@ def _gate(cfg: TrainConfig, client: mlflow.MlflowClient, holdout: pd.DataFrame,
         predictions = registry.holdout_scores(f"models:/{name}@{registry.CHAMPION}", holdout)
         tiers, churn, spend = _labels(holdout)
         incumbent = compute_metrics(tiers, churn, spend, predictions)
-        decision = registry.decide(metrics["transformer"], incumbent,
-                                   f"champion v{incumbent_version}", cfg.primary_metric,
-                                   cfg.promotion_margin, cfg.calibration_tolerance)
+        decision = registry.decide(
+            metrics["transformer"],
+            incumbent,
+            f"champion v{incumbent_version}",
+            cfg.primary_metric,
+            cfg.promotion_margin,
+            cfg.calibration_tolerance,
+        )
         if decision.promote:
             registry.set_alias(name, registry.CHAMPION, version)
         return decision, version if decision.promote else incumbent_version
 
     # First model: it must beat the LightGBM baseline, else that baseline becomes champion.
-    decision = registry.decide(metrics["transformer"], metrics["lightgbm"], "LightGBM baseline",
-                               cfg.primary_metric, cfg.promotion_margin,
-                               cfg.calibration_tolerance)
+    decision = registry.decide(
+        metrics["transformer"],
+        metrics["lightgbm"],
+        "LightGBM baseline",
+        cfg.primary_metric,
+        cfg.promotion_margin,
+        cfg.calibration_tolerance,
+    )
     if decision.promote:
         registry.set_alias(name, registry.CHAMPION, version)
         return decision, version
@@ -240,8 +343,12 @@ def _gate(cfg: TrainConfig, client: mlflow.MlflowClient, holdout: pd.DataFrame,
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics["lightgbm"].items()})
         model_dir = registry.save_baseline_artifacts(work / "lightgbm", lightgbm, scaler)
         baseline_version = registry.log_pyfunc(
-            registry.BaselinePyfunc(), model_dir, example, name,
-            f"LightGBM baseline trained on {info['sha256'][:12]} (first-run fallback)")
+            registry.BaselinePyfunc(),
+            model_dir,
+            example,
+            name,
+            f"LightGBM baseline trained on {info['sha256'][:12]} (first-run fallback)",
+        )
     registry.set_alias(name, registry.CHAMPION, baseline_version)
     return decision, baseline_version
 

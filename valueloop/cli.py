@@ -113,8 +113,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "the transformer as `challenger` and promote it to `champion` only if it beats the "
         "incumbent on the same frozen holdout.",
     )
-    p.add_argument("--config", type=Path, help="YAML training config (default "
-                   "ml/configs/default.yaml; ml/configs/tiny.yaml trains in seconds)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML training config (default "
+        "ml/configs/default.yaml; ml/configs/tiny.yaml trains in seconds)",
+    )
     p.add_argument("--encoder", help="minilm, tiny-random, or a local checkpoint path")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-steps", type=int)
@@ -126,9 +130,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_promote(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("promote", help="point the `champion` alias at a model version "
-                       "(rollback)", description="Roll back or forward: make version N of "
-                       "the registered model the champion that scoring loads.")
+    p = sub.add_parser(
+        "promote",
+        help="point the `champion` alias at a model version (rollback)",
+        description="Roll back or forward: make version N of "
+        "the registered model the champion that scoring loads.",
+    )
     p.add_argument("--version", required=True, help="registered model version")
     p.add_argument("--model", help="registered model name (default from the training config)")
     p.set_defaults(func=_cmd_promote)
@@ -227,12 +234,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     config = TrainConfig.load(
-        args.config, encoder=args.encoder, max_epochs=args.max_epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size,
+        args.config,
+        encoder=args.encoder,
+        max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
         accumulate_grad_batches=args.accumulate_grad_batches,
-        max_train_rows=args.max_train_rows, seed=args.seed)
-    report = train(config, settings.warehouse_path, settings.mlflow_tracking_uri,
-                   settings.mlflow_artifacts_dir, settings.home / "cache")
+        max_train_rows=args.max_train_rows,
+        seed=args.seed,
+    )
+    report = train(
+        config,
+        settings.warehouse_path,
+        settings.mlflow_tracking_uri,
+        settings.mlflow_artifacts_dir,
+        settings.home / "cache",
+    )
     print(report.summary())
     print(f"compare runs: make mlflow-ui (tracking store {settings.mlflow_tracking_uri})")
     return 0

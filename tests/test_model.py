@@ -1,0 +1,268 @@
+"""The model stage through real components: Lightning, a real MLflow store and registry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from ml import registry
+from ml.config import DEFAULT_CONFIG, TrainConfig
+from ml.data import (
+    CustomerDataModule,
+    FeatureScaler,
+    numeric_columns,
+    read_mart,
+    split_by_time,
+    to_model_input,
+)
+from ml.model import CustomerModel, load_tokenizer
+from ml.predict import OUTPUT_COLUMNS, predict_net
+from ml.train import train
+from valueloop import jobs, transform
+from valueloop.config import Settings, load_settings
+from valueloop.simulator import SimulationConfig, generate
+
+TINY = Path(DEFAULT_CONFIG).with_name("tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path_factory.mktemp("model"))
+    generate(settings.demo_dir, SimulationConfig(customers=1_500, seed=13))
+    jobs.ingest_path(settings, settings.demo_dir, "simulator")
+    transform.build(settings, quiet=True)
+    return settings
+
+
+def run_training(settings: Settings, **overrides) -> object:
+    return train(
+        TrainConfig.load(TINY, **overrides),
+        settings.warehouse_path,
+        settings.mlflow_tracking_uri,
+        settings.mlflow_artifacts_dir,
+        settings.home / "cache",
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(warehouse: Settings):
+    return run_training(warehouse)
+
+
+def _tiny_module(settings: Settings, cfg: TrainConfig):
+    frame = read_mart(settings.warehouse_path, "training_set")
+    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
+    scaler = FeatureScaler.fit(frames["train"], numeric_columns(frame))
+    tokenizer = load_tokenizer(cfg.encoder)
+    data = CustomerDataModule(
+        frames,
+        tokenizer,
+        scaler,
+        cfg.max_length,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        settings.home / "cache",
+        cfg.seed,
+    )
+    module = CustomerModel(
+        cfg.encoder,
+        tokenizer.vocab_size,
+        len(scaler.columns),
+        cfg.fused_dim,
+        cfg.dropout,
+        cfg.trainable_layers,
+        cfg.encoder_lr,
+        cfg.head_lr,
+        cfg.weight_decay,
+        cfg.churn_loss_weight,
+        [1.0, 1.0, 1.0],
+    )
+    return frames, scaler, tokenizer, data, module
+
+
+def _mean_loss(module: CustomerModel, loader) -> float:
+    module.eval()
+    with torch.no_grad():
+        losses = [module.compute_loss(batch)[0].item() for batch in loader]
+    module.train()
+    return float(np.mean(losses))
+
+
+def test_a_tiny_bert_trains_on_cpu_and_the_loss_goes_down(warehouse: Settings) -> None:
+    cfg = TrainConfig.load(TINY)
+    pl.seed_everything(cfg.seed, workers=True)
+    _, _, _, data, module = _tiny_module(warehouse, cfg)
+    data.prepare_data()
+    data.setup("fit")
+    before = _mean_loss(module, data.train_dataloader())
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(module, data.train_dataloader())
+    after = _mean_loss(module, data.train_dataloader())
+    assert after < before * 0.9, (before, after)
+
+
+def test_every_model_is_tracked_side_by_side(warehouse: Settings, trained) -> None:
+    client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
+    children = client.search_runs(
+        [client.get_run(trained.parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{trained.parent_run_id}'",
+    )
+    by_model = {r.data.tags["valueloop.model"]: r for r in children}
+    assert {"lightgbm", "bg_nbd", "rfm_rule", "transformer"} <= set(by_model)
+    for name in ("lightgbm", "bg_nbd", "rfm_rule", "transformer"):
+        run = by_model[name]
+        assert {"test_churn_roc_auc", "test_churn_brier", "test_churn_pr_auc"} <= set(
+            run.data.metrics
+        )
+        plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"roc_pr.png", "calibration.png", "lift_gain.png"} <= plots
+    transformer = by_model["transformer"]
+    assert "val_score" in transformer.data.metrics  # per-epoch metrics from Lightning
+    assert "tier_macro_f1" in trained.metrics["transformer"]
+    parent = client.get_run(trained.parent_run_id)
+    assert parent.data.params["data_sha256"] == transformer.data.params["data_sha256"]
+    assert "dataset_fingerprint.json" in {
+        a.path for a in client.list_artifacts(trained.parent_run_id)
+    }
+
+
+def test_the_first_champion_is_the_better_of_transformer_and_lightgbm(
+    warehouse: Settings, trained
+) -> None:
+    client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
+    name = TrainConfig().registered_model
+    champion = client.get_model_version_by_alias(name, registry.CHAMPION)
+    challenger = client.get_model_version_by_alias(name, registry.CHALLENGER)
+    assert str(challenger.version) == trained.challenger_version
+    beat = trained.metrics["transformer"]["customer_score"] >= (
+        trained.metrics["lightgbm"]["customer_score"] + TrainConfig().promotion_margin
+    )
+    assert (str(champion.version) == str(challenger.version)) == (beat and trained.decision.promote)
+    # Whichever it is, the champion scores a DataFrame through the one interface.
+    holdout = to_model_input(read_mart(warehouse.warehouse_path, "scoring_set").head(20))
+    mlflow.set_tracking_uri(warehouse.mlflow_tracking_uri)
+    out = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(holdout)
+    assert list(out.columns) == OUTPUT_COLUMNS
+    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_pyfunc_round_trip_gives_the_same_predictions(warehouse: Settings, tmp_path: Path) -> None:
+    cfg = replace(TrainConfig.load(TINY), max_steps=5)
+    pl.seed_everything(cfg.seed)
+    frames, scaler, tokenizer, _, module = _tiny_module(warehouse, cfg)
+    frame = to_model_input(frames["test"].head(50))
+    tiers, churn, embeddings = predict_net(module.net, tokenizer, scaler, frame, cfg.max_length)
+    model_dir = registry.save_transformer_artifacts(
+        tmp_path / "artifacts",
+        module.net,
+        tokenizer,
+        scaler,
+        {
+            "encoder": cfg.encoder,
+            "fused_dim": cfg.fused_dim,
+            "dropout": cfg.dropout,
+            "max_length": cfg.max_length,
+        },
+    )
+    registry.configure(warehouse.mlflow_tracking_uri, warehouse.mlflow_artifacts_dir, "roundtrip")
+    with mlflow.start_run():
+        version = registry.log_pyfunc(
+            registry.TransformerPyfunc(),
+            model_dir,
+            frame.head(3),
+            "roundtrip-model",
+            "round trip test",
+        )
+    registry.set_alias("roundtrip-model", "challenger", version)
+    loaded = mlflow.pyfunc.load_model("models:/roundtrip-model@challenger")
+    out = loaded.predict(frame, params={"return_embedding": True})
+    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].to_numpy(), tiers, atol=1e-5)
+    assert np.allclose(out["churn_probability"].to_numpy(), churn, atol=1e-5)
+    assert np.allclose(out.filter(like="embedding_").to_numpy(), embeddings, atol=1e-5)
+    assert loaded.metadata.get_input_schema() is not None
+
+
+def test_the_gate_refuses_a_deliberately_worse_model(warehouse: Settings, trained) -> None:
+    client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
+    name = TrainConfig().registered_model
+    before = str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
+    # Frozen at initialisation: a model that learned nothing.
+    worse = run_training(warehouse, max_steps=1, encoder_lr=1e-12, head_lr=1e-12)
+    assert not worse.decision.promote
+    assert "does not beat champion" in worse.decision.reason
+    assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == before
+    assert (
+        str(client.get_model_version_by_alias(name, registry.CHALLENGER).version)
+        == worse.challenger_version
+    )
+    gate = client.get_model_version(name, worse.challenger_version)
+    assert client.get_run(gate.run_id).data.tags["gate.decision"] == "refused"
+
+
+def test_promote_rolls_back_and_refuses_unknown_versions(warehouse: Settings, trained) -> None:
+    name = TrainConfig().registered_model
+    client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
+    current = str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
+    registry.promote(warehouse.mlflow_tracking_uri, name, trained.challenger_version)
+    assert (
+        str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
+        == trained.challenger_version
+    )
+    registry.promote(warehouse.mlflow_tracking_uri, name, current)
+    with pytest.raises(ValueError, match="has no version 999"):
+        registry.promote(warehouse.mlflow_tracking_uri, name, "999")
+
+
+@pytest.mark.parametrize(
+    ("challenger", "incumbent", "promote", "why"),
+    [
+        ({"s": 0.80, "churn_brier": 0.15}, {"s": 0.79, "churn_brier": 0.15}, True, "beats"),
+        ({"s": 0.792, "churn_brier": 0.15}, {"s": 0.79, "churn_brier": 0.15}, False, "does not"),
+        ({"s": 0.85, "churn_brier": 0.20}, {"s": 0.79, "churn_brier": 0.15}, False, "calibration"),
+    ],
+)
+def test_gate_rules(challenger, incumbent, promote, why) -> None:
+    decision = registry.decide(challenger, incumbent, "champion v1", "s", 0.005, 0.01)
+    assert decision.promote is promote and why in decision.reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_step_on_gpu_in_bf16(warehouse: Settings) -> None:
+    cfg = TrainConfig.load(TINY)
+    _, _, _, data, module = _tiny_module(warehouse, cfg)
+    data.prepare_data()
+    data.setup("fit")
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, data.train_dataloader())
+    assert next(module.parameters()).is_cuda
+    assert np.isfinite(trainer.callback_metrics["train_loss_step"].item())
+
+
+def test_config_rejects_unknown_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("max_epochs: 2\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        TrainConfig.load(path)
+    assert pd.api.types.is_float_dtype(pd.Series([1.0]))
