@@ -141,14 +141,37 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_promote)
 
 
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score every customer with the champion; segment; validate; publish for BI",
+        description="Load models:/<name>@champion, score marts.scoring_set in batches, segment "
+        "the embeddings, add next best actions, run the scores checkpoint, then publish "
+        "marts.customer_scores, marts.segment_summary and marts.customer_scores_history in one "
+        "transaction (a failed run leaves the published scores untouched). Writes a Parquet "
+        "export and an HTML report.",
+    )
+    p.add_argument(
+        "--run-id",
+        help="scoring run id (default manual__<time>); re-running an id replaces its history rows",
+    )
+    p.add_argument("--batch-rows", type=int, default=20_000, help="customers per chunk read")
+    p.add_argument("--batch-size", type=int, default=256, help="customers per model batch")
+    p.set_defaults(func=_cmd_score)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="the main job on the demo shop: generate, ingest, check, transform, check",
+        help="the main job on the demo shop: generate, ingest, check, transform, check, "
+        "train, score",
         description="Generate the demo shop, ingest it and build the warehouse; prints a summary.",
     )
     p.add_argument("--customers", type=int, help="number of demo customers")
     p.add_argument("--seed", type=int, help="random seed of the demo shop")
+    p.add_argument(
+        "--train-config", type=Path, help="training config (default ml/configs/default.yaml)"
+    )
     p.set_defaults(func=_cmd_run)
 
 
@@ -166,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_train(sub)
     _add_promote(sub)
+    _add_score(sub)
     _add_run(sub)
     return parser
 
@@ -266,6 +290,15 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from ml.score import score
+
+    settings = load_settings()
+    run_id = args.run_id or quality.default_run_id()
+    print(score(settings, run_id, batch_rows=args.batch_rows, batch_size=args.batch_size).summary())
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     settings.ensure_dirs()
@@ -276,11 +309,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(quality.run_checkpoint(settings, "raw", run_id).summary())
     print(transform.build(settings).summary())
     print(quality.run_checkpoint(settings, "marts", run_id).summary())
-    print(f"\nwarehouse: {settings.warehouse_path} (schemas raw, staging, marts)")
+    from ml.config import TrainConfig
+    from ml.score import score
+    from ml.train import train
+
+    config = TrainConfig.load(args.train_config)
+    print(
+        train(
+            config,
+            settings.warehouse_path,
+            settings.mlflow_tracking_uri,
+            settings.mlflow_artifacts_dir,
+            settings.home / "cache",
+        ).summary()
+    )
+    print(score(settings, run_id, config).summary())
+    print(f"\nwarehouse: {settings.warehouse_path} (schemas raw, staging, marts, quality)")
     print(
         f'  query it: {sys.executable} -c "import duckdb; duckdb.connect('
         f"'{settings.warehouse_path}', read_only=True).sql("
-        "'select * from marts.dim_customers limit 5').show()\""
+        "'select * from marts.customer_scores limit 5').show()\""
     )
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from valueloop.config import Settings
 
 FAILED_STATUSES = {"error", "fail", "runtime error"}
+SCORING_TAG, BI_VIEWS_TAG = "scoring", "bi_views"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -140,7 +141,12 @@ def build(
         raise TransformError(
             f"{settings.warehouse_path}: no warehouse yet; run `valueloop ingest` first"
         )
-    args = ["build"] + (["--select", select] if select else [])
+    # Scoring candidates and BI views read tables that `valueloop score` writes.
+    args = ["build"] + (
+        ["--select", select]
+        if select
+        else ["--exclude", f"tag:{SCORING_TAG}", f"tag:{BI_VIEWS_TAG}"]
+    )
     return run_dbt(settings, args, dbt_vars(as_of, horizon_days), quiet=quiet)
 
 

@@ -1,0 +1,269 @@
+"""Score: every customer with the champion, segmented, validated, then published atomically.
+
+1. Load ``models:/<name>@champion``; stream ``marts.scoring_set`` (read-only) in chunks
+   through it, embeddings kept in an on-disk memmap, so memory stays bounded.
+2. Segment the embeddings (K-Means, k by silhouette) and name the segments.
+3. Write the candidate to schema ``scoring``; dbt adds churn bands and next best actions.
+4. The ``scores`` checkpoint validates the candidate; a critical failure stops here and the
+   published tables stay as they were.
+5. Publish in one transaction: ``marts.customer_scores``, ``marts.segment_summary``, and the
+   run appended to ``marts.customer_scores_history`` (re-running a run id replaces it). Then
+   the BI views, a Parquet export and the HTML report (also logged to MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import mlflow
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ml import registry
+from ml.config import TrainConfig
+from ml.data import to_model_input
+from ml.report import write_report
+from ml.segment import fit_segments, name_segments
+from valueloop import transform
+from valueloop.config import Settings
+from valueloop.quality.runner import run_checkpoint
+from valueloop.warehouse import connect
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "scoring.scored_customers"
+CANDIDATE_SUMMARY = "scoring.segment_summary_candidate"
+PUBLISHED = ("customer_scores", "segment_summary")
+SCORING_EXPERIMENT = "valueloop-scoring"
+
+
+@dataclass(frozen=True)
+class ScoringReport:
+    run_id: str
+    model_version: str
+    customers: int
+    segments: int
+    silhouette: float
+    report_path: Path
+    export_dir: Path
+    tier_mix: dict[str, float]
+
+    def summary(self) -> str:
+        mix = ", ".join(f"{k} {v:.1%}" for k, v in self.tier_mix.items())
+        return (
+            f"scored {self.customers:,} customers with champion v{self.model_version} "
+            f"(run {self.run_id}): {mix}; {self.segments} segments (silhouette "
+            f"{self.silhouette:.3f})\npublished marts.customer_scores, "
+            f"marts.segment_summary, marts.customer_scores_history\n"
+            f"report: {self.report_path}\nParquet export: {self.export_dir}"
+        )
+
+
+def _champion(tracking_uri: str, name: str):
+    client = mlflow.MlflowClient(tracking_uri)
+    version = registry.champion_version(client, name)
+    if version is None:
+        raise LookupError(f"{name} has no champion yet; run `valueloop train` first")
+    details = client.get_model_version(name, version)
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(f"models:/{name}@{registry.CHAMPION}"), version, details.run_id
+
+
+def _stream_predictions(
+    model, warehouse: Path, batch_rows: int, work: Path, batch_size: int
+) -> tuple[pd.DataFrame, np.memmap]:
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        total = con.execute("select count(*) from marts.scoring_set").fetchall()[0][0]
+        if total == 0:
+            raise ValueError("marts.scoring_set is empty: nothing to score")
+        reader = con.sql("select * from marts.scoring_set order by customer_id").to_arrow_reader(
+            batch_rows
+        )
+        parts, embeddings, done = [], None, 0
+        with tqdm(total=total, desc="score", unit="customer") as bar:
+            for batch in reader:
+                chunk = to_model_input(batch.to_pandas())
+                out = model.predict(
+                    chunk, params={"return_embedding": True, "batch_size": batch_size}
+                )
+                emb = out.filter(like="embedding_").to_numpy(dtype="float32")
+                if embeddings is None:
+                    embeddings = np.memmap(
+                        work / "embeddings.f32",
+                        dtype="float32",
+                        mode="w+",
+                        shape=(total, emb.shape[1]),
+                    )
+                embeddings[done : done + len(chunk)] = emb
+                parts.append(
+                    pd.concat(
+                        [
+                            chunk[["customer_id", "as_of"]].reset_index(drop=True),
+                            out.drop(columns=out.filter(like="embedding_").columns).reset_index(
+                                drop=True
+                            ),
+                        ],
+                        axis=1,
+                    )
+                )
+                done += len(chunk)
+                bar.update(len(chunk))
+    return pd.concat(parts, ignore_index=True), embeddings
+
+
+def _publish(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+    """One transaction: the candidate becomes the published tables, history gets the run."""
+    con.execute("begin transaction")
+    con.execute(f"create or replace table marts.customer_scores as select * from {CANDIDATE}")
+    con.execute(
+        f"create or replace table marts.segment_summary as select * from {CANDIDATE_SUMMARY}"
+    )
+    con.execute(
+        f"create table if not exists marts.customer_scores_history as "
+        f"select * from {CANDIDATE} where false"
+    )
+    con.execute("delete from marts.customer_scores_history where scoring_run_id = ?", [run_id])
+    con.execute(f"insert into marts.customer_scores_history select * from {CANDIDATE}")
+    con.execute("commit")
+
+
+def _export(con: duckdb.DuckDBPyConnection, folder: Path) -> Path:
+    """Parquet copies for BI tools that cannot open DuckDB, replaced file by file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for table in PUBLISHED:
+        target = folder / f"{table}.parquet"
+        partial = folder / f".{table}.parquet.partial"
+        con.execute(f"copy marts.{table} to '{partial.as_posix()}' (format parquet)")
+        partial.replace(target)
+    return folder
+
+
+def score(
+    settings: Settings,
+    run_id: str,
+    cfg: TrainConfig | None = None,
+    batch_rows: int = 20_000,
+    batch_size: int = 256,
+    k_range: tuple[int, int] = (3, 8),
+    seed: int = 42,
+) -> ScoringReport:
+    cfg = cfg or TrainConfig.load()
+    model, version, model_run_id = _champion(settings.mlflow_tracking_uri, cfg.registered_model)
+    scored_at = datetime.now(UTC).replace(tzinfo=None)
+    with tempfile.TemporaryDirectory(prefix="valueloop-score-") as tmp:
+        work = Path(tmp)
+        predictions, embeddings = _stream_predictions(
+            model, settings.warehouse_path, batch_rows, work, batch_size
+        )
+        segmentation = fit_segments(np.asarray(embeddings), *k_range, seed)
+        segment = segmentation.assign(embeddings)
+        names = name_segments(
+            segment, predictions["p_high"].to_numpy(), predictions["churn_probability"].to_numpy()
+        )
+        predictions["segment_id"] = segment.astype("int64")
+        predictions["segment_name"] = [names[s][0] for s in segment]
+        segments = pd.DataFrame(
+            [
+                {
+                    "segment_id": s,
+                    "segment_name": n,
+                    "segment_value_level": v,
+                    "segment_churn_level": c,
+                    "scoring_run_id": run_id,
+                }
+                for s, (n, v, c) in sorted(names.items())
+            ]
+        )
+        predictions = predictions.assign(
+            model_name=cfg.registered_model,
+            model_version=str(version),
+            model_run_id=model_run_id,
+            scoring_run_id=run_id,
+            scored_at=scored_at,
+        )
+        with connect(settings.warehouse_path) as con:
+            con.execute("create schema if not exists scoring")
+            con.register("_predictions", predictions)
+            con.register("_segments", segments)
+            con.execute(
+                "create or replace table scoring.candidate_predictions as "
+                "select * from _predictions"
+            )
+            con.execute(
+                "create or replace table scoring.candidate_segments as select * from _segments"
+            )
+        transform.run_dbt(
+            settings, ["build", "--select", f"tag:{transform.SCORING_TAG}"], quiet=True
+        )
+        run_checkpoint(settings, "scores", run_id=run_id, scores_table=CANDIDATE)
+        with connect(settings.warehouse_path) as con:
+            _publish(con, run_id)
+        transform.run_dbt(
+            settings, ["build", "--select", f"tag:{transform.BI_VIEWS_TAG}"], quiet=True
+        )
+        with connect(settings.warehouse_path) as con:
+            export_dir = _export(con, settings.home / "exports")
+            report_path = write_report(
+                con, run_id, segmentation, embeddings, segment, settings.home / "reports"
+            )
+            tier_mix = dict(
+                con.execute(
+                    "select value_tier, count(*) / sum(count(*)) over () from marts.customer_scores"
+                    " group by 1 order by 1"
+                ).fetchall()
+            )
+        _log_to_mlflow(
+            settings, cfg, run_id, version, segmentation, report_path, tier_mix, len(predictions)
+        )
+    return ScoringReport(
+        run_id,
+        str(version),
+        len(predictions),
+        segmentation.k,
+        segmentation.silhouette_by_k[segmentation.k],
+        report_path,
+        export_dir,
+        tier_mix,
+    )
+
+
+def _log_to_mlflow(
+    settings: Settings,
+    cfg: TrainConfig,
+    run_id: str,
+    version: str,
+    segmentation,
+    report_path: Path,
+    tier_mix: dict[str, float],
+    customers: int,
+) -> None:
+    registry.configure(
+        settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, SCORING_EXPERIMENT
+    )
+    with mlflow.start_run(run_name=f"score-{run_id}"):
+        mlflow.set_tags({"valueloop.kind": "scoring", "scoring_run_id": run_id})
+        mlflow.log_params(
+            {
+                "model_name": cfg.registered_model,
+                "model_version": version,
+                "k": segmentation.k,
+                "customers": customers,
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "silhouette": segmentation.silhouette_by_k[segmentation.k],
+                "calinski_harabasz": segmentation.calinski_harabasz,
+                **{f"silhouette_k{k}": v for k, v in segmentation.silhouette_by_k.items()},
+                **{f"tier_share_{k}": v for k, v in tier_mix.items()},
+            }
+        )
+        mlflow.log_artifact(str(report_path), artifact_path="report")
+        for extra in report_path.parent.glob(f"{report_path.stem}_*"):
+            mlflow.log_artifact(str(extra), artifact_path="report")

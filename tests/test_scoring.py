@@ -1,0 +1,175 @@
+"""Batch scoring through the real registry, DuckDB, dbt and GX, on a tiny champion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml import registry
+from ml.config import DEFAULT_CONFIG, TrainConfig
+from ml.score import score
+from ml.train import train
+from valueloop import jobs, transform
+from valueloop.config import Settings, load_settings
+from valueloop.quality.runner import QualityError
+from valueloop.quality.suites import SCORES_COLUMNS
+from valueloop.simulator import SimulationConfig, generate
+
+TINY = Path(DEFAULT_CONFIG).with_name("tiny.yaml")
+NAME = TrainConfig().registered_model
+
+
+class OutOfRangePyfunc(mlflow.pyfunc.PythonModel):
+    """A broken model: its churn 'probabilities' exceed 1."""
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        n = len(model_input)
+        rng = np.random.default_rng(0)
+        out = pd.DataFrame(
+            {
+                "p_high": 0.2,
+                "p_active": 0.3,
+                "p_lapsed": 0.5,
+                "churn_probability": 1.5,
+                "value_tier": "lapsed",
+            },
+            index=model_input.index,
+        )
+        for i in range(4):
+            out[f"embedding_{i}"] = rng.normal(size=n)
+        return out
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, object]:
+    settings = load_settings(
+        env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path_factory.mktemp("scoring")
+    )
+    generate(settings.demo_dir, SimulationConfig(customers=1_200, seed=17))
+    jobs.ingest_path(settings, settings.demo_dir, "simulator")
+    transform.build(settings, quiet=True)
+    train(
+        TrainConfig.load(TINY),
+        settings.warehouse_path,
+        settings.mlflow_tracking_uri,
+        settings.mlflow_artifacts_dir,
+        settings.home / "cache",
+    )
+    return settings, score(settings, "run-1", TrainConfig.load(TINY), batch_rows=500)
+
+
+def query(settings: Settings, sql: str, params: list | None = None) -> list[tuple]:
+    """A BI user's connection: separate and read-only."""
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def test_every_customer_is_scored_segmented_and_published(scored) -> None:
+    settings, report = scored
+    [(scored_rows, to_score)] = query(
+        settings,
+        """
+        select (select count(*) from marts.customer_scores),
+               (select count(*) from marts.scoring_set)""",
+    )
+    assert scored_rows == to_score == report.customers > 0
+    columns = [r[0] for r in query(settings, "describe marts.customer_scores")]
+    assert set(SCORES_COLUMNS) <= set(columns)
+    [(bad,)] = query(
+        settings,
+        """
+        select count(*) from marts.customer_scores where abs(p_high + p_active + p_lapsed - 1)
+        > 1e-5 or churn_probability not between 0 and 1 or next_best_action is null""",
+    )
+    assert bad == 0
+    segments = query(settings, "select segment_name, n_customers from marts.segment_summary")
+    assert len(segments) == report.segments >= 3
+    assert sum(n for _, n in segments) == scored_rows
+    [(versions,)] = query(
+        settings, "select count(distinct model_version) from marts.customer_scores"
+    )
+    assert versions == 1
+
+
+def test_bi_reads_the_published_tables_read_only(scored) -> None:
+    settings, _ = scored
+    mix = dict(
+        query(settings, "select value_tier, count(*) from marts.bi_customer_scores group by 1")
+    )
+    assert set(mix) <= {"high", "active", "lapsed"} and sum(mix.values()) > 0
+    plan = query(
+        settings, "select next_best_action, sum(n_customers) from marts.bi_action_plan group by 1"
+    )
+    assert plan
+    with (
+        duckdb.connect(str(settings.warehouse_path), read_only=True) as con,
+        pytest.raises(duckdb.Error, match="read-only"),
+    ):
+        con.execute("delete from marts.customer_scores")
+
+
+def test_exports_report_and_mlflow_run(scored) -> None:
+    settings, report = scored
+    for table in ("customer_scores", "segment_summary"):
+        exported = (
+            duckdb.connect()
+            .execute(f"select count(*) from '{report.export_dir / (table + '.parquet')}'")
+            .fetchone()[0]
+        )
+        assert exported == query(settings, f"select count(*) from marts.{table}")[0][0]
+    page = report.report_path.read_text()
+    assert "Tier mix" in page and "Segments" in page and "data:image/png;base64" in page
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("valueloop-scoring")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.scoring_run_id = 'run-1'"
+    )
+    assert runs and "silhouette" in runs[0].data.metrics
+    assert "calinski_harabasz" in runs[0].data.metrics
+
+
+def test_rerunning_a_run_replaces_and_a_new_run_appends(scored) -> None:
+    settings, first = scored
+    before = query(settings, "select count(*) from marts.customer_scores_history")[0][0]
+    score(settings, "run-1", TrainConfig.load(TINY), batch_rows=500)
+    assert query(settings, "select count(*) from marts.customer_scores_history")[0][0] == before
+    second = score(settings, "run-2", TrainConfig.load(TINY), batch_rows=500)
+    runs = dict(
+        query(
+            settings,
+            "select scoring_run_id, count(*) from marts.customer_scores_history group by 1",
+        )
+    )
+    assert runs == {"run-1": first.customers, "run-2": second.customers}
+    assert "Compared with run" in second.report_path.read_text()
+
+
+def test_a_failing_run_leaves_the_published_scores_untouched(scored, tmp_path: Path) -> None:
+    settings, _ = scored
+    snapshot = "select * from marts.customer_scores order by customer_id"
+    published = query(settings, snapshot)
+    history = query(settings, "select count(*) from marts.customer_scores_history")
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    good = registry.champion_version(client, NAME)
+    registry.configure(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, "broken")
+    (tmp_path / "empty").mkdir()
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=OutOfRangePyfunc(), registered_model_name=NAME
+        )
+    registry.set_alias(NAME, registry.CHAMPION, str(info.registered_model_version))
+    try:
+        with pytest.raises(QualityError, match="customer_scores.probability_out_of_range"):
+            score(settings, "run-broken", TrainConfig.load(TINY), batch_rows=500)
+    finally:
+        registry.set_alias(NAME, registry.CHAMPION, good)
+    assert query(settings, snapshot) == published
+    assert query(settings, "select count(*) from marts.customer_scores_history") == history
+    assert not query(
+        settings, "select 1 from marts.customer_scores_history where scoring_run_id = 'run-broken'"
+    )
