@@ -117,12 +117,13 @@ def write_report(
     else:
         changes_html = "<p>First published run: nothing to compare with yet.</p>"
 
+    version = html.escape(str(scores["model_version"].iloc[0]))
     bands = scores["churn_risk_band"].value_counts().reindex(["low", "medium", "high"]).fillna(0)
     silhouettes = ", ".join(f"k={k}: {v:.3f}" for k, v in segmentation.silhouette_by_k.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>ValueLoop scoring {html.escape(run_id)}</title><style>{STYLE}</style></head><body>
 <h1>Scoring run {html.escape(run_id)}</h1>
-<p>{len(scores):,} customers scored with model version {html.escape(str(scores["model_version"].iloc[0]))}
+<p>{len(scores):,} customers scored with model version {version}
 at {scores["scored_at"].iloc[0]}. Churn-risk bands: low {int(bands["low"]):,}, medium
 {int(bands["medium"]):,}, high {int(bands["high"]):,}.</p>
 <h2>Tier mix and churn risk</h2>{_img(distributions, "tier mix and churn distribution")}
