@@ -149,7 +149,7 @@ def test_rerunning_a_run_replaces_and_a_new_run_appends(scored) -> None:
     assert "Compared with run" in second.report_path.read_text()
 
 
-def test_a_failing_run_leaves_the_published_scores_untouched(scored, tmp_path: Path) -> None:
+def test_a_failing_run_leaves_the_published_scores_untouched(scored) -> None:
     settings, _ = scored
     snapshot = "select * from marts.customer_scores order by customer_id"
     published = query(settings, snapshot)
@@ -157,7 +157,7 @@ def test_a_failing_run_leaves_the_published_scores_untouched(scored, tmp_path: P
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     good = registry.champion_version(client, NAME)
     registry.configure(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, "broken")
-        with mlflow.start_run():
+    with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
             name="model", python_model=OutOfRangePyfunc(), registered_model_name=NAME
         )
