@@ -60,14 +60,9 @@ def segment_map(
 
 
 def write_report(
-    con: duckdb.DuckDBPyConnection,
-    run_id: str,
-    segmentation,
-    embeddings: np.ndarray,
-    segment: np.ndarray,
-    folder: Path,
+    con: duckdb.DuckDBPyConnection, run_id: str, stats: dict, map_png: Path, path: Path
 ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """The HTML report of a published run; `stats` and `map_png` come from the scoring step."""
     scores = con.execute(
         "select value_tier, churn_probability, churn_risk_band, model_version,"
         " scored_at from marts.customer_scores"
@@ -75,28 +70,22 @@ def write_report(
     summary = con.execute(
         "select * exclude (scoring_run_id) from marts.segment_summary order by n_customers desc"
     ).df()
-    names = dict(zip(summary["segment_id"], summary["segment_name"], strict=True))
-    stem = f"scoring_{run_id.replace(':', '-').replace('+', '-')}"
+    summary.to_csv(path.with_name(f"{path.stem}_segments.csv"), index=False)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    scores["value_tier"].value_counts().reindex(["high", "active", "lapsed"]).fillna(0).plot.bar(
-        ax=axes[0], color=["#2a9d8f", "#e9c46a", "#e76f51"], title="tier mix"
-    )
+    tiers = scores["value_tier"].value_counts().reindex(["high", "active", "lapsed"]).fillna(0)
+    tiers.plot.bar(ax=axes[0], color=["#2a9d8f", "#e9c46a", "#e76f51"], title="tier mix")
     axes[1].hist(scores["churn_probability"], bins=30, color="#264653")
     axes[1].set(title="churn probability", xlabel="probability", ylabel="customers")
     distributions = _png(fig)
-    map_fig = segment_map(embeddings, segment, names)
-    map_path = folder / f"{stem}_map.png"
-    map_fig.savefig(map_path, dpi=90)
-    map_png = _png(map_fig)
-    summary.to_csv(folder / f"{stem}_segments.csv", index=False)
+    map_data = base64.b64encode(map_png.read_bytes()).decode()
 
     previous = con.execute(
         """
         select scoring_run_id from marts.customer_scores_history where scoring_run_id <> ?
         group by 1 order by max(scored_at) desc limit 1""",
         [run_id],
-    ).fetchone()
+    ).fetchall()
     if previous:
         changes = con.execute(
             """
@@ -108,10 +97,10 @@ def write_report(
             left join marts.customer_scores_history as before
                 on now.customer_id = before.customer_id and before.scoring_run_id = ?
             group by 1 order by 1""",
-            [previous[0]],
+            [previous[0][0]],
         ).df()
         changes_html = (
-            f"<p>Compared with run <code>{html.escape(previous[0])}</code>: "
+            f"<p>Compared with run <code>{html.escape(previous[0][0])}</code>: "
             f"customers by previous and current tier.</p>{_table(changes)}"
         )
     else:
@@ -119,19 +108,18 @@ def write_report(
 
     version = html.escape(str(scores["model_version"].iloc[0]))
     bands = scores["churn_risk_band"].value_counts().reindex(["low", "medium", "high"]).fillna(0)
-    silhouettes = ", ".join(f"k={k}: {v:.3f}" for k, v in segmentation.silhouette_by_k.items())
+    silhouettes = ", ".join(f"k={k}: {v:.3f}" for k, v in stats["silhouette_by_k"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>ValueLoop scoring {html.escape(run_id)}</title><style>{STYLE}</style></head><body>
 <h1>Scoring run {html.escape(run_id)}</h1>
-<p>{len(scores):,} customers scored with model version {version}
-at {scores["scored_at"].iloc[0]}. Churn-risk bands: low {int(bands["low"]):,}, medium
+<p>{len(scores):,} customers scored with model version {version} at
+{scores["scored_at"].iloc[0]}. Churn-risk bands: low {int(bands["low"]):,}, medium
 {int(bands["medium"]):,}, high {int(bands["high"]):,}.</p>
 <h2>Tier mix and churn risk</h2>{_img(distributions, "tier mix and churn distribution")}
-<h2>Segments</h2><p>K-Means on the fused embedding, k = {segmentation.k} chosen by silhouette
-({silhouettes}); Calinski-Harabasz {segmentation.calinski_harabasz:,.1f}.</p>
-{_table(summary)}<div class="grid">{_img(map_png, "segment map")}</div>
+<h2>Segments</h2><p>K-Means on the fused embedding, k = {stats["k"]} chosen by silhouette
+({silhouettes}); Calinski-Harabasz {stats["calinski_harabasz"]:,.1f}.</p>
+{_table(summary)}<div class="grid">{_img(map_data, "segment map")}</div>
 <h2>Changes since the last run</h2>{changes_html}
 </body></html>"""
-    path = folder / f"{stem}.html"
     path.write_text(page)
     return path

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from ml import registry
 from ml.config import TrainConfig
 from ml.data import to_model_input
-from ml.report import write_report
+from ml.report import segment_map, write_report
 from ml.segment import fit_segments, name_segments
 from valueloop import transform
 from valueloop.config import Settings
@@ -144,7 +145,11 @@ def _export(con: duckdb.DuckDBPyConnection, folder: Path) -> Path:
     return folder
 
 
-def score(
+def _report_stem(run_id: str) -> str:
+    return "scoring_" + "".join(c if c.isalnum() or c in "-_." else "-" for c in run_id)
+
+
+def score_candidates(
     settings: Settings,
     run_id: str,
     cfg: TrainConfig | None = None,
@@ -152,96 +157,127 @@ def score(
     batch_size: int = 256,
     k_range: tuple[int, int] = (3, 8),
     seed: int = 42,
-) -> ScoringReport:
+) -> dict:
+    """Step 1: predict, segment and write the candidate (published tables untouched)."""
     cfg = cfg or TrainConfig.load()
     model, version, model_run_id = _champion(settings.mlflow_tracking_uri, cfg.registered_model)
     scored_at = datetime.now(UTC).replace(tzinfo=None)
+    reports = settings.home / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    stem = _report_stem(run_id)
     with tempfile.TemporaryDirectory(prefix="valueloop-score-") as tmp:
-        work = Path(tmp)
         predictions, embeddings = _stream_predictions(
-            model, settings.warehouse_path, batch_rows, work, batch_size
+            model, settings.warehouse_path, batch_rows, Path(tmp), batch_size
         )
         segmentation = fit_segments(np.asarray(embeddings), *k_range, seed)
         segment = segmentation.assign(embeddings)
         names = name_segments(
             segment, predictions["p_high"].to_numpy(), predictions["churn_probability"].to_numpy()
         )
-        predictions["segment_id"] = segment.astype("int64")
-        predictions["segment_name"] = [names[s][0] for s in segment]
-        segments = pd.DataFrame(
-            [
-                {
-                    "segment_id": s,
-                    "segment_name": n,
-                    "segment_value_level": v,
-                    "segment_churn_level": c,
-                    "scoring_run_id": run_id,
-                }
-                for s, (n, v, c) in sorted(names.items())
-            ]
+        figure = segment_map(embeddings, segment, {s: n for s, (n, _, _) in names.items()})
+        figure.savefig(reports / f"{stem}_map.png", dpi=90)
+    predictions["segment_id"] = segment.astype("int64")
+    predictions["segment_name"] = [names[s][0] for s in segment]
+    segments = pd.DataFrame(
+        [
+            {
+                "segment_id": s,
+                "segment_name": n,
+                "segment_value_level": v,
+                "segment_churn_level": c,
+                "scoring_run_id": run_id,
+            }
+            for s, (n, v, c) in sorted(names.items())
+        ]
+    )
+    predictions = predictions.assign(
+        model_name=cfg.registered_model,
+        model_version=str(version),
+        model_run_id=model_run_id,
+        scoring_run_id=run_id,
+        scored_at=scored_at,
+    )
+    with connect(settings.warehouse_path) as con:
+        con.execute("create schema if not exists scoring")
+        con.register("_predictions", predictions)
+        con.register("_segments", segments)
+        con.execute(
+            "create or replace table scoring.candidate_predictions as select * from _predictions"
         )
-        predictions = predictions.assign(
-            model_name=cfg.registered_model,
-            model_version=str(version),
-            model_run_id=model_run_id,
-            scoring_run_id=run_id,
-            scored_at=scored_at,
+        con.execute("create or replace table scoring.candidate_segments as select * from _segments")
+    transform.run_dbt(settings, ["build", "--select", f"tag:{transform.SCORING_TAG}"], quiet=True)
+    stats = {
+        "run_id": run_id,
+        "model_name": cfg.registered_model,
+        "model_version": str(version),
+        "customers": len(predictions),
+        "k": segmentation.k,
+        "silhouette_by_k": {str(k): v for k, v in segmentation.silhouette_by_k.items()},
+        "calinski_harabasz": segmentation.calinski_harabasz,
+    }
+    (reports / f"{stem}_segmentation.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def check_candidates(settings: Settings, run_id: str):
+    """Step 2: the scores checkpoint on the candidate; a critical failure raises."""
+    return run_checkpoint(settings, "scores", run_id=run_id, scores_table=CANDIDATE)
+
+
+def publish(settings: Settings, run_id: str) -> ScoringReport:
+    """Step 3: publish atomically, then BI views, Parquet export, report and MLflow run."""
+    reports = settings.home / "reports"
+    stem = _report_stem(run_id)
+    stats = json.loads((reports / f"{stem}_segmentation.json").read_text())
+    with connect(settings.warehouse_path) as con:
+        candidate_runs = con.execute(f"select distinct scoring_run_id from {CANDIDATE}").fetchall()
+        if candidate_runs != [(run_id,)]:
+            raise ValueError(
+                f"the candidate in {CANDIDATE} belongs to {candidate_runs}, not "
+                f"to run {run_id}; score that run first"
+            )
+        _publish(con, run_id)
+    transform.run_dbt(settings, ["build", "--select", f"tag:{transform.BI_VIEWS_TAG}"], quiet=True)
+    with connect(settings.warehouse_path) as con:
+        export_dir = _export(con, settings.home / "exports")
+        report_path = write_report(
+            con, run_id, stats, reports / f"{stem}_map.png", reports / f"{stem}.html"
         )
-        with connect(settings.warehouse_path) as con:
-            con.execute("create schema if not exists scoring")
-            con.register("_predictions", predictions)
-            con.register("_segments", segments)
+        tier_mix = dict(
             con.execute(
-                "create or replace table scoring.candidate_predictions as "
-                "select * from _predictions"
-            )
-            con.execute(
-                "create or replace table scoring.candidate_segments as select * from _segments"
-            )
-        transform.run_dbt(
-            settings, ["build", "--select", f"tag:{transform.SCORING_TAG}"], quiet=True
+                "select value_tier, count(*) / sum(count(*)) over () from marts.customer_scores"
+                " group by 1 order by 1"
+            ).fetchall()
         )
-        run_checkpoint(settings, "scores", run_id=run_id, scores_table=CANDIDATE)
-        with connect(settings.warehouse_path) as con:
-            _publish(con, run_id)
-        transform.run_dbt(
-            settings, ["build", "--select", f"tag:{transform.BI_VIEWS_TAG}"], quiet=True
-        )
-        with connect(settings.warehouse_path) as con:
-            export_dir = _export(con, settings.home / "exports")
-            report_path = write_report(
-                con, run_id, segmentation, embeddings, segment, settings.home / "reports"
-            )
-            tier_mix = dict(
-                con.execute(
-                    "select value_tier, count(*) / sum(count(*)) over () from marts.customer_scores"
-                    " group by 1 order by 1"
-                ).fetchall()
-            )
-        _log_to_mlflow(
-            settings, cfg, run_id, version, segmentation, report_path, tier_mix, len(predictions)
-        )
+    _log_to_mlflow(settings, run_id, stats, report_path, tier_mix)
+    silhouette = stats["silhouette_by_k"][str(stats["k"])]
     return ScoringReport(
         run_id,
-        str(version),
-        len(predictions),
-        segmentation.k,
-        segmentation.silhouette_by_k[segmentation.k],
+        stats["model_version"],
+        stats["customers"],
+        stats["k"],
+        silhouette,
         report_path,
         export_dir,
         tier_mix,
     )
 
 
-def _log_to_mlflow(
+def score(
     settings: Settings,
-    cfg: TrainConfig,
     run_id: str,
-    version: str,
-    segmentation,
-    report_path: Path,
-    tier_mix: dict[str, float],
-    customers: int,
+    cfg: TrainConfig | None = None,
+    batch_rows: int = 20_000,
+    batch_size: int = 256,
+) -> ScoringReport:
+    """All three steps, as `valueloop score` runs them."""
+    score_candidates(settings, run_id, cfg, batch_rows, batch_size)
+    check_candidates(settings, run_id)
+    return publish(settings, run_id)
+
+
+def _log_to_mlflow(
+    settings: Settings, run_id: str, stats: dict, report_path: Path, tier_mix: dict[str, float]
 ) -> None:
     registry.configure(
         settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, SCORING_EXPERIMENT
@@ -250,20 +286,19 @@ def _log_to_mlflow(
         mlflow.set_tags({"valueloop.kind": "scoring", "scoring_run_id": run_id})
         mlflow.log_params(
             {
-                "model_name": cfg.registered_model,
-                "model_version": version,
-                "k": segmentation.k,
-                "customers": customers,
+                "model_name": stats["model_name"],
+                "model_version": stats["model_version"],
+                "k": stats["k"],
+                "customers": stats["customers"],
             }
         )
         mlflow.log_metrics(
             {
-                "silhouette": segmentation.silhouette_by_k[segmentation.k],
-                "calinski_harabasz": segmentation.calinski_harabasz,
-                **{f"silhouette_k{k}": v for k, v in segmentation.silhouette_by_k.items()},
+                "silhouette": stats["silhouette_by_k"][str(stats["k"])],
+                "calinski_harabasz": stats["calinski_harabasz"],
+                **{f"silhouette_k{k}": v for k, v in stats["silhouette_by_k"].items()},
                 **{f"tier_share_{k}": v for k, v in tier_mix.items()},
             }
         )
-        mlflow.log_artifact(str(report_path), artifact_path="report")
-        for extra in report_path.parent.glob(f"{report_path.stem}_*"):
-            mlflow.log_artifact(str(extra), artifact_path="report")
+        for path in sorted(report_path.parent.glob(f"{report_path.stem}*")):
+            mlflow.log_artifact(str(path), artifact_path="report")
