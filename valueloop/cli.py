@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from valueloop import jobs, loaders, transform
@@ -163,8 +164,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="the main job on the demo shop: generate, ingest, check, transform, check, "
-        "train, score",
+        help="the main job on the demo shop, through the Airflow DAGs",
         description="Generate the demo shop, ingest it and build the warehouse; prints a summary.",
     )
     p.add_argument("--customers", type=int, help="number of demo customers")
@@ -172,7 +172,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train-config", type=Path, help="training config (default ml/configs/default.yaml)"
     )
+    p.add_argument(
+        "--no-airflow",
+        action="store_true",
+        help="run the steps directly instead of through the Airflow DAGs",
+    )
     p.set_defaults(func=_cmd_run)
+
+
+def _add_airflow(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "airflow",
+        help="start `airflow standalone` with the project's DAGs",
+        description="Bootstrap Airflow (SQLite metadata under the home folder, "
+        "the warehouse pool, the dbt manifest) and start `airflow standalone`; "
+        "prints the UI address and the login.",
+    )
+    p.set_defaults(func=_cmd_airflow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_promote(sub)
     _add_score(sub)
     _add_run(sub)
+    _add_airflow(sub)
     return parser
 
 
@@ -303,17 +320,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     settings.ensure_dirs()
     print(jobs.generate_demo(settings, args.customers, args.seed))
+    if args.no_airflow:
+        _run_directly(settings, args.train_config)
+    else:
+        from valueloop import orchestration
+
+        if args.train_config:
+            os.environ["VALUELOOP_TRAIN_CONFIG"] = str(args.train_config.resolve())
+            settings = load_settings()
+        orchestration.bootstrap(settings)
+        orchestration.run_dags(settings, datetime.now(UTC).date().isoformat())
+    reports = sorted(
+        (settings.home / "reports").glob("scoring_*.html"), key=lambda p: p.stat().st_mtime
+    )
+    query = (
+        f"import duckdb; duckdb.connect('{settings.warehouse_path}', read_only=True)"
+        ".sql('select * from marts.customer_scores limit 5').show()"
+    )
+    docs = settings.gx_project_dir / "gx" / "uncommitted" / "data_docs"
+    print("\nDone. Where to look:")
+    print(f"  warehouse (open it read-only): {settings.warehouse_path}")
+    print(f'    {sys.executable} -c "{query}"')
+    print(f"  scoring report: {reports[-1] if reports else '(none)'}")
+    print(f"  Parquet export: {settings.home / 'exports'}")
+    print("  experiments:    make mlflow-ui  (http://127.0.0.1:5000)")
+    print(f"  data quality:   quality.validation_results; Data Docs under {docs}")
+    print("  Airflow UI:     make airflow    (http://localhost:8080)")
+    return 0
+
+
+def _run_directly(settings, train_config: Path | None) -> None:
+    """The same steps without Airflow, one after the other."""
+    from ml.config import TrainConfig
+    from ml.score import score
+    from ml.train import train
+
     report = jobs.ingest_path(settings, settings.demo_dir, "simulator")
     print(report.summary())
     run_id = quality.default_run_id()
     print(quality.run_checkpoint(settings, "raw", run_id).summary())
     print(transform.build(settings).summary())
     print(quality.run_checkpoint(settings, "marts", run_id).summary())
-    from ml.config import TrainConfig
-    from ml.score import score
-    from ml.train import train
-
-    config = TrainConfig.load(args.train_config)
+    config = TrainConfig.load(train_config)
     print(
         train(
             config,
@@ -324,13 +372,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ).summary()
     )
     print(score(settings, run_id, config).summary())
-    print(f"\nwarehouse: {settings.warehouse_path} (schemas raw, staging, marts, quality)")
-    print(
-        f'  query it: {sys.executable} -c "import duckdb; duckdb.connect('
-        f"'{settings.warehouse_path}', read_only=True).sql("
-        "'select * from marts.customer_scores limit 5').show()\""
-    )
-    return 0
+
+
+def _cmd_airflow(args: argparse.Namespace) -> int:
+    from valueloop import orchestration
+
+    return orchestration.standalone(load_settings())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import date
@@ -34,6 +35,8 @@ class Settings:
     dbt_project_dir: Path
     dbt_target_dir: Path
     gx_project_dir: Path
+    dbt_executable: Path
+    train_config: Path | None
     pii_salt: str | None
     shop_opened_on: date
     demo_customers: int
@@ -95,10 +98,12 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         airflow_home=path("airflow_home", home_path / "airflow"),
         landing_dir=path("landing_dir", home_path / "landing"),
         quarantine_dir=path("quarantine_dir", home_path / "quarantine"),
-        demo_dir=path("demo_dir", home_path / "demo_shop"),
+        demo_dir=path("demo_dir", home_path / "landing" / "simulator" / "demo_shop"),
         dbt_project_dir=path("dbt_project_dir", REPO_ROOT / "dbt_project"),
         dbt_target_dir=path("dbt_target_dir", home_path / "dbt" / "target"),
         gx_project_dir=path("gx_project_dir", REPO_ROOT / "expectations"),
+        dbt_executable=path("dbt_executable", Path(sys.executable).with_name("dbt")),
+        train_config=path("train_config", None) if env.get(_env_name("train_config")) else None,
         pii_salt=env.get(_env_name("pii_salt")) or None,
         shop_opened_on=date.fromisoformat(env.get(_env_name("shop_opened_on"), "2009-01-01")),
         demo_customers=int(env.get(_env_name("demo_customers"), "10000")),

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -47,9 +46,10 @@ class TransformResult:
         return "dbt: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
 
-def dbt_executable() -> str:
-    beside_python = Path(sys.executable).with_name("dbt")
-    found = str(beside_python) if beside_python.exists() else shutil.which("dbt")
+def dbt_executable(settings: Settings) -> str:
+    found = (
+        str(settings.dbt_executable) if settings.dbt_executable.exists() else shutil.which("dbt")
+    )
     if not found:
         raise TransformError("dbt is not installed in this environment; run `make install`")
     return found
@@ -70,7 +70,7 @@ def run_dbt(
     """Run one dbt command with the platform's profile, target folder, vars and secrets."""
     settings.dbt_target_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        dbt_executable(),
+        dbt_executable(settings),
         *args,
         "--project-dir",
         str(settings.dbt_project_dir),

@@ -1,0 +1,93 @@
+"""
+### ingest_and_transform
+
+Daily. Takes whatever waits in `$VALUELOOP_HOME/landing/<format>/` into the warehouse and
+rebuilds it:
+
+1. **land**: list the landed files (`simulator/`, `online-retail/`, `transactions/`);
+2. **ingest**: load them into schema `raw` (a file already loaded is skipped; bad rows go to
+   `raw.quarantine`);
+3. **check_raw**: the Great Expectations `raw` checkpoint (a critical failure stops the run);
+4. **dbt**: the dbt project rendered by astronomer-cosmos, one task per model (run, then its
+   tests), in dependency order;
+5. **check_marts**: the `marts` checkpoint; on success the marts asset is updated, which
+   triggers `train_model` and `score_customers`.
+
+Every task that writes the DuckDB warehouse takes the one slot of pool `valueloop_warehouse`.
+"""
+
+from datetime import UTC, datetime
+
+from airflow.sdk import dag, task
+from cosmos import DbtTaskGroup, ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
+from cosmos.constants import LoadMode
+
+from valueloop.assets import MARTS, RAW
+from valueloop.config import load_settings
+from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
+
+SETTINGS = load_settings()  # environment only: no I/O at parse time
+
+
+@dag(
+    dag_id="ingest_and_transform",
+    schedule="@daily",
+    start_date=datetime(2025, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["valueloop", "ingest", "dbt", "quality"],
+    doc_md=__doc__,
+)
+def ingest_and_transform():
+    @task
+    def land() -> list[dict[str, str]]:
+        from valueloop import pipeline
+
+        return pipeline.land(load_settings())
+
+    @task(pool=WAREHOUSE_POOL, outlets=[RAW])
+    def ingest(items: list[dict[str, str]]) -> dict[str, int]:
+        from valueloop import pipeline
+
+        return pipeline.ingest_landed(load_settings(), items)
+
+    @task(pool=WAREHOUSE_POOL)
+    def check_raw(run_id=None) -> str:
+        from valueloop.quality.runner import run_checkpoint
+
+        return run_checkpoint(load_settings(), "raw", run_id=run_id).summary()
+
+    dbt = DbtTaskGroup(
+        group_id="dbt",
+        project_config=ProjectConfig(
+            dbt_project_path=SETTINGS.dbt_project_dir,
+            manifest_path=SETTINGS.dbt_target_dir / "manifest.json",
+        ),
+        profile_config=ProfileConfig(
+            profile_name="valueloop",
+            target_name="warehouse",
+            profiles_yml_filepath=SETTINGS.dbt_project_dir / "profiles.yml",
+        ),
+        execution_config=ExecutionConfig(dbt_executable_path=SETTINGS.dbt_executable),
+        render_config=RenderConfig(
+            load_method=LoadMode.DBT_MANIFEST,
+            exclude=["tag:scoring", "tag:bi_views"],
+            # A test across models (relationships) runs after all of them, as in dbt build.
+            should_detach_multiple_parents_tests=True,
+        ),
+        operator_args={"pool": WAREHOUSE_POOL},
+        default_args=DEFAULT_ARGS,
+    )
+
+    @task(pool=WAREHOUSE_POOL, outlets=[MARTS])
+    def check_marts(run_id=None) -> str:
+        from valueloop.quality.runner import run_checkpoint
+
+        return run_checkpoint(load_settings(), "marts", run_id=run_id).summary()
+
+    ingested = ingest(land())
+    ingested >> check_raw() >> dbt >> check_marts()
+
+
+ingest_and_transform()

@@ -1,0 +1,61 @@
+"""
+### score_customers
+
+Runs when the marts are rebuilt or a new champion is promoted. Scores every customer with
+`models:/valueloop-customer-model@champion`:
+
+1. **score**: predictions, segments and next best actions into the candidate tables (schema
+   `scoring`), leaving the published tables untouched;
+2. **check_scores**: the Great Expectations `scores` checkpoint on the candidate;
+3. **publish**: in one transaction, `marts.customer_scores`, `marts.segment_summary` and the
+   run in `marts.customer_scores_history`; then the BI views, the Parquet export and the HTML
+   report; updates the scores asset.
+
+The scoring run id is the Airflow run id: re-running a run replaces its history rows.
+"""
+
+from datetime import UTC, datetime
+
+from airflow.sdk import dag, task
+
+from valueloop.assets import CHAMPION, MARTS, SCORES
+from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
+
+
+@dag(
+    dag_id="score_customers",
+    schedule=(MARTS | CHAMPION),
+    start_date=datetime(2025, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["valueloop", "ml", "bi"],
+    doc_md=__doc__,
+)
+def score_customers():
+    @task(pool=WAREHOUSE_POOL)
+    def score(run_id=None) -> dict:
+        from ml.score import score_candidates
+        from valueloop.config import load_settings
+
+        return score_candidates(load_settings(), run_id)
+
+    @task(pool=WAREHOUSE_POOL)
+    def check_scores(stats: dict) -> str:
+        from ml.score import check_candidates
+        from valueloop.config import load_settings
+
+        return check_candidates(load_settings(), stats["run_id"]).summary()
+
+    @task(pool=WAREHOUSE_POOL, outlets=[SCORES])
+    def publish(stats: dict) -> str:
+        from ml.score import publish as publish_scores
+        from valueloop.config import load_settings
+
+        return publish_scores(load_settings(), stats["run_id"]).summary()
+
+    stats = score()
+    check_scores(stats) >> publish(stats)
+
+
+score_customers()

@@ -1,0 +1,56 @@
+"""
+### train_model
+
+Runs when the marts asset is updated (after `ingest_and_transform` passes its checks), and
+weekly on Mondays at 04:00 UTC. Trains the transformer and the baselines on the same splits,
+logs them to MLflow and runs the champion/challenger gate. Only when the challenger is
+promoted does **announce_champion** update the champion asset, which triggers
+`score_customers`.
+
+The training config comes from `VALUELOOP_TRAIN_CONFIG` (default `ml/configs/default.yaml`).
+"""
+
+from datetime import UTC, datetime
+
+from airflow.sdk import dag, task
+from airflow.timetables.assets import AssetOrTimeSchedule
+from airflow.timetables.trigger import CronTriggerTimetable
+
+from valueloop.assets import CHAMPION, MARTS
+from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
+
+
+@dag(
+    dag_id="train_model",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 4 * * 1", timezone="UTC"), assets=[MARTS]
+    ),
+    start_date=datetime(2025, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["valueloop", "ml", "mlflow"],
+    doc_md=__doc__,
+)
+def train_model():
+    # Reading the marts needs the warehouse free of writers (DuckDB locks the file).
+    @task(pool=WAREHOUSE_POOL)
+    def train() -> dict:
+        from valueloop import pipeline
+        from valueloop.config import load_settings
+
+        return pipeline.train_and_gate(load_settings())
+
+    @task.short_circuit
+    def promoted(result: dict) -> bool:
+        return bool(result["promoted"])
+
+    @task(outlets=[CHAMPION])
+    def announce_champion(result: dict) -> str:
+        return f"champion is now version {result['champion']}: {result['reason']}"
+
+    result = train()
+    promoted(result) >> announce_champion(result)
+
+
+train_model()

@@ -1,0 +1,230 @@
+"""The Airflow DAGs: DagBag integrity, a real end-to-end run, and the REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+
+from tests.conftest import REPO_ROOT
+from valueloop import orchestration, transform
+from valueloop.config import Settings, load_settings
+
+DAGBAG_PROBE = """
+import json, sys, time
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+heavy = [m for m in ("pandas", "torch", "duckdb", "mlflow", "sklearn", "lightgbm",
+                     "transformers", "great_expectations") if m in sys.modules]
+dags = {}
+for dag_id, dag in bag.dags.items():
+    dags[dag_id] = {
+        "tags": sorted(dag.tags), "file": dag.fileloc,
+        "tasks": {t.task_id: {"owner": t.owner, "retries": t.retries, "pool": t.pool,
+                              "outlets": [getattr(o, "name", None) for o in t.outlets],
+                              "callback": bool(t.on_failure_callback)}
+                  for t in dag.tasks},
+        "schedule": repr(dag.timetable),
+    }
+stats = {s.file: s.duration.total_seconds() if hasattr(s.duration, "total_seconds")
+         else float(s.duration) for s in bag.dagbag_stats}
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
+                  "dags": dags, "stats": stats, "heavy": heavy}))
+"""
+
+
+@pytest.fixture(scope="module")
+def airflow_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    settings = load_settings(
+        env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path_factory.mktemp("airflow_home")
+    )
+    settings.ensure_dirs()
+    transform.run_dbt(settings, ["parse"], quiet=True)  # the manifest cosmos renders
+    return settings
+
+
+def dagbag(settings: Settings) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", DAGBAG_PROBE, str(REPO_ROOT / "dags")],
+        env=orchestration.airflow_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_dagbag_imports_cleanly_with_house_rules(airflow_settings: Settings) -> None:
+    bag = dagbag(airflow_settings)
+    assert bag["errors"] == {}
+    assert set(bag["dags"]) == set(orchestration.DAG_IDS)
+    assert bag["heavy"] == [], "DAG files must not import heavy libraries at parse time"
+    for file, seconds in bag["stats"].items():
+        assert seconds < 2.0, f"{file} took {seconds:.2f}s to parse"
+    for dag_id, dag in bag["dags"].items():
+        assert "valueloop" in dag["tags"], dag_id
+        for task_id, task in dag["tasks"].items():
+            assert task["owner"] == "valueloop", (dag_id, task_id)
+            assert task["retries"] >= 1, (dag_id, task_id)
+            assert task["callback"], (dag_id, task_id)
+
+
+def test_every_warehouse_writer_takes_the_one_slot_pool(airflow_settings: Settings) -> None:
+    dags = dagbag(airflow_settings)["dags"]
+    ingest = dags["ingest_and_transform"]["tasks"]
+    writers = [t for t in ingest if t != "land"]
+    assert writers and all(ingest[t]["pool"] == orchestration.WAREHOUSE_POOL for t in writers)
+    assert any(t.startswith("dbt.") for t in ingest), "each dbt model is an Airflow task"
+    for dag_id in ("train_model", "score_customers"):
+        tasks = dags[dag_id]["tasks"]
+        touching = [t for t in tasks if t not in ("promoted", "announce_champion")]
+        assert all(tasks[t]["pool"] == orchestration.WAREHOUSE_POOL for t in touching), dag_id
+
+
+def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
+    dags = dagbag(airflow_settings)["dags"]
+    assert dags["ingest_and_transform"]["tasks"]["check_marts"]["outlets"] == ["valueloop_marts"]
+    assert dags["train_model"]["tasks"]["announce_champion"]["outlets"] == ["valueloop_champion"]
+    assert dags["score_customers"]["tasks"]["publish"]["outlets"] == ["valueloop_scores"]
+    assert "AssetOrTimeSchedule" in dags["train_model"]["schedule"]
+    assert "valueloop_marts" in dags["train_model"]["schedule"]
+    schedule = dags["score_customers"]["schedule"]
+    assert "valueloop_marts" in schedule and "valueloop_champion" in schedule
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """`valueloop run` through Airflow on a tiny shop with a tiny model."""
+    home = tmp_path_factory.mktemp("pipeline")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
+    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s"})
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("valueloop")),
+            "run",
+            "--customers",
+            "800",
+            "--train-config",
+            str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-6000:])
+    return load_settings(
+        env={
+            "VALUELOOP_PII_SALT": "s",
+            "VALUELOOP_TRAIN_CONFIG": str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+        },
+        home=home,
+    )
+
+
+def test_the_dags_run_end_to_end_and_publish_scores(pipeline_run: Settings) -> None:
+    settings = pipeline_run
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        scored, to_score = con.execute("""select (select count(*) from marts.customer_scores),
+                                          (select count(*) from marts.scoring_set)""").fetchall()[0]
+        runs = con.execute("select distinct scoring_run_id from marts.customer_scores").fetchall()
+    assert scored == to_score > 0
+    assert runs[0][0].startswith("manual__")  # the Airflow run id
+    for dag_id in orchestration.DAG_IDS:
+        listed = subprocess.run(
+            [orchestration.airflow_cli(), "dags", "list-runs", dag_id, "-o", "json"],
+            env=orchestration.airflow_env(settings),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        states = {r["state"] for r in json.loads(listed.stdout)}
+        assert states == {"success"}, (dag_id, states)
+
+
+def test_rerunning_the_same_date_leaves_the_same_tables(pipeline_run: Settings) -> None:
+    settings = pipeline_run
+    tables = ("raw.order_lines", "raw.quarantine", "marts.fct_order_lines", "marts.scoring_set")
+
+    def counts() -> dict[str, int]:
+        with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+            return {t: con.execute(f"select count(*) from {t}").fetchall()[0][0] for t in tables}
+
+    before = counts()
+    listed = subprocess.run(
+        [orchestration.airflow_cli(), "dags", "list-runs", "ingest_and_transform", "-o", "json"],
+        env=orchestration.airflow_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    logical_date = json.loads(listed.stdout)[0]["logical_date"][:10]
+    orchestration.run_dags(settings, logical_date, ("ingest_and_transform",))
+    assert counts() == before
+
+
+def test_the_rest_api_lists_and_triggers_dags(pipeline_run: Settings) -> None:
+    settings = pipeline_run
+    port = _free_port()
+    server = subprocess.Popen(
+        [orchestration.airflow_cli(), "api-server", "--port", str(port), "--host", "127.0.0.1"],
+        env=orchestration.airflow_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the API server did not come up in 120 s"
+            assert server.poll() is None, "the API server exited"
+            time.sleep(1)
+        token = httpx.post(
+            f"{base}/auth/token",
+            json={
+                "username": orchestration.ADMIN_USER,
+                "password": orchestration.admin_password(settings),
+            },
+            timeout=10,
+        )
+        assert token.status_code in (200, 201), token.text
+        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        dags = httpx.get(f"{base}/api/v2/dags", headers=headers, timeout=10).json()
+        assert set(orchestration.DAG_IDS) <= {d["dag_id"] for d in dags["dags"]}
+        created = httpx.post(
+            f"{base}/api/v2/dags/train_model/dagRuns",
+            headers=headers,
+            json={"logical_date": None},
+            timeout=10,
+        )
+        assert created.status_code == 200, created.text
+        run_id = created.json()["dag_run_id"]
+        fetched = httpx.get(
+            f"{base}/api/v2/dags/train_model/dagRuns/{run_id}", headers=headers, timeout=10
+        )
+        assert fetched.json()["state"] in ("queued", "running")
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

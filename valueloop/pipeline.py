@@ -1,0 +1,83 @@
+"""What the Airflow tasks call: thin, importable steps over the same functions as the CLI.
+
+Tasks pass only paths, ids and small summaries between each other (XCom stays small).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from valueloop import jobs, loaders
+from valueloop.config import Settings
+
+log = logging.getLogger(__name__)
+
+# landing/<format>/... : a folder per format; a transactions file brings its mapping as
+# <file>.mapping.json (the keyword arguments of TransactionsMapping).
+LANDING_FORMATS = ("simulator", "online-retail", "transactions")
+
+
+def land(settings: Settings) -> list[dict[str, str]]:
+    """The files waiting in the landing folder, in a stable order, with their format."""
+    found: list[dict[str, str]] = []
+    for fmt in LANDING_FORMATS:
+        folder = settings.landing_dir / fmt
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or path.name.endswith(".mapping.json"):
+                continue
+            if fmt == "simulator" and not path.is_dir():
+                continue
+            found.append({"path": str(path), "format": fmt})
+    log.info("landing: %d item(s) in %s", len(found), settings.landing_dir)
+    return found
+
+
+def _mapping(path: Path) -> loaders.TransactionsMapping:
+    mapping_file = path.with_name(path.name + ".mapping.json")
+    if not mapping_file.exists():
+        raise FileNotFoundError(
+            f"{path}: a transactions file needs {mapping_file.name} beside "
+            "it with its column mapping"
+        )
+    return loaders.TransactionsMapping(**json.loads(mapping_file.read_text()))
+
+
+def ingest_landed(settings: Settings, items: list[dict[str, str]]) -> dict[str, int]:
+    """Ingest every landed item (already-loaded files are skipped); returns the totals."""
+    totals = {"files": 0, "read": 0, "accepted": 0, "quarantined": 0, "skipped": 0}
+    for item in items:
+        path = Path(item["path"])
+        mapping = _mapping(path) if item["format"] == "transactions" else None
+        report = jobs.ingest_path(settings, path, item["format"], mapping)
+        log.info("%s", report.summary())
+        totals["files"] += len(report.results)
+        totals["skipped"] += sum(r.skipped for r in report.results)
+        totals["read"] += report.rows_read
+        totals["accepted"] += report.rows_accepted
+        totals["quarantined"] += report.rows_quarantined
+    return totals
+
+
+def train_and_gate(settings: Settings) -> dict[str, object]:
+    """Train, evaluate and gate; returns whether the challenger was promoted."""
+    from ml.config import TrainConfig
+    from ml.train import train
+
+    report = train(
+        TrainConfig.load(settings.train_config),
+        settings.warehouse_path,
+        settings.mlflow_tracking_uri,
+        settings.mlflow_artifacts_dir,
+        settings.home / "cache",
+    )
+    log.info("%s", report.summary())
+    return {
+        "promoted": report.decision.promote,
+        "challenger": report.challenger_version,
+        "champion": report.champion_version,
+        "reason": report.decision.reason,
+    }
