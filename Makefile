@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 export VALUELOOP_HOME ?= $(CURDIR)/data
 
-.PHONY: install run test lint format lock clean mlflow-ui
+.PHONY: install run test lint format lock clean mlflow-ui airflow
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ run: install ## the main job on the demo shop
 
 test: install ## the whole test suite
 	$(BIN)/pytest
+
+airflow: install ## airflow standalone with the project's DAGs (UI on :8080)
+	$(BIN)/valueloop airflow
 
 mlflow-ui: install ## the MLflow UI on the platform's tracking store
 	@echo "MLflow UI: http://127.0.0.1:5000 (tracking store $(VALUELOOP_HOME)/mlflow.db)"
