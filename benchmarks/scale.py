@@ -29,8 +29,9 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 
 def measure(code: str, env: dict[str, str]) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, code], env=env, capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, code], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -40,16 +41,16 @@ def run_size(customers: int, work: Path) -> dict[str, dict]:
     env = {**os.environ, "VALUELOOP_HOME": str(home)}
     steps = {
         "generate": "from valueloop import jobs; from valueloop.config import load_settings; "
-                    f"jobs.generate_demo(load_settings(), {customers}, 1)",
+        f"jobs.generate_demo(load_settings(), {customers}, 1)",
         "ingest": "from valueloop import jobs; from valueloop.config import load_settings; "
-                  "s = load_settings(); jobs.ingest_path(s, s.demo_dir, 'simulator')",
+        "s = load_settings(); jobs.ingest_path(s, s.demo_dir, 'simulator')",
         "raw checkpoint": "from valueloop.config import load_settings; "
-                          "from valueloop.quality.runner import run_checkpoint; "
-                          "run_checkpoint(load_settings(), 'raw')",
-        "pandas load of raw.order_lines (baseline)":
-            "import duckdb; from valueloop.config import load_settings; "
-            "con = duckdb.connect(str(load_settings().warehouse_path), read_only=True); "
-            "frame = con.execute('select * from raw.order_lines').df(); print(len(frame))",
+        "from valueloop.quality.runner import run_checkpoint; "
+        "run_checkpoint(load_settings(), 'raw')",
+        "pandas load of raw.order_lines (baseline)": "import duckdb; "
+        "from valueloop.config import load_settings; "
+        "con = duckdb.connect(str(load_settings().warehouse_path), read_only=True); "
+        "frame = con.execute('select * from raw.order_lines').df(); print(len(frame))",
     }
     return {name: measure(code, env) for name, code in steps.items()}
 
@@ -62,17 +63,23 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     small, large = run_size(args.small, args.work), run_size(args.large, args.work)
-    print(f"| step | {args.small:,} customers | {args.large:,} customers | time ratio "
-          f"| peak RSS ratio |\n|---|---|---|---|---|")
+    print(
+        f"| step | {args.small:,} customers | {args.large:,} customers | time ratio "
+        f"| peak RSS ratio |\n|---|---|---|---|---|"
+    )
     for step in small:
         s, g = small[step], large[step]
-        print(f"| {step} | {s['seconds']:.1f} s, {s['peak_rss_mb']:.0f} MB | {g['seconds']:.1f} s,"
-              f" {g['peak_rss_mb']:.0f} MB | {g['seconds'] / s['seconds']:.1f} | "
-              f"{g['peak_rss_mb'] / s['peak_rss_mb']:.2f} |")
+        print(
+            f"| {step} | {s['seconds']:.1f} s, {s['peak_rss_mb']:.0f} MB | {g['seconds']:.1f} s,"
+            f" {g['peak_rss_mb']:.0f} MB | {g['seconds'] / s['seconds']:.1f} | "
+            f"{g['peak_rss_mb'] / s['peak_rss_mb']:.2f} |"
+        )
     check, pandas = large["raw checkpoint"], large["pandas load of raw.order_lines (baseline)"]
-    print(f"\nraw checkpoint at {args.large:,} customers: peak RSS "
-          f"{check['peak_rss_mb'] / pandas['peak_rss_mb']:.2f}x of a pandas load of the table "
-          f"(total benchmark time {time.perf_counter() - started:.0f} s)")
+    print(
+        f"\nraw checkpoint at {args.large:,} customers: peak RSS "
+        f"{check['peak_rss_mb'] / pandas['peak_rss_mb']:.2f}x of a pandas load of the table "
+        f"(total benchmark time {time.perf_counter() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

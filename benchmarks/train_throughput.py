@@ -41,26 +41,39 @@ def build(cfg: TrainConfig, warehouse: Path, rows: int):
     frames = split_by_time(frame, rows, 64, 64, cfg.seed)
     scaler = FeatureScaler.fit(frames["train"], numeric_columns(frame))
     tokenizer = load_tokenizer(cfg.encoder)
-    data = CustomerDataModule(frames, tokenizer, scaler, cfg.max_length, cfg.batch_size,
-                              cfg.eval_batch_size, Path("/tmp/valueloop-bench-cache"), cfg.seed)
+    data = CustomerDataModule(
+        frames,
+        tokenizer,
+        scaler,
+        cfg.max_length,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        Path("/tmp/valueloop-bench-cache"),
+        cfg.seed,
+    )
     data.prepare_data()
     data.setup("fit")
 
     def module() -> CustomerModel:
         pl.seed_everything(cfg.seed)
-        return CustomerModel(cfg.encoder, tokenizer.vocab_size, len(scaler.columns),
-                             cfg.fused_dim, cfg.dropout, cfg.trainable_layers, cfg.encoder_lr,
-                             cfg.head_lr, cfg.weight_decay, cfg.churn_loss_weight,
-                             [1.0, 1.0, 1.0])
+        return CustomerModel.from_config(cfg, tokenizer.vocab_size, len(scaler.columns))
 
     return data, module
 
 
 def lightning_rate(data, make_module, warmup: int, steps: int) -> float:
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=warmup + steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(make_module(), data.train_dataloader())
     return timer.samples / (time.perf_counter() - timer.start)
 
@@ -100,12 +113,17 @@ def main() -> None:
     data, make_module = build(cfg, args.warehouse, args.rows)
     plain = plain_rate(data, make_module, args.warmup, args.steps)
     lightning = lightning_rate(data, make_module, args.warmup, args.steps)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"CPU, {torch.get_num_threads()} threads")
-    print(f"| encoder | device | batch | plain loop (samples/s) | Lightning (samples/s) "
-          f"| ratio |\n|---|---|---|---|---|---|\n| {cfg.encoder} (top {cfg.trainable_layers}"
-          f" layers trained) | {device} | {cfg.batch_size} | {plain:.1f} | {lightning:.1f} "
-          f"| {lightning / plain:.2f} |")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else (f"CPU, {torch.get_num_threads()} threads")
+    )
+    print(
+        f"| encoder | device | batch | plain loop (samples/s) | Lightning (samples/s) "
+        f"| ratio |\n|---|---|---|---|---|---|\n| {cfg.encoder} (top {cfg.trainable_layers}"
+        f" layers trained) | {device} | {cfg.batch_size} | {plain:.1f} | {lightning:.1f} "
+        f"| {lightning / plain:.2f} |"
+    )
 
 
 if __name__ == "__main__":

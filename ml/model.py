@@ -141,6 +141,25 @@ class CustomerModel(pl.LightningModule):
             }
         )
 
+    @classmethod
+    def from_config(
+        cls, cfg, vocab_size: int, n_numeric: int, tier_weights: list[float] | None = None
+    ) -> CustomerModel:
+        """Build from a TrainConfig (tier weights default to equal)."""
+        return cls(
+            encoder=cfg.encoder,
+            vocab_size=vocab_size,
+            n_numeric=n_numeric,
+            fused_dim=cfg.fused_dim,
+            dropout=cfg.dropout,
+            trainable_layers=cfg.trainable_layers,
+            encoder_lr=cfg.encoder_lr,
+            head_lr=cfg.head_lr,
+            weight_decay=cfg.weight_decay,
+            churn_loss_weight=cfg.churn_loss_weight,
+            tier_weights=tier_weights or [1.0] * len(TIERS),
+        )
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.net(batch["input_ids"], batch["attention_mask"], batch["numeric"])
 

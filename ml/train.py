@@ -159,18 +159,8 @@ def train_transformer(
         cache_dir,
         cfg.seed,
     )
-    module = CustomerModel(
-        encoder=cfg.encoder,
-        vocab_size=tokenizer.vocab_size,
-        n_numeric=len(scaler.columns),
-        fused_dim=cfg.fused_dim,
-        dropout=cfg.dropout,
-        trainable_layers=cfg.trainable_layers,
-        encoder_lr=cfg.encoder_lr,
-        head_lr=cfg.head_lr,
-        weight_decay=cfg.weight_decay,
-        churn_loss_weight=cfg.churn_loss_weight,
-        tier_weights=_class_weights(frames["train"]),
+    module = CustomerModel.from_config(
+        cfg, tokenizer.vocab_size, len(scaler.columns), _class_weights(frames["train"])
     )
     mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     trainer = _trainer(cfg, mlflow_logger, work_dir / "checkpoints")

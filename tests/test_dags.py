@@ -21,7 +21,7 @@ from valueloop.config import Settings, load_settings
 DAGBAG_PROBE = """
 import json, sys, time
 from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])
 heavy = [m for m in ("pandas", "torch", "duckdb", "mlflow", "sklearn", "lightgbm",
                      "transformers", "great_expectations") if m in sys.modules]
 dags = {}
@@ -32,7 +32,8 @@ for dag_id, dag in bag.dags.items():
                               "outlets": [getattr(o, "name", None) for o in t.outlets],
                               "callback": bool(t.on_failure_callback)}
                   for t in dag.tasks},
-        "schedule": repr(dag.timetable),
+        "schedule": type(dag.timetable).__name__
+        + repr(getattr(dag.timetable, "asset_condition", "")),
     }
 stats = {s.file: s.duration.total_seconds() if hasattr(s.duration, "total_seconds")
          else float(s.duration) for s in bag.dagbag_stats}
@@ -101,6 +102,18 @@ def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
     assert "valueloop_marts" in schedule and "valueloop_champion" in schedule
 
 
+def list_runs(settings: Settings, dag_id: str) -> list[dict]:
+    """`airflow dags list-runs -o json` (Airflow logs to stdout before the JSON)."""
+    listed = subprocess.run(
+        [orchestration.airflow_cli(), "dags", "list-runs", dag_id, "-o", "json"],
+        env=orchestration.airflow_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(listed.stdout.strip().splitlines()[-1])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -147,14 +160,7 @@ def test_the_dags_run_end_to_end_and_publish_scores(pipeline_run: Settings) -> N
     assert scored == to_score > 0
     assert runs[0][0].startswith("manual__")  # the Airflow run id
     for dag_id in orchestration.DAG_IDS:
-        listed = subprocess.run(
-            [orchestration.airflow_cli(), "dags", "list-runs", dag_id, "-o", "json"],
-            env=orchestration.airflow_env(settings),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        states = {r["state"] for r in json.loads(listed.stdout)}
+        states = {r["state"] for r in list_runs(settings, dag_id)}
         assert states == {"success"}, (dag_id, states)
 
 
@@ -167,14 +173,7 @@ def test_rerunning_the_same_date_leaves_the_same_tables(pipeline_run: Settings) 
             return {t: con.execute(f"select count(*) from {t}").fetchall()[0][0] for t in tables}
 
     before = counts()
-    listed = subprocess.run(
-        [orchestration.airflow_cli(), "dags", "list-runs", "ingest_and_transform", "-o", "json"],
-        env=orchestration.airflow_env(settings),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    logical_date = json.loads(listed.stdout)[0]["logical_date"][:10]
+    logical_date = list_runs(settings, "ingest_and_transform")[0]["logical_date"][:10]
     orchestration.run_dags(settings, logical_date, ("ingest_and_transform",))
     assert counts() == before
 

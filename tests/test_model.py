@@ -71,19 +71,7 @@ def _tiny_module(settings: Settings, cfg: TrainConfig):
         settings.home / "cache",
         cfg.seed,
     )
-    module = CustomerModel(
-        cfg.encoder,
-        tokenizer.vocab_size,
-        len(scaler.columns),
-        cfg.fused_dim,
-        cfg.dropout,
-        cfg.trainable_layers,
-        cfg.encoder_lr,
-        cfg.head_lr,
-        cfg.weight_decay,
-        cfg.churn_loss_weight,
-        [1.0, 1.0, 1.0],
-    )
+    module = CustomerModel.from_config(cfg, tokenizer.vocab_size, len(scaler.columns))
     return frames, scaler, tokenizer, data, module
 
 
