@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.conftest import ONLINE_RETAIL_CSV, write_text
+from tests.conftest import ONLINE_RETAIL_CSV, REPO_ROOT, write_text
 
 VALUELOOP = str(Path(sys.executable).with_name("valueloop"))
 
@@ -30,15 +30,27 @@ def test_every_command_has_help(tmp_path: Path, command: list[str]) -> None:
     assert "usage: valueloop" in result.stdout
 
 
-def test_run_generates_and_ingests_the_demo_shop_idempotently(tmp_path: Path) -> None:
-    first = run_cli("run", "--customers", "300", "--seed", "5", home=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "300 customers" in first.stdout and "quarantined 0" in first.stdout
-    second = run_cli("run", "--customers", "300", "--seed", "5", home=tmp_path)
-    assert second.returncode == 0, second.stderr
+def test_run_without_airflow_goes_from_nothing_to_scores_idempotently(tmp_path: Path) -> None:
+    """The direct path of `valueloop run` (the Airflow path is tested in test_dags.py)."""
+    args = (
+        "run",
+        "--customers",
+        "600",
+        "--seed",
+        "5",
+        "--no-airflow",
+        "--train-config",
+        str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+    )
+    first = run_cli(*args, home=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "600 customers" in first.stdout and "quarantined 0" in first.stdout
+    assert "scored" in first.stdout and "Done. Where to look" in first.stdout
+    second = run_cli(*args, home=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
     assert "4 file(s) already loaded" in second.stdout
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:
-        assert con.execute("select count(*) from raw.customers").fetchone()[0] == 300
+        assert con.execute("select count(*) from raw.customers").fetchone()[0] == 600
         assert con.execute("select count(*) from raw.ingest_batches").fetchone()[0] == 4
 
 
