@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--naive-rows", type=int, default=128)
     parser.add_argument("--memory-encoder", default="tiny-random")
+    parser.add_argument("--sizes", default="100000,1000000",
+                        help="comma-separated numbers of customers to stream")
     args = parser.parse_args()
     batched, naive = throughput(args.warehouse, args.encoder, args.rows, args.naive_rows)
     print(
@@ -96,7 +98,7 @@ def main() -> None:
     with duckdb.connect(str(args.warehouse), read_only=True) as con:
         base = con.execute("select count(*) from marts.scoring_set").fetchall()[0][0]
     rows = []
-    for target in (100_000, 1_000_000):
+    for target in (int(n) for n in args.sizes.split(",")):
         copies = -(-target // base)
         result = subprocess.run(
             [sys.executable, "-c", CHILD, str(args.warehouse), args.memory_encoder, str(copies)],
@@ -114,7 +116,8 @@ def main() -> None:
             f"| {r['customers']:,} | {r['seconds']:.0f} s | {r['customers'] / r['seconds']:.0f}"
             f" | {r['peak_rss_mb']:.0f} MB |"
         )
-    print(f"\npeak RSS ratio 1M / 100k: {rows[1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}")
+    print(f"\npeak RSS ratio, largest / smallest: "
+          f"{rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}")
 
 
 if __name__ == "__main__":
