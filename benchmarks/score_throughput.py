@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--naive-rows", type=int, default=128)
     parser.add_argument("--memory-encoder", default="tiny-random")
-    parser.add_argument("--sizes", default="100000,1000000",
-                        help="comma-separated numbers of customers to stream")
+    parser.add_argument(
+        "--sizes", default="100000,1000000", help="comma-separated numbers of customers to stream"
+    )
     args = parser.parse_args()
     batched, naive = throughput(args.warehouse, args.encoder, args.rows, args.naive_rows)
     print(
@@ -116,8 +117,10 @@ def main() -> None:
             f"| {r['customers']:,} | {r['seconds']:.0f} s | {r['customers'] / r['seconds']:.0f}"
             f" | {r['peak_rss_mb']:.0f} MB |"
         )
-    print(f"\npeak RSS ratio, largest / smallest: "
-          f"{rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}")
+    print(
+        f"\npeak RSS ratio, largest / smallest: "
+        f"{rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -19,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from ml.config import TrainConfig
-from ml.data import CustomerDataModule, FeatureScaler, numeric_columns, read_mart, split_by_time
+from ml.data import CustomerDataModule, load_splits
 from ml.model import CustomerModel, load_tokenizer
 
 
@@ -37,19 +38,12 @@ class StepTimer(Callback):
 
 
 def build(cfg: TrainConfig, warehouse: Path, rows: int):
-    frame = read_mart(warehouse, "training_set")
-    frames = split_by_time(frame, rows, 64, 64, cfg.seed)
-    scaler = FeatureScaler.fit(frames["train"], numeric_columns(frame))
+    frames, scaler = load_splits(
+        replace(cfg, max_train_rows=rows, max_val_rows=64, holdout_rows=64), warehouse
+    )
     tokenizer = load_tokenizer(cfg.encoder)
-    data = CustomerDataModule(
-        frames,
-        tokenizer,
-        scaler,
-        cfg.max_length,
-        cfg.batch_size,
-        cfg.eval_batch_size,
-        Path("/tmp/valueloop-bench-cache"),
-        cfg.seed,
+    data = CustomerDataModule.from_config(
+        frames, tokenizer, scaler, cfg, Path("/tmp/valueloop-bench-cache")
     )
     data.prepare_data()
     data.setup("fit")

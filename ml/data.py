@@ -192,6 +192,13 @@ def tokenize(tokenizer, documents: list[str], max_length: int) -> list[list[int]
     return tokenizer(documents, truncation=True, max_length=max_length)["input_ids"]
 
 
+def load_splits(cfg, warehouse: Path) -> tuple[dict[str, pd.DataFrame], FeatureScaler]:
+    """The training set split by time per the config, and the scaler fitted on train."""
+    frame = read_mart(warehouse, "training_set")
+    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
+    return frames, FeatureScaler.fit(frames["train"], numeric_columns(frame))
+
+
 class CustomerDataModule(pl.LightningDataModule):
     """Owns tokenising (cached on disk, once per dataset and tokenizer) and the loaders."""
 
@@ -215,6 +222,21 @@ class CustomerDataModule(pl.LightningDataModule):
         )
         self.cache_dir, self.seed = cache_dir, seed
         self.datasets: dict[str, CustomerDataset] = {}
+
+    @classmethod
+    def from_config(
+        cls, frames: dict[str, pd.DataFrame], tokenizer, scaler: FeatureScaler, cfg, cache_dir: Path
+    ) -> CustomerDataModule:
+        return cls(
+            frames,
+            tokenizer,
+            scaler,
+            cfg.max_length,
+            cfg.batch_size,
+            cfg.eval_batch_size,
+            cache_dir,
+            cfg.seed,
+        )
 
     def _cache_path(self, name: str) -> Path:
         digest = hashlib.sha256()

@@ -31,9 +31,7 @@ from ml.data import (
     TIERS,
     CustomerDataModule,
     FeatureScaler,
-    numeric_columns,
-    read_mart,
-    split_by_time,
+    load_splits,
     tier_index,
     to_model_input,
 )
@@ -149,16 +147,7 @@ def train_transformer(
 ):
     """Fine-tune with Lightning; returns the best net (on CPU or GPU) and its tokenizer."""
     tokenizer = load_tokenizer(cfg.encoder)
-    data = CustomerDataModule(
-        frames,
-        tokenizer,
-        scaler,
-        cfg.max_length,
-        cfg.batch_size,
-        cfg.eval_batch_size,
-        cache_dir,
-        cfg.seed,
-    )
+    data = CustomerDataModule.from_config(frames, tokenizer, scaler, cfg, cache_dir)
     module = CustomerModel.from_config(
         cfg, tokenizer.vocab_size, len(scaler.columns), _class_weights(frames["train"])
     )
@@ -178,10 +167,8 @@ def train(
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    frame = read_mart(warehouse, "training_set")
-    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
-    numeric = numeric_columns(frame)
-    scaler = FeatureScaler.fit(frames["train"], numeric)
+    frames, scaler = load_splits(cfg, warehouse)
+    numeric = scaler.columns
     holdout = frames["test"]
     horizon = _horizon_days(warehouse)
     registry.configure(tracking_uri, artifacts_dir, cfg.experiment)

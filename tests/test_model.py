@@ -16,10 +16,8 @@ from ml import registry
 from ml.config import DEFAULT_CONFIG, TrainConfig
 from ml.data import (
     CustomerDataModule,
-    FeatureScaler,
-    numeric_columns,
+    load_splits,
     read_mart,
-    split_by_time,
     to_model_input,
 )
 from ml.model import CustomerModel, load_tokenizer
@@ -57,20 +55,9 @@ def trained(warehouse: Settings):
 
 
 def _tiny_module(settings: Settings, cfg: TrainConfig):
-    frame = read_mart(settings.warehouse_path, "training_set")
-    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
-    scaler = FeatureScaler.fit(frames["train"], numeric_columns(frame))
+    frames, scaler = load_splits(cfg, settings.warehouse_path)
     tokenizer = load_tokenizer(cfg.encoder)
-    data = CustomerDataModule(
-        frames,
-        tokenizer,
-        scaler,
-        cfg.max_length,
-        cfg.batch_size,
-        cfg.eval_batch_size,
-        settings.home / "cache",
-        cfg.seed,
-    )
+    data = CustomerDataModule.from_config(frames, tokenizer, scaler, cfg, settings.home / "cache")
     module = CustomerModel.from_config(cfg, tokenizer.vocab_size, len(scaler.columns))
     return frames, scaler, tokenizer, data, module
 
