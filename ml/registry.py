@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
@@ -252,7 +251,3 @@ def holdout_scores(model_uri: str, frame: pd.DataFrame) -> Predictions:
     output = mlflow.pyfunc.load_model(model_uri).predict(frame)
     tiers = output[["p_high", "p_active", "p_lapsed"]].to_numpy(dtype="float64")
     return Predictions(output["churn_probability"].to_numpy(dtype="float64"), tiers, tiers[:, 0])
-
-
-def numeric_frame(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    return frame[columns].to_numpy()

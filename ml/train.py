@@ -8,7 +8,6 @@ beats the incumbent (the champion, or on the first run the LightGBM baseline).
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -328,7 +327,3 @@ def _gate(
         )
     registry.set_alias(name, registry.CHAMPION, baseline_version)
     return decision, baseline_version
-
-
-def metrics_table(report: TrainReport) -> str:
-    return json.dumps(report.metrics, indent=2)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -240,4 +239,3 @@ def test_config_rejects_unknown_settings(tmp_path: Path) -> None:
     path.write_text("max_epochs: 2\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
         TrainConfig.load(path)
-    assert pd.api.types.is_float_dtype(pd.Series([1.0]))

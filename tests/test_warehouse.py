@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import date
 from pathlib import Path
 
@@ -179,7 +178,7 @@ def test_a_failing_dbt_test_is_reported_by_name(tmp_path: Path) -> None:
 
 
 def test_transform_without_a_warehouse_says_what_to_do(tmp_path: Path) -> None:
-    settings = dataclasses.replace(load_settings(env={}, home=tmp_path))
+    settings = load_settings(env={}, home=tmp_path)
     with pytest.raises(transform.TransformError, match="run `valueloop ingest` first"):
         transform.build(settings)
 
