@@ -92,11 +92,33 @@ def negative_without_cancellation(rows: list[Row]) -> list[Row]:
     return out
 
 
-def future_dates(rows: list[Row]) -> list[Row]:
+def implausible(rows: list[Row], column: str, value: Callable[[str], str], every: int) -> list[Row]:
+    """Every ``every``-th row's ``column`` replaced as a broken export would write it."""
     out = [dict(r) for r in rows]
-    for r in out[::200]:
-        r["InvoiceDate"] = "2099-01-01 10:00:00"
+    for r in out[::every]:
+        r[column] = value(r[column])
     return out
+
+
+def huge_quantities(rows: list[Row], every: int = 20) -> list[Row]:
+    return implausible(rows, "Quantity", lambda _: "999999999999", every)
+
+
+def negative_product_prices(rows: list[Row], every: int = 20) -> list[Row]:
+    return implausible(rows, "UnitPrice", lambda price: "-" + price, every)
+
+
+def far_future_dates(rows: list[Row], every: int = 20) -> list[Row]:
+    return implausible(rows, "InvoiceDate", lambda _: "2099-01-01 10:00:00", every)
+
+
+def dates_before_the_shop(rows: list[Row], every: int = 20) -> list[Row]:
+    return implausible(rows, "InvoiceDate", lambda _: "1900-01-01 10:00:00", every)
+
+
+def prices_times(rows: list[Row], factor: float = 20) -> list[Row]:
+    """Every price multiplied: plausible one by one, an order of magnitude off as a batch."""
+    return implausible(rows, "UnitPrice", lambda price: f"{float(price) * factor:.2f}", 1)
 
 
 def null_customers(rows: list[Row], share: float = 0.3, seed: int = 1) -> list[Row]:
@@ -125,8 +147,15 @@ def mangled_encoding(path: Path, rows: list[Row]) -> Path:
 
 MUTATIONS: dict[str, Callable[[list[Row]], list[Row]]] = {
     "negative_without_cancellation": negative_without_cancellation,
-    "future_dates": future_dates,
     "null_customers": null_customers,
     "much_smaller": much_smaller,
     "duplicated_lines": duplicated_lines,
+}
+
+# What a broken export writes into one row in 20: ingest quarantines each such row.
+IMPLAUSIBLE: dict[str, Callable[[list[Row]], list[Row]]] = {
+    "huge_quantities": huge_quantities,
+    "negative_product_prices": negative_product_prices,
+    "far_future_dates": far_future_dates,
+    "dates_before_the_shop": dates_before_the_shop,
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import shutil
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from tests.conftest import write_text
 from valueloop import jobs
-from valueloop.config import Settings
+from valueloop.config import Settings, load_settings
 from valueloop.ingest import IngestError
 from valueloop.loaders import TransactionsMapping
 
@@ -95,7 +97,7 @@ def test_a_batch_that_fails_halfway_leaves_nothing(settings: Settings, tmp_path:
     with duckdb.connect(str(settings.warehouse_path)) as con, pytest.raises(EOFError):
         from valueloop.ingest import ingest_source
 
-        ingest_source(con, sources[0])
+        ingest_source(con, sources[0], settings)
     assert counts(settings) == before
 
 
@@ -121,6 +123,33 @@ def test_a_batch_that_fails_halfway_leaves_nothing(settings: Settings, tmp_path:
         ("536365,85123A,X,6,,2.55,17850.0,UK", "invoiced_at", "missing required value"),
         ("536365,85123A,X,6,2010-12-01 08:26:00,2.55,17850.0", None, "expected 8 fields, found 7"),
         (
+            "536365,85123A,X,999999999999,2010-12-01 08:26:00,2.55,17850.0,UK",
+            "quantity",
+            "quantity: 999999999999 outside the plausible range [-100000, 100000]"
+            " (VALUELOOP_PLAUSIBLE_QUANTITY_MAX)",
+        ),
+        (
+            "536365,85123A,X,6,2010-12-01 08:26:00,-2.55,17850.0,UK",
+            "unit_price",
+            "unit_price: -2.55 outside the plausible range [0, 100000] on a product line",
+        ),
+        (
+            "536365,B,Adjust bad debt,1,2010-12-01 08:26:00,-250000,,UK",
+            "unit_price",
+            "unit_price: -250000 outside the plausible range [-100000, 100000]"
+            " (VALUELOOP_PLAUSIBLE_PRICE_MAX)",
+        ),
+        (
+            "536365,85123A,X,6,2099-01-01 10:00:00,2.55,17850.0,UK",
+            "invoiced_at",
+            "invoiced_at: 2099-01-01 10:00:00 outside the plausible range [1990-01-01, ",
+        ),
+        (
+            "536365,85123A,X,6,1900-01-01 10:00:00,2.55,17850.0,UK",
+            "invoiced_at",
+            "invoiced_at: 1900-01-01 10:00:00 outside the plausible range [1990-01-01, ",
+        ),
+        (
             "536365,85123A,X,6,2010-12-01 08:26:00,2.55,17850.0,UK,extra",
             None,
             "expected 8 fields, found 9",
@@ -136,6 +165,95 @@ def test_bad_rows_are_quarantined_with_row_column_and_reason(
     [(row_number, column_name, why)] = quarantine(settings)
     assert row_number == 2 and column_name == column and reason in why
     assert report.quarantine_files and report.quarantine_files[0].read_text().count("\n") == 2
+
+
+def test_the_extremes_of_real_shops_are_plausible(settings: Settings, tmp_path: Path) -> None:
+    # Online Retail's largest order and its cancellation, bad-debt adjustments (code B, the
+    # only negative prices), its dearest manual line, a free item, its first and last day.
+    rows = [
+        "581483,23843,PAPER CRAFT,80995,2011-12-09 09:15:00,2.08,16446.0,United Kingdom",
+        "C581484,23843,PAPER CRAFT,-80995,2011-12-09 09:27:00,2.08,16446.0,United Kingdom",
+        "A563186,B,Adjust bad debt,1,2011-08-12 14:51:00,-11062.06,,United Kingdom",
+        "C556445,M,Manual,-1,2011-06-10 15:31:00,38970,15098.0,United Kingdom",
+        "536414,22139,,56,2010-12-01 11:52:00,0,,United Kingdom",
+    ]
+    report = jobs.ingest_path(settings, retail_csv(tmp_path, rows), "online-retail")
+    assert (report.rows_accepted, report.rows_quarantined) == (5, 0)
+
+
+def test_the_plausible_ranges_come_from_the_settings(tmp_path: Path) -> None:
+    settings = load_settings(
+        env={
+            "VALUELOOP_PLAUSIBLE_QUANTITY_MAX": "50",
+            "VALUELOOP_PLAUSIBLE_PRICE_MAX": "20",
+            "VALUELOOP_SHOP_OPENED_ON": "2010-12-01",
+        },
+        home=tmp_path / "home",
+    )
+    rows = [
+        GOOD[0],
+        GOOD[3].replace(",56,", ",51,"),
+        GOOD[1].replace(",3.39,", ",20.01,"),
+        GOOD[1].replace("2010-12-01 08:26:00", "2010-11-30 23:59:59"),
+    ]
+    report = jobs.ingest_path(settings, retail_csv(tmp_path, rows), "online-retail")
+    assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (4, 1, 3)
+    expected = [
+        (2, "quantity", "quantity: 51 outside the plausible range [-50, 50]"),
+        (
+            3,
+            "unit_price",
+            "unit_price: 20.01 outside the plausible range [0, 20] on a product line",
+        ),
+        (
+            4,
+            "invoiced_at",
+            "invoiced_at: 2010-11-30 23:59:59 outside the plausible range [2010-12-01",
+        ),
+    ]
+    found = quarantine(settings)
+    assert [r[:2] for r in found] == [e[:2] for e in expected]
+    assert all(reason.startswith(e[2]) for (*_, reason), e in zip(found, expected, strict=True))
+
+
+def test_implausible_customers_products_and_reviews_are_quarantined(
+    settings: Settings, demo_shop: Path, tmp_path: Path
+) -> None:
+    shop = tmp_path / "shop"
+    shutil.copytree(demo_shop, shop)
+
+    def spoil(name: str, column: str, value: object) -> None:
+        table = pq.read_table(shop / name)
+        values = table[column].to_pylist()
+        values[0] = value
+        pq.write_table(
+            table.set_column(
+                table.schema.get_field_index(column), column, pa.array(values, table[column].type)
+            ),
+            shop / name,
+        )
+
+    spoil("customers.parquet", "signed_up_at", datetime(2099, 1, 1))
+    spoil("products.parquet", "list_price", -4.5)
+    spoil("reviews.parquet", "rating", 7)
+    report = jobs.ingest_path(settings, shop, "simulator")
+    assert report.rows_read == report.rows_accepted + report.rows_quarantined
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        found = con.execute(
+            "select entity, _row_number, column_name, reason from raw.quarantine order by 1"
+        ).fetchall()
+    assert [r[:3] for r in found] == [
+        ("customers", 1, "signed_up_at"),
+        ("products", 1, "list_price"),
+        ("reviews", 1, "rating"),
+    ]
+    assert found[0][3].startswith("signed_up_at: 2099-01-01 00:00:00 outside the plausible range")
+    assert found[1][3] == (
+        "list_price: -4.5 outside the plausible range [0, 100000] (VALUELOOP_PLAUSIBLE_PRICE_MAX)"
+    )
+    assert (
+        found[2][3] == "rating: 7 outside the plausible range [1, 5] (stars, by the raw contract)"
+    )
 
 
 def test_every_row_is_accounted_for(settings: Settings, tmp_path: Path) -> None:
@@ -192,8 +310,6 @@ def test_empty_file_and_wrong_header_fail_with_a_clear_error(
 def test_online_retail_ii_xlsx_loads_each_sheet_as_a_batch(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from datetime import datetime
-
     workbook = openpyxl.Workbook()
     header = [
         "Invoice",

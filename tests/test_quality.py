@@ -8,6 +8,7 @@ import duckdb
 import pytest
 
 from tests import corpus
+from tests.conftest import ONLINE_RETAIL_CSV
 from valueloop import jobs, transform
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import IngestError
@@ -74,7 +75,6 @@ def test_a_clean_batch_passes_and_results_are_stored(with_good_batch: Settings) 
     ("case", "expectation", "sample"),
     [
         ("negative_without_cancellation", "order_lines.negative_quantity_without_reversal", "6"),
-        ("future_dates", "order_lines.invoiced_in_the_future", "2099-01-01 10:00:00"),
         ("null_customers", "order_lines.customer_id_null_rate_change", None),
         ("much_smaller", "order_lines.row_count_vs_previous_batch", None),
         ("duplicated_lines", "order_lines.duplicate_line_share", None),
@@ -116,6 +116,98 @@ def test_a_few_duplicates_are_a_warning_not_a_stop(
     assert report.success
     assert [r.check.name for r in report.warnings] == ["order_lines.duplicate_line_drift"]
     assert "[warning] order_lines.duplicate_line_drift" in report.summary()
+
+
+# The value each implausible case writes, as its quarantine reason and the samples show it.
+IMPLAUSIBLE_VALUES = {
+    "huge_quantities": "quantity: 999999999999 outside the plausible range [-100000, 100000]"
+    " (VALUELOOP_PLAUSIBLE_QUANTITY_MAX)",
+    "negative_product_prices": "outside the plausible range [0, 100000] on a product line",
+    "far_future_dates": "invoiced_at: 2099-01-01 10:00:00 outside the plausible range [1990-01-01,",
+    "dates_before_the_shop": "invoiced_at: 1900-01-01 10:00:00 outside the plausible range",
+}
+
+
+def quarantine_reasons(settings: Settings) -> list[str]:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        return [r[0] for r in con.execute("select reason from raw.quarantine").fetchall()]
+
+
+@pytest.mark.parametrize("case", sorted(corpus.IMPLAUSIBLE))
+def test_a_first_batch_of_implausible_values_is_quarantined_and_stopped(
+    settings: Settings, tmp_path: Path, case: str
+) -> None:
+    rows = corpus.IMPLAUSIBLE[case](corpus.clean_batch(seed=8))
+    report = ingest(settings, corpus.write_csv(tmp_path / f"{case}.csv", rows))
+    assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (2_000, 1_900, 100)
+    reasons = quarantine_reasons(settings)
+    assert len(reasons) == 100 and all(IMPLAUSIBLE_VALUES[case] in r for r in reasons)
+    with pytest.raises(QualityError) as stopped:
+        run_checkpoint(settings, "raw", run_id=case)
+    failed = [r.check.name for r in stopped.value.report.critical_failures]
+    assert failed == ["order_lines.implausible_row_share"]
+    message = str(stopped.value)
+    assert (
+        "[critical] order_lines.implausible_row_share on raw.quarantine.reason: observed 0.05,"
+        " expected <= 0.01" in message
+    )
+    assert IMPLAUSIBLE_VALUES[case] in message.split("sample bad values:")[1]
+    assert_nothing_lost_or_duplicated(settings)
+
+
+def test_one_implausible_row_among_many_is_quarantined_and_the_batch_passes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    rows = corpus.huge_quantities(corpus.clean_batch(seed=9), every=2_000)
+    report = ingest(settings, corpus.write_csv(tmp_path / "one.csv", rows))
+    assert (report.rows_accepted, report.rows_quarantined) == (1_999, 1)
+    assert quarantine_reasons(settings) == [IMPLAUSIBLE_VALUES["huge_quantities"]]
+    checked = run_checkpoint(settings, "raw", run_id="one")
+    assert checked.success and not checked.warnings
+    assert_nothing_lost_or_duplicated(settings)
+
+
+def test_accepted_rows_outside_tightened_ranges_stop_the_pipeline(
+    with_good_batch: Settings,
+) -> None:
+    # Ranges narrowed after the load: the rows already accepted are judged again.
+    tightened = load_settings(
+        env={"VALUELOOP_PLAUSIBLE_QUANTITY_MAX": "10"}, home=with_good_batch.home
+    )
+    with pytest.raises(QualityError) as stopped:
+        run_checkpoint(tightened, "raw", run_id="tightened")
+    assert [r.check.name for r in stopped.value.report.critical_failures] == [
+        "order_lines.quantity_outside_plausible_range"
+    ]
+    samples = stopped.value.report.critical_failures[0].samples
+    assert samples and all(abs(float(s)) > 10 for s in samples)
+
+
+def test_a_median_price_shift_warns_but_does_not_stop(
+    with_good_batch: Settings, tmp_path: Path
+) -> None:
+    rows = corpus.prices_times(corpus.clean_batch(seed=2), factor=20)
+    ingest(with_good_batch, corpus.write_csv(tmp_path / "dearer.csv", rows))
+    report = run_checkpoint(with_good_batch, "raw", run_id="dearer")
+    assert report.success
+    assert [r.check.name for r in report.warnings] == [
+        "order_lines.unit_price_median_vs_previous_batch"
+    ]
+    assert "[warning] order_lines.unit_price_median_vs_previous_batch" in report.summary()
+
+
+@pytest.mark.dataset
+@pytest.mark.skipif(
+    not ONLINE_RETAIL_CSV.exists(), reason=f"UCI Online Retail not found at {ONLINE_RETAIL_CSV}"
+)
+def test_the_default_ranges_hold_all_of_online_retail(settings: Settings) -> None:
+    report = ingest(settings, ONLINE_RETAIL_CSV)
+    assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (
+        541_909,
+        541_909,
+        0,
+    )
+    assert run_checkpoint(settings, "raw", run_id="online_retail").success
 
 
 def test_wrong_types_and_bad_bytes_are_quarantined_with_reasons(

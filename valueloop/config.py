@@ -38,9 +38,19 @@ class Settings:
     dbt_executable: Path
     train_config: Path | None
     pii_salt: str | None
-    shop_opened_on: date
+    # Plausible ranges (valueloop/plausibility.py): rows outside are quarantined at ingest.
+    shop_opened_on: date  # the earliest plausible date of an invoice, signup or review
+    plausible_future_days: int  # how far past load time a date may lie (clocks, time zones)
+    plausible_quantity_max: int  # |quantity| of an order line
+    plausible_price_max: int  # |unit price| of an order line, list price of a product
+    implausible_share_max: float  # share of a batch quarantined as implausible that still passes
     demo_customers: int
     demo_seed: int
+
+    @property
+    def logs_dir(self) -> Path:
+        """Tool output (pip, Airflow, dbt, Lightning) that `valueloop run` keeps off the screen."""
+        return self.home / "logs"
 
     def ensure_dirs(self) -> None:
         """Create the folders the platform writes to (called by commands, never on import)."""
@@ -79,6 +89,13 @@ def _env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+def env_var(setting: str) -> str:
+    """The environment variable that overrides a setting, e.g. ``VALUELOOP_SHOP_OPENED_ON``."""
+    if setting not in {f.name for f in fields(Settings)}:
+        raise KeyError(f"no setting named {setting!r}")
+    return _env_name(setting)
+
+
 def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None = None) -> Settings:
     """Build settings from defaults, then the environment, then explicit arguments."""
     env = os.environ if env is None else env
@@ -105,7 +122,11 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         dbt_executable=path("dbt_executable", Path(sys.executable).with_name("dbt")),
         train_config=path("train_config", None) if env.get(_env_name("train_config")) else None,
         pii_salt=env.get(_env_name("pii_salt")) or None,
-        shop_opened_on=date.fromisoformat(env.get(_env_name("shop_opened_on"), "2009-01-01")),
+        shop_opened_on=date.fromisoformat(env.get(_env_name("shop_opened_on"), "1990-01-01")),
+        plausible_future_days=int(env.get(_env_name("plausible_future_days"), "1")),
+        plausible_quantity_max=int(env.get(_env_name("plausible_quantity_max"), "100000")),
+        plausible_price_max=int(env.get(_env_name("plausible_price_max"), "100000")),
+        implausible_share_max=float(env.get(_env_name("implausible_share_max"), "0.01")),
         demo_customers=int(env.get(_env_name("demo_customers"), "10000")),
         demo_seed=int(env.get(_env_name("demo_seed"), "42")),
     )

@@ -3,7 +3,9 @@
 A *source* (see :mod:`valueloop.loaders`) yields chunks of string columns with each record's
 1-based number in its file, plus SQL expressions that map its columns onto an entity of the
 raw contract. Typing happens inside DuckDB: every row either lands in the entity's table or in
-``raw.quarantine`` with the column and the reason, so rows read = accepted + quarantined.
+``raw.quarantine`` with the column and the reason, so rows read = accepted + quarantined. A value
+that parses but lies outside its plausible range (:mod:`valueloop.plausibility`) is quarantined
+too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from valueloop.config import Settings
 from valueloop.contract import ENTITIES, Entity, all_ddl
+from valueloop.plausibility import PlausibleRange, plausible_ranges
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +122,12 @@ def _typed_expression(sql_type: str, text: str, timestamp_formats: tuple[str, ..
     return f"try_cast({text} as {sql_type})"
 
 
-def typing_sql(source: Source, input_relation: str) -> str:
-    """SQL typing ``input_relation`` into the entity's columns plus ``_errors``."""
+def typing_sql(source: Source, input_relation: str, ranges: tuple[PlausibleRange, ...]) -> str:
+    """SQL typing ``input_relation`` into the entity's columns plus ``_errors``.
+
+    A row's errors list every value that does not parse, then every parsed value outside its
+    plausible range; each error starts with its column's name.
+    """
     entity = source.entity
     raw_selects, typed_selects, checks = [], [], []
     for column in entity.columns:
@@ -136,21 +144,27 @@ def typing_sql(source: Source, input_relation: str) -> str:
                 if column.required
                 else ""
             )
-            + f"when {raw} is not null and {typed} is null "
+            + f'when {raw} is not null and "{column.name}" is null '
             f"then '{column.name}: cannot parse ' || {raw} || ' as {column.sql_type}' end"
         )
+    for plausible in ranges:
+        raw = f'"raw__{plausible.column}"'
+        checks.append(f"case when {plausible.outside()} then {plausible.reason(raw)} end")
     raw_json = ", ".join(f"'{c.name}', \"raw__{c.name}\"" for c in entity.columns)
     return f"""
         with mapped as (
             select _row_number, {", ".join(raw_selects)} from {input_relation}
+        ),
+        typed as (
+            select *, {", ".join(typed_selects)} from mapped
         )
         select
             _row_number,
-            {", ".join(typed_selects)},
+            {", ".join(f'"{c.name}"' for c in entity.columns)},
             list_filter([{", ".join(checks)}], lambda x: x is not null) as _errors,
             [{", ".join(f'"raw__{c.name}"' for c in entity.columns)}] as _raw_values,
             json_object({raw_json})::varchar as _raw_record
-        from mapped
+        from typed
     """
 
 
@@ -169,9 +183,10 @@ def _load_relation(
     relation: str,
     batch_id: str,
     loaded_at: datetime,
+    ranges: tuple[PlausibleRange, ...],
 ) -> tuple[int, int]:
     entity = source.entity
-    con.execute(f"create or replace temp table _typed as {typing_sql(source, relation)}")
+    con.execute(f"create or replace temp table _typed as {typing_sql(source, relation, ranges)}")
     lineage = "?::varchar, _row_number, ?::timestamp, ?::varchar"
     source_file = source.name
     con.execute(
@@ -210,8 +225,14 @@ def _quarantine_malformed(
     )
 
 
-def ingest_source(con: duckdb.DuckDBPyConnection, source: Source) -> IngestResult:
-    """Load one source as one batch: all of it, or (on any error) nothing."""
+def ingest_source(
+    con: duckdb.DuckDBPyConnection, source: Source, settings: Settings
+) -> IngestResult:
+    """Load one source as one batch: all of it, or (on any error) nothing.
+
+    Values outside the plausible ranges of ``settings`` (dates judged against the load time)
+    are quarantined like values that do not parse.
+    """
     ensure_raw_schema(con)
     sha = file_sha256(source.path)
     if source.part:
@@ -226,11 +247,14 @@ def ingest_source(con: duckdb.DuckDBPyConnection, source: Source) -> IngestResul
         return IngestResult(source.name, source.entity.name, batch_id, *existing, True)
 
     loaded_at = datetime.now(UTC).replace(tzinfo=None)
+    ranges = plausible_ranges(settings, loaded_at)[source.entity.name]
     read = accepted = quarantined = 0
     con.execute("begin transaction")
     try:
         if source.relation_sql is not None:
-            a, q = _load_relation(con, source, f"({source.relation_sql})", batch_id, loaded_at)
+            a, q = _load_relation(
+                con, source, f"({source.relation_sql})", batch_id, loaded_at, ranges
+            )
             accepted, quarantined, read = a, q, a + q
         else:
             assert source.chunks is not None, "a source needs chunks or a relation"
@@ -247,7 +271,7 @@ def ingest_source(con: duckdb.DuckDBPyConnection, source: Source) -> IngestResul
                         }
                     )
                     con.register("_chunk", table)
-                    a, q = _load_relation(con, source, "_chunk", batch_id, loaded_at)
+                    a, q = _load_relation(con, source, "_chunk", batch_id, loaded_at, ranges)
                     con.unregister("_chunk")
                     accepted += a
                     quarantined += q

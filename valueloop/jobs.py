@@ -93,7 +93,7 @@ def ingest_path(
     sources = sources_for(path, source_format, mapping)  # headers are checked before any write
     with connect(settings.warehouse_path) as con:
         for source in sources:
-            result = ingest_source(con, source)
+            result = ingest_source(con, source, settings)
             log.info(result.summary())
             results.append(result)
             if not result.skipped and result.rows_quarantined:
