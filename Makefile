@@ -4,22 +4,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 export VALUELOOP_HOME ?= $(CURDIR)/data
+# Tool output goes here (valueloop's Settings.logs_dir); VERBOSE=1 shows it instead.
+LOGS := $(VALUELOOP_HOME)/logs
+VERBOSE ?=
+QUIETLY = $(PYTHON) -m valueloop.quietly $(if $(VERBOSE),--verbose)
 
 .PHONY: install run test lint format lock clean mlflow-ui airflow
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when the lock or the package metadata changed.
+# Reinstall only when the lock or the package metadata changed. One line on screen; pip's
+# output goes to $(LOGS)/install.log (shown on failure).
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
-	touch $@
+	@$(QUIETLY) --label install --log $(LOGS)/install.log -- sh -c '\
+	  $(BIN)/pip install --disable-pip-version-check -r requirements.txt -r requirements-dev.txt && \
+	  $(BIN)/pip install --disable-pip-version-check --no-deps -e .'
+	@touch $@
 
 install: $(STAMP)
 
-run: install ## the main job on the demo shop
-	$(BIN)/valueloop run
+run: install ## the main job on the demo shop (VERBOSE=1 shows every tool's output)
+	@$(BIN)/valueloop run $(if $(VERBOSE),--verbose)
 
 test: install ## the whole test suite
 	$(BIN)/pytest

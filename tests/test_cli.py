@@ -44,14 +44,45 @@ def test_run_without_airflow_goes_from_nothing_to_scores_idempotently(tmp_path: 
     )
     first = run_cli(*args, home=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "600 customers" in first.stdout and "quarantined 0" in first.stdout
-    assert "scored" in first.stdout and "Done. Where to look" in first.stdout
+    stages = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("✓")]
+    assert stages == ["generate", "ingest", "raw", "dbt", "marts", "train", "score"]
+    assert "600 customers" in first.stdout and "0 quarantined" in first.stdout
+    assert "(1 new batch(es) this run" not in first.stdout  # four files: four batches
+    assert "4 new batch(es) this run" in first.stdout and "champion:" in first.stdout
+    assert "marts.customer_scores" in first.stdout and "make mlflow-ui" in first.stdout
+    # Tool output stays in the log, not on screen.
+    assert len(first.stdout.splitlines()) < 40, first.stdout
+    assert "Epoch" not in first.stdout + first.stderr and "dbt" not in first.stderr
+    (log,) = (tmp_path / "logs").glob("run-*/valueloop.log")
+    assert "Completed successfully" in log.read_text()  # dbt's own output
     second = run_cli(*args, home=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "4 file(s) already loaded" in second.stdout
+    assert "0 new batch(es) this run" in second.stdout
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:
         assert con.execute("select count(*) from raw.customers").fetchone()[0] == 600
         assert con.execute("select count(*) from raw.ingest_batches").fetchone()[0] == 4
+
+
+def test_run_verbose_shows_the_tools_and_a_failed_stage_says_where(tmp_path: Path) -> None:
+    broken = write_text(tmp_path / "broken.yaml", "max_epoch: 1\n")  # a typo of max_epochs
+    result = run_cli(
+        "run", "--customers", "300", "--no-airflow", "--train-config", str(broken), home=tmp_path
+    )
+    assert result.returncode == 1
+    assert "✓ marts checks" in result.stdout and "✗ train + gate" in result.stdout
+    assert "valueloop run: error:" in result.stderr and "'max_epoch'" in result.stderr
+    verbose = run_cli(
+        "run",
+        "--customers",
+        "300",
+        "--no-airflow",
+        "--verbose",
+        "--train-config",
+        str(broken),
+        home=tmp_path,
+    )
+    assert verbose.returncode == 1
+    assert "Completed successfully" in verbose.stdout  # dbt, straight to the terminal
 
 
 def test_failures_exit_non_zero_with_an_actionable_message(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from valueloop import jobs, loaders, transform
 from valueloop.config import load_settings
 from valueloop.ingest import IngestError
+from valueloop.orchestration import DagRunFailed
 from valueloop.quality import runner as quality
 
 
@@ -165,7 +166,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="the main job on the demo shop, through the Airflow DAGs",
-        description="Generate the demo shop, ingest it and build the warehouse; prints a summary.",
+        description="Generate the demo shop and run the pipeline through the Airflow DAGs: one "
+        "line per stage with its time, tool output in log files under VALUELOOP_HOME/logs, and "
+        "a summary at the end (data loaded, checks, champion, BI tables, the UIs).",
     )
     p.add_argument("--customers", type=int, help="number of demo customers")
     p.add_argument("--seed", type=int, help="random seed of the demo shop")
@@ -176,6 +179,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--no-airflow",
         action="store_true",
         help="run the steps directly instead of through the Airflow DAGs",
+    )
+    p.add_argument(
+        "--verbose",
+        dest="verbose_run",
+        action="store_true",
+        help="show every tool's output (pip, Airflow, dbt, Lightning) instead of the log files",
     )
     p.set_defaults(func=_cmd_run)
 
@@ -317,61 +326,79 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from valueloop import orchestration, run_summary
+    from valueloop.quietly import format_duration
+    from valueloop.terminal import StageBoard, tool_output_to
+
+    if args.train_config:
+        os.environ["VALUELOOP_TRAIN_CONFIG"] = str(args.train_config.resolve())
     settings = load_settings()
     settings.ensure_dirs()
-    print(jobs.generate_demo(settings, args.customers, args.seed))
-    if args.no_airflow:
-        _run_directly(settings, args.train_config)
-    else:
-        from valueloop import orchestration
-
-        if args.train_config:
-            os.environ["VALUELOOP_TRAIN_CONFIG"] = str(args.train_config.resolve())
-            settings = load_settings()
-        orchestration.bootstrap(settings)
-        orchestration.run_dags(settings, datetime.now(UTC).date().isoformat())
-    reports = sorted(
-        (settings.home / "reports").glob("scoring_*.html"), key=lambda p: p.stat().st_mtime
-    )
-    query = (
-        f"import duckdb; duckdb.connect('{settings.warehouse_path}', read_only=True)"
-        ".sql('select * from marts.customer_scores limit 5').show()"
-    )
-    docs = settings.gx_project_dir / "gx" / "uncommitted" / "data_docs"
-    print("\nDone. Where to look:")
-    print(f"  warehouse (open it read-only): {settings.warehouse_path}")
-    print(f'    {sys.executable} -c "{query}"')
-    print(f"  scoring report: {reports[-1] if reports else '(none)'}")
-    print(f"  Parquet export: {settings.home / 'exports'}")
-    print("  experiments:    make mlflow-ui  (http://127.0.0.1:5000)")
-    print(f"  data quality:   quality.validation_results; Data Docs under {docs}")
-    print("  Airflow UI:     make airflow    (http://localhost:8080)")
+    verbose = args.verbose or args.verbose_run
+    started = datetime.now(UTC)
+    logs = settings.logs_dir / f"run-{started:%Y%m%dT%H%M%S}"
+    logs.mkdir(parents=True, exist_ok=True)
+    console = Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w"), highlight=False)
+    console.print("[bold]ValueLoop[/]: the demo shop end to end")
+    console.print(f"[dim]tool output: {logs}/[/]", soft_wrap=True)
+    try:
+        with (
+            StageBoard(console) as board,
+            tool_output_to(logs / "valueloop.log", enabled=not verbose),
+        ):
+            with board.stage("generate"):
+                shop = jobs.generate_demo(settings, args.customers, args.seed)
+                board.update(
+                    "generate", f"{shop.customers:,} customers, {shop.order_lines:,} order lines"
+                )
+            if args.no_airflow:
+                _run_directly(settings, args.train_config, board)
+            else:
+                with board.stage("airflow setup", "metadata DB, pool, dbt manifest"):
+                    orchestration.bootstrap(settings)
+                orchestration.run_dags(settings, board, logs, verbose=verbose)
+    except Exception:
+        console.print(f"[red]stopped.[/] The tools' output is in {logs}/", soft_wrap=True)
+        raise
+    with tool_output_to(logs / "valueloop.log", enabled=not verbose):
+        summary = run_summary.collect(settings, started)
+    run_summary.render(console, summary, settings, logs)
+    took = format_duration((datetime.now(UTC) - started).total_seconds())
+    console.print(f"[bold green]Done[/] in {took}.")
     return 0
 
 
-def _run_directly(settings, train_config: Path | None) -> None:
+def _run_directly(settings, train_config: Path | None, board) -> None:
     """The same steps without Airflow, one after the other."""
     from ml.config import TrainConfig
     from ml.score import score
     from ml.train import train
 
-    report = jobs.ingest_path(settings, settings.demo_dir, "simulator")
-    print(report.summary())
     run_id = quality.default_run_id()
-    print(quality.run_checkpoint(settings, "raw", run_id).summary())
-    print(transform.build(settings).summary())
-    print(quality.run_checkpoint(settings, "marts", run_id).summary())
-    config = TrainConfig.load(train_config)
-    print(
+    with board.stage("ingest"):
+        report = jobs.ingest_path(settings, settings.demo_dir, "simulator")
+        board.update(
+            "ingest", f"{report.rows_accepted:,} accepted, {report.rows_quarantined:,} quarantined"
+        )
+    with board.stage("raw checks"):
+        quality.run_checkpoint(settings, "raw", run_id)
+    with board.stage("dbt build"):
+        transform.build(settings)
+    with board.stage("marts checks"):
+        quality.run_checkpoint(settings, "marts", run_id)
+    with board.stage("train + gate"):
+        config = TrainConfig.load(train_config)
         train(
             config,
             settings.warehouse_path,
             settings.mlflow_tracking_uri,
             settings.mlflow_artifacts_dir,
             settings.home / "cache",
-        ).summary()
-    )
-    print(score(settings, run_id, config).summary())
+        )
+    with board.stage("score + publish"):
+        score(settings, run_id, config)
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
@@ -395,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         LookupError,
         ValueError,
         FileNotFoundError,
+        DagRunFailed,
     ) as error:
         print(f"valueloop {args.command}: error: {error}", file=sys.stderr)
         return 1

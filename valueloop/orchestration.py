@@ -12,10 +12,17 @@ import os
 import secrets
 import subprocess
 import sys
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from valueloop import progress, quietly
 from valueloop.config import REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    from valueloop.terminal import StageBoard
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,7 @@ ADMIN_USER = "admin"
 
 def log_failure_summary(context) -> None:
     """on_failure_callback: one line a data engineer can act on, then Airflow's own log."""
+    progress.record_task_event(context, "failed")
     ti = context["ti"]
     log.error(
         "valueloop task failed: dag=%s task=%s run=%s try=%s error=%r; logs: %s",
@@ -45,6 +53,10 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
     "on_failure_callback": log_failure_summary,
+    # What `valueloop run` follows to draw its stage lines (no-ops under a scheduler).
+    "on_execute_callback": partial(progress.record_task_event, event="started"),
+    "on_success_callback": partial(progress.record_task_event, event="success"),
+    "on_retry_callback": partial(progress.record_task_event, event="retry"),
 }
 
 
@@ -117,27 +129,93 @@ def bootstrap(settings: Settings) -> None:
     _airflow(settings, "dags", "reserialize")  # the UI and the API list DAGs from the DB
 
 
-def dag_run_state(settings: Settings, dag_id: str, logical_date: str) -> str:
-    result = _airflow(settings, "dags", "state", dag_id, logical_date)
-    return result.stdout.strip().splitlines()[-1].split(",")[0].strip()
+class DagRunFailed(RuntimeError):
+    """A DAG run that did not succeed; the message names the task and shows its log's tail."""
 
 
-def run_dags(settings: Settings, logical_date: str, dag_ids: tuple[str, ...] = DAG_IDS) -> None:
-    """`airflow dags test` for each DAG in order; stops at the first failed run."""
-    for dag_id in dag_ids:
-        print(f"\n=== airflow dags test {dag_id} {logical_date}", flush=True)
-        subprocess.run(
+def follow_dag_test(
+    settings: Settings,
+    dag_id: str,
+    board: StageBoard,
+    log_path: Path,
+    logical_date: str | None = None,
+    verbose: bool = False,
+) -> str:
+    """`airflow dags test` for one DAG, drawing a line per stage; returns the logical date.
+
+    The logical date defaults to now, so the run's start, end and duration in the UI are the
+    true ones (``dags test`` records a run's start as its logical date). Airflow's output goes
+    to ``log_path`` (to the terminal with ``verbose``).
+    """
+    logical_date = logical_date or datetime.now(UTC).replace(microsecond=0).isoformat()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    events_path = log_path.with_suffix(".events.jsonl")
+    events_path.unlink(missing_ok=True)
+    reader = progress.EventReader(events_path)
+    env = {**airflow_env(settings), progress.PROGRESS_FILE_ENV: str(events_path)}
+    current: str | None = None
+    done_tasks: dict[str, int] = {}
+    failure: str | None = None
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
             [airflow_cli(), "dags", "test", dag_id, logical_date],
-            env=airflow_env(settings),
-            check=False,
+            env=env,
+            stdout=None if verbose else log,
+            stderr=None if verbose else subprocess.STDOUT,
         )
-        state = dag_run_state(settings, dag_id, logical_date)
-        if state != "success":
-            raise RuntimeError(
-                f"DAG {dag_id} run for {logical_date} ended {state!r}; see the "
-                f"task logs under {settings.airflow_home / 'logs'}"
-            )
-        print(f"=== {dag_id}: {state}", flush=True)
+        while True:
+            finished = process.poll() is not None
+            for event in reader.new_events():
+                stage = progress.stage_of(event["dag_id"], event["task_id"])
+                if event["event"] == "started" and stage != current:
+                    if current:
+                        board.finish(current)
+                    board.start(stage)
+                    current = stage
+                elif event["event"] == "success" and progress.is_task_group(
+                    event["dag_id"], event["task_id"]
+                ):
+                    done_tasks[stage] = done_tasks.get(stage, 0) + 1
+                    board.update(stage, f"{done_tasks[stage]} tasks done")
+                elif event["event"] == "retry":
+                    board.update(stage, f"{event['task_id']} failed (try {event['try']}), retrying")
+                elif event["event"] == "failed":
+                    failure = event["task_id"]
+            if finished:
+                break
+            time.sleep(0.25)
+    if process.returncode == 0 and failure is None:
+        if current:
+            board.finish(current)
+        return logical_date
+    if current:
+        board.finish(current, f"task {failure or '?'} failed", ok=False)
+    tail = "" if verbose else "\n" + quietly.tail(log_path)
+    raise DagRunFailed(
+        f"DAG {dag_id} (logical date {logical_date}) failed"
+        + (f" in task {failure}" if failure else "")
+        + f"; full log: {log_path}{tail}"
+    )
+
+
+def run_dags(
+    settings: Settings,
+    board: StageBoard,
+    logs_dir: Path,
+    logical_date: str | None = None,
+    dag_ids: tuple[str, ...] = DAG_IDS,
+    verbose: bool = False,
+) -> dict[str, str]:
+    """Each DAG through `airflow dags test`, in order; stops at the first failed run.
+
+    Returns each DAG's logical date (now at its start, unless one is given).
+    """
+    return {
+        dag_id: follow_dag_test(
+            settings, dag_id, board, logs_dir / f"{dag_id}.log", logical_date, verbose
+        )
+        for dag_id in dag_ids
+    }
 
 
 def standalone(settings: Settings) -> int:
