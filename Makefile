@@ -27,7 +27,13 @@ install: $(STAMP)
 run: install ## the main job on the demo shop (VERBOSE=1 shows every tool's output)
 	@$(BIN)/valueloop run $(if $(VERBOSE),--verbose)
 
-test: install ## the whole test suite
+# The browser tests drive Debian's Chromium: browsers cannot be downloaded here.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@$(QUIETLY) --label chromium --log $(LOGS)/chromium.log -- sh -c '\
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium'
+
+test: install $(CHROMIUM) ## the whole test suite
 	$(BIN)/pytest
 
 airflow: install ## airflow standalone with the project's DAGs (UI on :8080)

@@ -24,6 +24,7 @@ from ml.data import FeatureScaler
 from ml.evaluate import Predictions
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 PREDICT_PARAMS = {"return_embedding": False, "batch_size": 256}
 
 
@@ -39,6 +40,9 @@ def configure(tracking_uri: str, artifacts_dir: Path, experiment: str) -> str:
         )
     else:
         experiment_id = found.experiment_id
+    if found is None or EXPERIMENT_KIND_TAG not in found.tags:
+        # Without it MLflow 3's UI opens the experiment on its GenAI (traces) pages.
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -1,7 +1,18 @@
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from valueloop.config import Settings, load_settings
@@ -30,3 +41,104 @@ def write_text(path: Path, text: str, encoding: str = "utf-8", bom: bool = False
     data = text.encode(encoding)
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
     return path
+
+
+def list_runs(settings: Settings, dag_id: str) -> list[dict]:
+    """`airflow dags list-runs -o json` (Airflow logs to stdout before the JSON)."""
+    from valueloop import orchestration
+
+    listed = subprocess.run(
+        [orchestration.airflow_cli(), "dags", "list-runs", dag_id, "-o", "json"],
+        env=orchestration.airflow_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(listed.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
+    """A server in its own process group, up once ``ready_url`` answers 200; always stopped."""
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")[-3000:]
+                    pytest.fail(f"{command[0]} did not come up at {ready_url}:\n{output}")
+                time.sleep(1)
+            yield
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
+
+
+@contextmanager
+def airflow_api_server(settings: Settings) -> Iterator[str]:
+    """Airflow's API server (REST API and UI) on the platform's metadata DB; yields its URL."""
+    from valueloop import orchestration
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [orchestration.airflow_cli(), "api-server", "--port", str(port)]
+    with serving(
+        [*command, "--host", "127.0.0.1"],
+        orchestration.airflow_env(settings),
+        f"{base}/api/v2/monitor/health",
+    ):
+        yield base
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """`valueloop run` through Airflow on a tiny shop with a tiny model, once per session.
+
+    Its terminal output is kept beside the home as ``run-output.txt``.
+    """
+    home = tmp_path_factory.mktemp("pipeline")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
+    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s"})
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("valueloop")),
+            "run",
+            "--customers",
+            "800",
+            "--train-config",
+            str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-6000:])
+    (home / "run-output.txt").write_text(result.stdout)
+    return load_settings(
+        env={
+            "VALUELOOP_PII_SALT": "s",
+            "VALUELOOP_TRAIN_CONFIG": str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+        },
+        home=home,
+    )

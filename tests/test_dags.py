@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
+from datetime import UTC, datetime
 
 import duckdb
 import httpx
 import pytest
+from rich.console import Console
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, airflow_api_server, list_runs
 from valueloop import orchestration, transform
 from valueloop.config import Settings, load_settings
+from valueloop.orchestration import DAG_IDS
+from valueloop.terminal import StageBoard
 
 DAGBAG_PROBE = """
 import json, sys, time
@@ -102,55 +103,6 @@ def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
     assert "valueloop_marts" in schedule and "valueloop_champion" in schedule
 
 
-def list_runs(settings: Settings, dag_id: str) -> list[dict]:
-    """`airflow dags list-runs -o json` (Airflow logs to stdout before the JSON)."""
-    listed = subprocess.run(
-        [orchestration.airflow_cli(), "dags", "list-runs", dag_id, "-o", "json"],
-        env=orchestration.airflow_env(settings),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(listed.stdout.strip().splitlines()[-1])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """`valueloop run` through Airflow on a tiny shop with a tiny model."""
-    home = tmp_path_factory.mktemp("pipeline")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
-    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s"})
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("valueloop")),
-            "run",
-            "--customers",
-            "800",
-            "--train-config",
-            str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        check=False,
-    )
-    assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-6000:])
-    return load_settings(
-        env={
-            "VALUELOOP_PII_SALT": "s",
-            "VALUELOOP_TRAIN_CONFIG": str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
-        },
-        home=home,
-    )
-
-
 def test_the_dags_run_end_to_end_and_publish_scores(pipeline_run: Settings) -> None:
     settings = pipeline_run
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
@@ -164,6 +116,31 @@ def test_the_dags_run_end_to_end_and_publish_scores(pipeline_run: Settings) -> N
         assert states == {"success"}, (dag_id, states)
 
 
+def test_the_run_reads_like_a_cli_and_airflow_keeps_its_true_times(pipeline_run: Settings) -> None:
+    settings = pipeline_run
+    output = (settings.home / "run-output.txt").read_text()
+    stages = [line.split()[1] for line in output.splitlines() if line.startswith("✓")]
+    assert stages == [
+        *("generate", "airflow", "ingest", "raw", "dbt", "marts", "train"),
+        *("score", "scores", "publish"),
+    ]
+    assert "Summary" in output and "champion:" in output and "make airflow" in output
+    assert len(output.splitlines()) < 50, output  # two screens at most
+    assert "[info" not in output and "Epoch" not in output  # tools' output is in the logs
+    (run_logs,) = settings.logs_dir.glob("run-*")
+    started = datetime.strptime(run_logs.name, "run-%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    for dag_id in DAG_IDS:
+        assert "DagRun Finished" in (run_logs / f"{dag_id}.log").read_text()
+        (run,) = [r for r in list_runs(settings, dag_id) if r["state"] == "success"]
+        start, end = (datetime.fromisoformat(run[k]) for k in ("start_date", "end_date"))
+        assert started <= start <= end <= datetime.now(UTC), (dag_id, run)
+    # `dags test` files no task logs itself: the launcher files them where the UI reads them.
+    (publish_log,) = (settings.airflow_home / "logs" / "dag_id=score_customers").rglob(
+        "task_id=publish/attempt=1.log"
+    )
+    assert "published marts.customer_scores" in publish_log.read_text()
+
+
 def test_rerunning_the_same_date_leaves_the_same_tables(pipeline_run: Settings) -> None:
     settings = pipeline_run
     tables = ("raw.order_lines", "raw.quarantine", "marts.fct_order_lines", "marts.scoring_set")
@@ -173,33 +150,21 @@ def test_rerunning_the_same_date_leaves_the_same_tables(pipeline_run: Settings) 
             return {t: con.execute(f"select count(*) from {t}").fetchall()[0][0] for t in tables}
 
     before = counts()
-    logical_date = list_runs(settings, "ingest_and_transform")[0]["logical_date"][:10]
-    orchestration.run_dags(settings, logical_date, ("ingest_and_transform",))
+    (run,) = list_runs(settings, "ingest_and_transform")
+    with StageBoard(Console(file=io.StringIO())) as board:
+        orchestration.run_dags(
+            settings, board, settings.logs_dir / "rerun", run["logical_date"], DAG_IDS[:1]
+        )
     assert counts() == before
+    # The same logical date: the run is replaced, not added.
+    assert [r["logical_date"] for r in list_runs(settings, "ingest_and_transform")] == [
+        run["logical_date"]
+    ]
 
 
 def test_the_rest_api_lists_and_triggers_dags(pipeline_run: Settings) -> None:
     settings = pipeline_run
-    port = _free_port()
-    server = subprocess.Popen(
-        [orchestration.airflow_cli(), "api-server", "--port", str(port), "--host", "127.0.0.1"],
-        env=orchestration.airflow_env(settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API server did not come up in 120 s"
-            assert server.poll() is None, "the API server exited"
-            time.sleep(1)
+    with airflow_api_server(settings) as base:
         token = httpx.post(
             f"{base}/auth/token",
             json={
@@ -224,6 +189,3 @@ def test_the_rest_api_lists_and_triggers_dags(pipeline_run: Settings) -> None:
             f"{base}/api/v2/dags/train_model/dagRuns/{run_id}", headers=headers, timeout=10
         )
         assert fetched.json()["state"] in ("queued", "running")
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -129,6 +130,45 @@ def bootstrap(settings: Settings) -> None:
     _airflow(settings, "dags", "reserialize")  # the UI and the API list DAGs from the DB
 
 
+# `airflow dags test` marks where each task's log starts and ends in its output.
+_TASK_STARTS = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=")
+_TASK_ENDS = re.compile(r"\[DAG TEST\] end task task_id=(\S+) ")
+
+
+def file_task_logs(settings: Settings, dag_log: Path, events: list[dict]) -> list[Path]:
+    """Write each task's part of a `dags test` output where the Airflow UI reads task logs.
+
+    ``dags test`` runs tasks in process and prints their logs instead of filing them, so the
+    UI would show every task's log empty. Airflow's own markers delimit each task's lines;
+    the task callbacks' events give each start its run id and try number. The paths follow
+    Airflow's default ``log_filename_template`` under the Airflow home's ``logs`` folder.
+    """
+    starts = [e for e in events if e["event"] == "started"]
+    written: list[Path] = []
+    target, lines = None, []
+    for line in dag_log.read_text(errors="replace").splitlines(keepends=True):
+        if target is None and (started := _TASK_STARTS.search(line)):
+            event = next((e for e in starts if e["task_id"] == started.group(1)), None)
+            if event is not None:
+                starts.remove(event)
+                target = (
+                    settings.airflow_home
+                    / "logs"
+                    / f"dag_id={event['dag_id']}"
+                    / f"run_id={event['run_id']}"
+                    / f"task_id={event['task_id']}"
+                    / f"attempt={event['try']}.log"
+                )
+        if target is not None:
+            lines.append(line)
+            if _TASK_ENDS.search(line):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("".join(lines))
+                written.append(target)
+                target, lines = None, []
+    return written
+
+
 class DagRunFailed(RuntimeError):
     """A DAG run that did not succeed; the message names the task and shows its log's tail."""
 
@@ -154,6 +194,7 @@ def follow_dag_test(
     reader = progress.EventReader(events_path)
     env = {**airflow_env(settings), progress.PROGRESS_FILE_ENV: str(events_path)}
     current: str | None = None
+    seen: list[dict] = []
     done_tasks: dict[str, int] = {}
     failure: str | None = None
     with log_path.open("w") as log:
@@ -166,6 +207,7 @@ def follow_dag_test(
         while True:
             finished = process.poll() is not None
             for event in reader.new_events():
+                seen.append(event)
                 stage = progress.stage_of(event["dag_id"], event["task_id"])
                 if event["event"] == "started" and stage != current:
                     if current:
@@ -184,6 +226,8 @@ def follow_dag_test(
             if finished:
                 break
             time.sleep(0.25)
+    if not verbose:
+        file_task_logs(settings, log_path, seen)
     if process.returncode == 0 and failure is None:
         if current:
             board.finish(current)
