@@ -46,6 +46,8 @@ class Settings:
     implausible_share_max: float  # share of a batch quarantined as implausible that still passes
     demo_customers: int
     demo_seed: int
+    # DuckDB's memory cap for dbt builds (it spills to disk beyond it): a DuckDB size string.
+    duckdb_memory_limit: str
 
     @property
     def logs_dir(self) -> Path:
@@ -129,4 +131,5 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         implausible_share_max=float(env.get(_env_name("implausible_share_max"), "0.01")),
         demo_customers=int(env.get(_env_name("demo_customers"), "10000")),
         demo_seed=int(env.get(_env_name("demo_seed"), "42")),
+        duckdb_memory_limit=env.get(_env_name("duckdb_memory_limit"), "4GB"),
     )

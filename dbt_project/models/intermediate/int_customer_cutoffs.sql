@@ -1,4 +1,8 @@
 -- One row per customer and cutoff: customers with a merchandise purchase on or before it.
+-- A table, unlike the rest of this layer: the ML marts all read these rows, and at 1M
+-- customers computing them once beat recomputing them in each (BENCHMARKS.md).
+{{ config(materialized='table') }}
+
 with
 
 customers as (

@@ -16,7 +16,6 @@ reviews as (
 
 history as (
     select
-        customer_cutoffs.customer_cutoff_id,
         customer_cutoffs.as_of,
         order_lines.*,
         date_diff('day', order_lines.ordered_on, customer_cutoffs.as_of) as days_before
@@ -29,22 +28,24 @@ history as (
 
 orders as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         invoice_id,
         min(ordered_at) as ordered_at,
         min(days_before) as days_before,
         sum(line_amount) as amount
     from history
     where is_purchase
-    group by customer_cutoff_id, invoice_id
+    group by customer_id, as_of, invoice_id
 ),
 
 order_gaps as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         date_diff(
             'second',
-            lag(ordered_at) over (partition by customer_cutoff_id order by ordered_at, invoice_id),
+            lag(ordered_at) over (partition by customer_id, as_of order by ordered_at, invoice_id),
             ordered_at
         ) / 86400.0 as gap_days
     from orders
@@ -52,7 +53,8 @@ order_gaps as (
 
 order_stats as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         count(*) as n_orders,
         min(days_before) as recency_days,
         max(days_before) as first_order_days_ago,
@@ -68,57 +70,62 @@ order_stats as (
             as spend_prior_90d,
         coalesce(sum(amount) filter (where days_before >= 180), 0) as spend_before_180d
     from orders
-    group by customer_cutoff_id
+    group by customer_id, as_of
 ),
 
 gap_stats as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         avg(gap_days) as ipt_mean_days,
         stddev_samp(gap_days) as ipt_std_days,
         max(gap_days) as ipt_max_days
     from order_gaps
     where gap_days is not null
-    group by customer_cutoff_id
+    group by customer_id, as_of
 ),
 
 line_stats as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         sum(line_amount) as net_spend,
         coalesce(-sum(line_amount) filter (where is_cancellation), 0) as cancelled_amount,
         coalesce(-sum(line_amount) filter (where is_return), 0) as returned_amount,
         count(distinct sku) filter (where is_purchase) as n_distinct_products,
         count(distinct category) filter (where is_purchase) as n_distinct_categories
     from history
-    group by customer_cutoff_id
+    group by customer_id, as_of
 ),
 
 category_spend as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         category,
         sum(line_amount) as amount
     from history
     where is_purchase
-    group by customer_cutoff_id, category
+    group by customer_id, as_of, category
 ),
 
 top_category as (
     select
-        customer_cutoff_id,
+        customer_id,
+        as_of,
         category as top_category,
-        amount / nullif(sum(amount) over (partition by customer_cutoff_id), 0)
+        amount / nullif(sum(amount) over (partition by customer_id, as_of), 0)
             as top_category_share
     from category_spend
     qualify row_number() over (
-        partition by customer_cutoff_id order by amount desc, category asc
+        partition by customer_id, as_of order by amount desc, category asc
     ) = 1
 ),
 
 review_stats as (
     select
-        customer_cutoffs.customer_cutoff_id,
+        customer_cutoffs.customer_id,
+        customer_cutoffs.as_of,
         count(*) as n_reviews,
         avg(reviews.rating) as avg_rating,
         min(reviews.rating) as min_rating
@@ -127,7 +134,7 @@ review_stats as (
         on
             customer_cutoffs.customer_id = reviews.customer_id
             and reviews.reviewed_at::date <= customer_cutoffs.as_of
-    group by customer_cutoffs.customer_cutoff_id
+    group by customer_cutoffs.customer_id, customer_cutoffs.as_of
 ),
 
 final as (
@@ -179,13 +186,26 @@ final as (
         review_stats.avg_rating::double as avg_rating,
         review_stats.min_rating::integer as min_rating
     from customer_cutoffs
-    inner join order_stats on customer_cutoffs.customer_cutoff_id = order_stats.customer_cutoff_id
-    left join gap_stats on customer_cutoffs.customer_cutoff_id = gap_stats.customer_cutoff_id
-    left join line_stats on customer_cutoffs.customer_cutoff_id = line_stats.customer_cutoff_id
+    inner join order_stats
+        on
+            customer_cutoffs.customer_id = order_stats.customer_id
+            and customer_cutoffs.as_of = order_stats.as_of
+    left join gap_stats
+        on
+            customer_cutoffs.customer_id = gap_stats.customer_id
+            and customer_cutoffs.as_of = gap_stats.as_of
+    left join line_stats
+        on
+            customer_cutoffs.customer_id = line_stats.customer_id
+            and customer_cutoffs.as_of = line_stats.as_of
     left join top_category
-        on customer_cutoffs.customer_cutoff_id = top_category.customer_cutoff_id
+        on
+            customer_cutoffs.customer_id = top_category.customer_id
+            and customer_cutoffs.as_of = top_category.as_of
     left join review_stats
-        on customer_cutoffs.customer_cutoff_id = review_stats.customer_cutoff_id
+        on
+            customer_cutoffs.customer_id = review_stats.customer_id
+            and customer_cutoffs.as_of = review_stats.as_of
 )
 
 select * from final
