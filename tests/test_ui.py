@@ -149,6 +149,9 @@ def test_mlflow_ui_shows_the_runs_side_by_side_and_the_champion(
         expect(page.get_by_text(metric, exact=True).first).to_be_visible()
     for model in MODELS:
         expect(page.get_by_text(model, exact=True).first).to_be_visible()
+    # The page scrolls inside its own pane: bring the metrics table into the screenshot by its
+    # heading (scrolling to a metric's label scrolls the label column apart from the values).
+    page.get_by_text("Metrics", exact=True).first.scroll_into_view_if_needed()
     shoot(page, "mlflow-compare")
 
     page.goto(f"{mlflow_ui}/#/models/valueloop-customer-model")
