@@ -33,7 +33,13 @@ $(CHROMIUM):
 	@$(QUIETLY) --label chromium --log $(LOGS)/chromium.log -- sh -c '\
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium'
 
-test: install $(CHROMIUM) ## the whole test suite
+# The compose test resolves docker-compose.yml with a real Compose implementation (no engine).
+DOCKER_COMPOSE := /usr/bin/docker-compose
+$(DOCKER_COMPOSE):
+	@$(QUIETLY) --label docker-compose --log $(LOGS)/docker-compose.log -- sh -c '\
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose'
+
+test: install $(CHROMIUM) $(DOCKER_COMPOSE) ## the whole test suite
 	$(BIN)/pytest
 
 airflow: install ## airflow standalone with the project's DAGs (UI on :8080)

@@ -8,6 +8,8 @@ promoted does **announce_champion** update the champion asset, which triggers
 `score_customers`.
 
 The training config comes from `VALUELOOP_TRAIN_CONFIG` (default `ml/configs/default.yaml`).
+Under the CeleryExecutor the train task goes to the queue `VALUELOOP_TRAIN_QUEUE` (default
+`default`; `gpu` is the GPU trainer of `docker-compose.yml`).
 """
 
 from datetime import UTC, datetime
@@ -17,7 +19,10 @@ from airflow.timetables.assets import AssetOrTimeSchedule
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from valueloop.assets import CHAMPION, MARTS
+from valueloop.config import load_settings
 from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
+
+SETTINGS = load_settings()  # environment only: no I/O at parse time
 
 
 @dag(
@@ -34,10 +39,9 @@ from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
 )
 def train_model():
     # Reading the marts needs the warehouse free of writers (DuckDB locks the file).
-    @task(pool=WAREHOUSE_POOL)
+    @task(pool=WAREHOUSE_POOL, queue=SETTINGS.train_queue)
     def train() -> dict:
         from valueloop import pipeline
-        from valueloop.config import load_settings
 
         return pipeline.train_and_gate(load_settings())
 

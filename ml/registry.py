@@ -33,7 +33,10 @@ def configure(tracking_uri: str, artifacts_dir: Path, experiment: str) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    if found is None:
+    if found is None and tracking_uri.startswith(("http://", "https://")):
+        # A tracking server stores the artifacts itself (served over HTTP, --serve-artifacts).
+        experiment_id = client.create_experiment(experiment)
+    elif found is None:
         artifacts_dir.mkdir(parents=True, exist_ok=True)
         experiment_id = client.create_experiment(
             experiment, artifact_location=artifacts_dir.as_uri()
