@@ -2,10 +2,11 @@
 ### train_model
 
 Runs when the marts asset is updated (after `ingest_and_transform` passes its checks), and
-weekly on Mondays at 04:00 UTC. Trains the transformer and the baselines on the same splits,
-logs them to MLflow and runs the champion/challenger gate. Only when the challenger is
-promoted does **announce_champion** update the champion asset, which triggers
-`score_customers`.
+weekly on Mondays at 04:00 UTC. **snapshot_training_data** copies the training set out of the
+warehouse (under the warehouse pool, seconds); **train** then trains the transformer and the
+baselines on the same splits without holding the warehouse, logs them to MLflow and runs the
+champion/challenger gate. Only when the challenger is promoted does **announce_champion**
+update the champion asset, which triggers `score_customers`.
 
 The training config comes from `VALUELOOP_TRAIN_CONFIG` (default `ml/configs/default.yaml`).
 Under the CeleryExecutor the train task goes to the queue `VALUELOOP_TRAIN_QUEUE` (default
@@ -38,12 +39,21 @@ SETTINGS = load_settings()  # environment only: no I/O at parse time
     doc_md=__doc__,
 )
 def train_model():
-    # Reading the marts needs the warehouse free of writers (DuckDB locks the file).
-    @task(pool=WAREHOUSE_POOL, queue=SETTINGS.train_queue)
-    def train() -> dict:
+    # Reading the marts needs the warehouse free of writers (DuckDB locks the file): copy
+    # them out under the pool, then train (minutes to hours) without holding it.
+    @task(pool=WAREHOUSE_POOL)
+    def snapshot_training_data(run_id=None) -> str:
         from valueloop import pipeline
 
-        return pipeline.train_and_gate(load_settings())
+        return str(pipeline.snapshot_training_data(load_settings(), run_id))
+
+    @task(queue=SETTINGS.train_queue)
+    def train(snapshot: str) -> dict:
+        from pathlib import Path
+
+        from valueloop import pipeline
+
+        return pipeline.train_and_gate(load_settings(), Path(snapshot))
 
     @task.short_circuit
     def promoted(result: dict) -> bool:
@@ -53,7 +63,7 @@ def train_model():
     def announce_champion(result: dict) -> str:
         return f"champion is now version {result['champion']}: {result['reason']}"
 
-    result = train()
+    result = train(snapshot_training_data())
     promoted(result) >> announce_champion(result)
 
 

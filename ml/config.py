@@ -37,6 +37,10 @@ class TrainConfig:
     holdout_rows: int | None = 3000
     seed: int = 42
     accelerator: str = "auto"
+    # Data-parallel fine-tuning: Lightning's strategy and processes per node (ml/distributed.py
+    # proves "ddp" on two CPU processes; on GPUs, devices = GPUs).
+    strategy: str = "auto"
+    devices: int = 1
     num_threads: int | None = None
     # Registry and gate.
     experiment: str = "valueloop"

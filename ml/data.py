@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +18,50 @@ from torch.utils.data import DataLoader, Dataset
 TIERS = ("high", "active", "lapsed")
 ID_COLUMNS = ("customer_cutoff_id", "customer_id", "as_of")
 CATEGORICAL_COLUMNS = ("country", "acquisition_channel", "top_category")
+SNAPSHOT_META = "snapshot.json"
 LABEL_COLUMNS = ("split", "future_orders", "future_spend", "value_tier", "is_churned")
 TEXT_COLUMN = "document"
 
 
-def read_mart(warehouse: Path, table: str) -> pd.DataFrame:
-    """A mart from the warehouse, opened read-only (the pipeline may be writing elsewhere)."""
-    if not warehouse.exists():
-        raise FileNotFoundError(f"{warehouse}: no warehouse; run `valueloop transform` first")
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        frame = con.execute(f"select * from marts.{table} order by customer_cutoff_id").df()
+def read_mart(source: Path, table: str) -> pd.DataFrame:
+    """A mart from the warehouse (opened read-only) or from a training snapshot folder."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no warehouse; run `valueloop transform` first")
+    if source.is_dir():
+        con = duckdb.connect()
+        relation = f"read_parquet('{(source / table).as_posix()}.parquet')"
+    else:
+        con = duckdb.connect(str(source), read_only=True)
+        relation = f"marts.{table}"
+    with con:
+        frame = con.execute(f"select * from {relation} order by customer_cutoff_id").df()
     if frame.empty:
-        raise ValueError(f"marts.{table} in {warehouse} is empty; nothing to learn from")
+        raise ValueError(f"{table} in {source} is empty; nothing to learn from")
     return frame
+
+
+def horizon_days(source: Path) -> int:
+    """The label horizon the training set was built with (warehouse or snapshot folder)."""
+    if source.is_dir():
+        return int(json.loads((source / SNAPSHOT_META).read_text())["horizon_days"])
+    with duckdb.connect(str(source), read_only=True) as con:
+        return int(con.execute("select max(horizon_days) from marts.customer_labels").fetchone()[0])
+
+
+def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
+    """Copy what training reads out of the warehouse, so that training, which takes minutes
+    to hours, runs without holding the warehouse (Airflow's one-slot pool, DuckDB's lock)."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    target = (partial / "training_set.parquet").as_posix()
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        con.execute(f"copy marts.training_set to '{target}' (format parquet)")
+    meta = {"horizon_days": horizon_days(warehouse), "warehouse": str(warehouse)}
+    (partial / SNAPSHOT_META).write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)  # re-running a run replaces its snapshot
+    partial.rename(folder)
+    return folder
 
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:

@@ -80,6 +80,10 @@ class CustomerNet(nn.Module):
         )
         self.tier_head = nn.Linear(fused_dim, len(TIERS))
         self.churn_head = nn.Linear(fused_dim, 1)
+        # The encoder's pooler never reaches the loss (we mean-pool): frozen, so that DDP does
+        # not wait for gradients it will never get.
+        for parameter in getattr(encoder, "pooler", nn.Identity()).parameters():
+            parameter.requires_grad = False
         if trainable_layers is not None:
             self._freeze_lower_layers(trainable_layers)
 

@@ -8,7 +8,8 @@
    published tables stay as they were.
 5. Publish in one transaction: ``marts.customer_scores``, ``marts.segment_summary``, and the
    run appended to ``marts.customer_scores_history`` (re-running a run id replaces it). Then
-   the BI views, a Parquet export and the HTML report (also logged to MLflow).
+   the BI views, a BI snapshot (Parquet files and a small DuckDB file of views over them,
+   which BI tools read instead of the warehouse) and the HTML report (also logged to MLflow).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from ml.config import TrainConfig
 from ml.data import to_model_input
 from ml.report import segment_map, write_report
 from ml.segment import fit_segments, name_segments
-from valueloop import transform
-from valueloop.config import Settings
+from valueloop import bi_snapshot, transform
+from valueloop.config import Settings, path_safe
 from valueloop.quality.runner import run_checkpoint
 from valueloop.warehouse import connect
 
@@ -52,7 +53,7 @@ class ScoringReport:
     segments: int
     silhouette: float
     report_path: Path
-    export_dir: Path
+    snapshot_dir: Path
     tier_mix: dict[str, float]
 
     def summary(self) -> str:
@@ -62,7 +63,7 @@ class ScoringReport:
             f"(run {self.run_id}): {mix}; {self.segments} segments (silhouette "
             f"{self.silhouette:.3f})\npublished marts.customer_scores, "
             f"marts.segment_summary, marts.customer_scores_history\n"
-            f"report: {self.report_path}\nParquet export: {self.export_dir}"
+            f"report: {self.report_path}\nBI snapshot (Parquet + bi.duckdb): {self.snapshot_dir}"
         )
 
 
@@ -134,19 +135,8 @@ def _publish(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
     con.execute("commit")
 
 
-def _export(con: duckdb.DuckDBPyConnection, folder: Path) -> Path:
-    """Parquet copies for BI tools that cannot open DuckDB, replaced file by file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for table in PUBLISHED:
-        target = folder / f"{table}.parquet"
-        partial = folder / f".{table}.parquet.partial"
-        con.execute(f"copy marts.{table} to '{partial.as_posix()}' (format parquet)")
-        partial.replace(target)
-    return folder
-
-
 def _report_stem(run_id: str) -> str:
-    return "scoring_" + "".join(c if c.isalnum() or c in "-_." else "-" for c in run_id)
+    return "scoring_" + path_safe(run_id)
 
 
 def score_candidates(
@@ -225,7 +215,7 @@ def check_candidates(settings: Settings, run_id: str):
 
 
 def publish(settings: Settings, run_id: str) -> ScoringReport:
-    """Step 3: publish atomically, then BI views, Parquet export, report and MLflow run."""
+    """Step 3: publish atomically, then BI views, BI snapshot, report and MLflow run."""
     reports = settings.home / "reports"
     stem = _report_stem(run_id)
     stats = json.loads((reports / f"{stem}_segmentation.json").read_text())
@@ -239,7 +229,7 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
         _publish(con, run_id)
     transform.run_dbt(settings, ["build", "--select", f"tag:{transform.BI_VIEWS_TAG}"], quiet=True)
     with connect(settings.warehouse_path) as con:
-        export_dir = _export(con, settings.home / "exports")
+        snapshot_dir = bi_snapshot.publish_snapshot(con, settings.exports_dir, run_id)
         report_path = write_report(
             con, run_id, stats, reports / f"{stem}_map.png", reports / f"{stem}.html"
         )
@@ -258,7 +248,7 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
         stats["k"],
         silhouette,
         report_path,
-        export_dir,
+        snapshot_dir,
         tier_mix,
     )
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import mlflow
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ from ml.data import (
     TIERS,
     CustomerDataModule,
     FeatureScaler,
+    horizon_days,
     load_splits,
     tier_index,
     to_model_input,
@@ -77,11 +77,6 @@ class TrainReport:
         return "\n".join(lines)
 
 
-def _horizon_days(warehouse: Path) -> int:
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        return int(con.execute("select max(horizon_days) from marts.customer_labels").fetchone()[0])
-
-
 def _labels(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (
         tier_index(frame["value_tier"]),
@@ -107,11 +102,14 @@ def _class_weights(train: pd.DataFrame) -> list[float]:
     return weights.tolist()
 
 
-def _trainer(cfg: TrainConfig, mlflow_logger: MLFlowLogger, checkpoint_dir: Path) -> pl.Trainer:
+def make_trainer(
+    cfg: TrainConfig, mlflow_logger: MLFlowLogger | bool, checkpoint_dir: Path
+) -> pl.Trainer:
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     return pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
-        devices=1,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
         precision="bf16-mixed" if cuda else "32-true",
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
@@ -151,7 +149,7 @@ def train_transformer(
         cfg, tokenizer.vocab_size, len(scaler.columns), _class_weights(frames["train"])
     )
     mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
-    trainer = _trainer(cfg, mlflow_logger, work_dir / "checkpoints")
+    trainer = make_trainer(cfg, mlflow_logger, work_dir / "checkpoints")
     trainer.fit(module, datamodule=data)
     best = trainer.checkpoint_callback.best_model_path
     if best:
@@ -163,13 +161,15 @@ def train_transformer(
 def train(
     cfg: TrainConfig, warehouse: Path, tracking_uri: str, artifacts_dir: Path, cache_dir: Path
 ) -> TrainReport:
+    """Train the transformer and the baselines, evaluate, log and gate. ``warehouse`` is the
+    DuckDB file or a training snapshot folder (ml.data.snapshot_training_data)."""
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     frames, scaler = load_splits(cfg, warehouse)
     numeric = scaler.columns
     holdout = frames["test"]
-    horizon = _horizon_days(warehouse)
+    horizon = horizon_days(warehouse)
     registry.configure(tracking_uri, artifacts_dir, cfg.experiment)
     client = mlflow.MlflowClient(tracking_uri)
     metrics: dict[str, dict[str, float]] = {}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import duckdb
 import mlflow
 import numpy as np
 import pytest
@@ -22,11 +26,18 @@ from ml.data import (
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import OUTPUT_COLUMNS, predict_net
 from ml.train import train
-from valueloop import jobs, transform
+from valueloop import jobs, pipeline, transform
 from valueloop.config import Settings, load_settings
 from valueloop.simulator import SimulationConfig, generate
 
 TINY = Path(DEFAULT_CONFIG).with_name("tiny.yaml")
+# Another process with the warehouse open for writing (DuckDB: one writing process).
+HOLD_FOR_WRITING = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1])
+print("holding", flush=True)
+sys.stdin.readline()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +49,10 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return settings
 
 
-def run_training(settings: Settings, **overrides) -> object:
+def run_training(settings: Settings, source: Path | None = None, **overrides) -> object:
     return train(
         TrainConfig.load(TINY, **overrides),
-        settings.warehouse_path,
+        source or settings.warehouse_path,
         settings.mlflow_tracking_uri,
         settings.mlflow_artifacts_dir,
         settings.home / "cache",
@@ -174,8 +185,26 @@ def test_the_gate_refuses_a_deliberately_worse_model(warehouse: Settings, traine
     client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
     name = TrainConfig().registered_model
     before = str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
-    # Frozen at initialisation: a model that learned nothing.
-    worse = run_training(warehouse, max_steps=1, encoder_lr=1e-12, head_lr=1e-12)
+    # Trained from a snapshot while another process holds the warehouse for writing, as the
+    # train task does while the next ingest writes.
+    snapshot = pipeline.snapshot_training_data(warehouse, "manual__2026-01-05T00:00:00+00:00")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FOR_WRITING, str(warehouse.warehouse_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(duckdb.IOException, match="lock"):
+            read_mart(warehouse.warehouse_path, "training_set")
+        # Frozen at initialisation: a model that learned nothing.
+        worse = run_training(warehouse, snapshot, max_steps=1, encoder_lr=1e-12, head_lr=1e-12)
+    finally:
+        holder.communicate("done\n", timeout=60)
+    assert read_mart(snapshot, "training_set").equals(
+        read_mart(warehouse.warehouse_path, "training_set")
+    )
     assert not worse.decision.promote
     assert "does not beat champion" in worse.decision.reason
     assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == before
@@ -239,3 +268,27 @@ def test_config_rejects_unknown_settings(tmp_path: Path) -> None:
     path.write_text("max_epochs: 2\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
         TrainConfig.load(path)
+
+
+def _fine_tune_in_processes(settings: Settings, tmp_path: Path, strategy: str, devices: int):
+    out = tmp_path / f"{strategy}-{devices}.json"
+    command = [sys.executable, "-m", "ml.distributed", "--warehouse"]
+    command += [str(settings.warehouse_path), "--config", str(TINY), "--out", str(out)]
+    command += ["--strategy", strategy, "--devices", str(devices)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ddp_fine_tuning_on_two_cpu_processes_matches_one_process(
+    warehouse: Settings, tmp_path: Path
+) -> None:
+    single = _fine_tune_in_processes(warehouse, tmp_path, "auto", 1)
+    ddp = _fine_tune_in_processes(warehouse, tmp_path, "ddp", 2)
+    assert (single["world_size"], ddp["world_size"]) == (1, 2)
+    assert ddp["strategy"] == "DDPStrategy"
+    # Each process trains on half the batches; the metrics are the same ones, synchronised.
+    assert ddp["train_batches_per_process"] == -(-single["train_batches_per_process"] // 2)
+    assert ddp["metrics"].keys() == single["metrics"].keys() >= {"val_score", "val_loss"}
+    assert all(np.isfinite(v) for v in ddp["metrics"].values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -14,7 +16,7 @@ from ml import registry
 from ml.config import DEFAULT_CONFIG, TrainConfig
 from ml.score import score
 from ml.train import train
-from valueloop import jobs, transform
+from valueloop import bi_snapshot, cli, jobs, transform
 from valueloop.config import Settings, load_settings
 from valueloop.quality.runner import QualityError
 from valueloop.quality.suites import SCORES_COLUMNS
@@ -113,15 +115,13 @@ def test_bi_reads_the_published_tables_read_only(scored) -> None:
         con.execute("delete from marts.customer_scores")
 
 
-def test_exports_report_and_mlflow_run(scored) -> None:
+def test_bi_snapshot_report_and_mlflow_run(scored) -> None:
     settings, report = scored
-    for table in ("customer_scores", "segment_summary"):
-        exported = (
-            duckdb.connect()
-            .execute(f"select count(*) from '{report.export_dir / (table + '.parquet')}'")
-            .fetchone()[0]
-        )
-        assert exported == query(settings, f"select count(*) from marts.{table}")[0][0]
+    assert bi_snapshot.current(settings.exports_dir) == report.snapshot_dir
+    with duckdb.connect(str(report.snapshot_dir / "bi.duckdb"), read_only=True) as bi:
+        for table in bi_snapshot.BI_TABLES:
+            count = f"select count(*) from {table}"
+            assert bi.execute(count).fetchone() == tuple(query(settings, count)[0]), table
     page = report.report_path.read_text()
     assert "Tier mix" in page and "Segments" in page and "data:image/png;base64" in page
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
@@ -172,3 +172,46 @@ def test_a_failing_run_leaves_the_published_scores_untouched(scored) -> None:
     assert not query(
         settings, "select 1 from marts.customer_scores_history where scoring_run_id = 'run-broken'"
     )
+
+
+# A BI tool that keeps its connection open: reads, waits, reads again.
+HOLD_OPEN = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+read = "select scoring_run_id, count(*) from marts.customer_scores group by 1"
+print(con.execute(read).fetchall(), flush=True)
+sys.stdin.readline()
+print(con.execute(read).fetchall(), flush=True)
+"""
+
+
+def test_a_bi_connection_held_open_never_blocks_a_publish(scored, monkeypatch, capsys) -> None:
+    settings, _ = scored
+    exports = settings.exports_dir
+    opened = bi_snapshot.current(exports)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_OPEN, str(bi_snapshot.current_database(exports))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        before = holder.stdout.readline()
+        report = score(settings, "run-held", TrainConfig.load(TINY), batch_rows=500)
+        holder.stdin.write("again\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == before  # its snapshot, whole, all along
+    finally:
+        holder.communicate(timeout=60)
+    assert holder.returncode == 0
+    assert bi_snapshot.current(exports) == report.snapshot_dir != opened
+    with duckdb.connect(str(bi_snapshot.current_database(exports)), read_only=True) as bi:
+        runs = bi.execute("select distinct scoring_run_id from marts.customer_scores").fetchall()
+    assert runs == [("run-held",)]
+    # Two snapshots are kept: the current one and the previous one, for rollback.
+    assert sorted((exports / "snapshots").iterdir()) == sorted([opened, report.snapshot_dir])
+    monkeypatch.setenv("VALUELOOP_HOME", str(settings.home))
+    assert cli.main(["bi-rollback"]) == 0
+    assert bi_snapshot.current(exports) == opened
+    assert str(opened) in capsys.readouterr().out
+    assert bi_snapshot.rollback(exports) == report.snapshot_dir  # and forward again

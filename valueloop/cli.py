@@ -150,8 +150,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         description="Load models:/<name>@champion, score marts.scoring_set in batches, segment "
         "the embeddings, add next best actions, run the scores checkpoint, then publish "
         "marts.customer_scores, marts.segment_summary and marts.customer_scores_history in one "
-        "transaction (a failed run leaves the published scores untouched). Writes a Parquet "
-        "export and an HTML report.",
+        "transaction (a failed run leaves the published scores untouched). Writes a BI "
+        "snapshot (Parquet files and exports/current/bi.duckdb, views over them) and an HTML "
+        "report.",
     )
     p.add_argument(
         "--run-id",
@@ -160,6 +161,17 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-rows", type=int, default=20_000, help="customers per chunk read")
     p.add_argument("--batch-size", type=int, default=256, help="customers per model batch")
     p.set_defaults(func=_cmd_score)
+
+
+def _add_bi_rollback(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bi-rollback",
+        help="point BI tools back at the previous BI snapshot",
+        description="Swap exports/current and exports/previous: BI tools reading "
+        "exports/current/bi.duckdb see the snapshot before the last publish (run it again to "
+        "roll forward). The warehouse is not touched.",
+    )
+    p.set_defaults(func=_cmd_bi_rollback)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -215,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_promote(sub)
     _add_score(sub)
+    _add_bi_rollback(sub)
     _add_run(sub)
     _add_airflow(sub)
     return parser
@@ -322,6 +335,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     settings = load_settings()
     run_id = args.run_id or quality.default_run_id()
     print(score(settings, run_id, batch_rows=args.batch_rows, batch_size=args.batch_size).summary())
+    return 0
+
+
+def _cmd_bi_rollback(args: argparse.Namespace) -> int:
+    from valueloop import bi_snapshot
+
+    exports = load_settings().exports_dir
+    print(f"BI tools now read {bi_snapshot.rollback(exports)}")
     return 0
 
 

@@ -56,6 +56,11 @@ class Settings:
         """Tool output (pip, Airflow, dbt, Lightning) that `valueloop run` keeps off the screen."""
         return self.home / "logs"
 
+    @property
+    def exports_dir(self) -> Path:
+        """BI snapshots (valueloop/bi_snapshot.py): what BI tools read instead of the warehouse."""
+        return self.home / "exports"
+
     def ensure_dirs(self) -> None:
         """Create the folders the platform writes to (called by commands, never on import)."""
         for path in (
@@ -87,6 +92,11 @@ class Settings:
             salt_file.write_text(secrets.token_hex(32))
             salt_file.chmod(0o600)
         return salt_file.read_text().strip()
+
+
+def path_safe(run_id: str) -> str:
+    """A run id (Airflow's hold ':' and '+') as a file or folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in run_id)
 
 
 def _env_name(field_name: str) -> str:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from valueloop import jobs, loaders
-from valueloop.config import Settings
+from valueloop.config import Settings, path_safe
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,28 @@ def ingest_landed(settings: Settings, items: list[dict[str, str]]) -> dict[str, 
     return totals
 
 
-def train_and_gate(settings: Settings) -> dict[str, object]:
-    """Train, evaluate and gate; returns whether the challenger was promoted."""
+def snapshot_training_data(settings: Settings, run_id: str) -> Path:
+    """What training reads, copied out of the warehouse into ``training/<run>`` (the two most
+    recent snapshots are kept), so that training does not hold the warehouse."""
+    from ml.data import snapshot_training_data as snapshot
+
+    root = settings.home / "training"
+    folder = snapshot(settings.warehouse_path, root / path_safe(run_id))
+    older = sorted((p for p in root.iterdir() if p != folder), key=lambda p: p.stat().st_mtime)
+    for stale in older[:-1]:
+        shutil.rmtree(stale)
+    return folder
+
+
+def train_and_gate(settings: Settings, source: Path | None = None) -> dict[str, object]:
+    """Train, evaluate and gate; returns whether the challenger was promoted. ``source`` is a
+    training snapshot (default: read the warehouse directly)."""
     from ml.config import TrainConfig
     from ml.train import train
 
     report = train(
         TrainConfig.load(settings.train_config),
-        settings.warehouse_path,
+        source or settings.warehouse_path,
         settings.mlflow_tracking_uri,
         settings.mlflow_artifacts_dir,
         settings.home / "cache",

@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
         ("check_marts", "marts checks"),
     ),
     "train_model": (
+        ("snapshot_training_data", "train + gate"),
         ("train", "train + gate"),
         ("promoted", "train + gate"),
         ("announce_champion", "train + gate"),

@@ -16,6 +16,7 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
+from valueloop import bi_snapshot
 from valueloop.config import REPO_ROOT, Settings
 
 METRICS = (
@@ -219,13 +220,12 @@ def render(console: Console, summary: RunSummary, settings: Settings, logs: Path
         f"  [bold]BI[/]       {sum(summary.tiers.values()):,} customers scored ({tiers}) in "
         f"{', '.join(BI_TABLES)}"
     )
-    print_(f"           warehouse {_shown(settings.warehouse_path)} (open it read-only)")
-    outputs = f"           Parquet {_shown(settings.home / 'exports')}/"
+    bi = bi_snapshot.current_database(settings.exports_dir)
+    print_(f"           BI tools open {_shown(bi)} (a snapshot: never blocks the pipeline)")
     if summary.report:
-        outputs += f"   report {_shown(summary.report)}"
-    print_(outputs)
+        print_(f"           report {_shown(summary.report)}")
     query = (
-        f"import duckdb; duckdb.connect('{_shown(settings.warehouse_path)}', read_only=True)"
+        f"import duckdb; duckdb.connect('{_shown(bi)}', read_only=True)"
         ".sql('select * from marts.customer_scores limit 5').show()"
     )
     print_(f'           {_shown(Path(sys.executable))} -c "{query}"')
