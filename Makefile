@@ -9,7 +9,7 @@ LOGS := $(VALUELOOP_HOME)/logs
 VERBOSE ?=
 QUIETLY = $(PYTHON) -m valueloop.quietly $(if $(VERBOSE),--verbose)
 
-.PHONY: install run test lint format lock clean mlflow-ui airflow
+.PHONY: install run run-distributed stack-up test lint format lock clean mlflow-ui airflow
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,23 @@ $(DOCKER_COMPOSE):
 	@$(QUIETLY) --label docker-compose --log $(LOGS)/docker-compose.log -- sh -c '\
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose'
 
-test: install $(CHROMIUM) $(DOCKER_COMPOSE) ## the whole test suite
+# The native production stack (valueloop/stack.py): Debian's Postgres and Redis servers, and
+# the Celery provider and Postgres driver (requirements-stack.txt) in the same venv.
+STACK_STAMP := $(VENV)/.stamp-stack
+$(STACK_STAMP): requirements-stack.txt $(STAMP)
+	@$(QUIETLY) --label stack --log $(LOGS)/stack-install.log -- sh -c '\
+	  { command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql redis-server; }; } && \
+	  $(BIN)/pip install --disable-pip-version-check -c requirements.txt -r requirements-stack.txt'
+	@touch $@
+
+run-distributed: $(STACK_STAMP) ## the pipeline through Postgres, Redis, 2 Celery workers and an MLflow server
+	@$(BIN)/valueloop stack run
+
+stack-up: $(STACK_STAMP) ## that stack, kept running until Ctrl-C
+	@$(BIN)/valueloop stack up
+
+test: install $(CHROMIUM) $(DOCKER_COMPOSE) $(STACK_STAMP) ## the whole test suite
 	$(BIN)/pytest
 
 airflow: install ## airflow standalone with the project's DAGs (UI on :8080)

@@ -18,7 +18,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -229,7 +229,12 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
         _publish(con, run_id)
     transform.run_dbt(settings, ["build", "--select", f"tag:{transform.BI_VIEWS_TAG}"], quiet=True)
     with connect(settings.warehouse_path) as con:
-        snapshot_dir = bi_snapshot.publish_snapshot(con, settings.exports_dir, run_id)
+        snapshot_dir = bi_snapshot.publish_snapshot(
+            con,
+            settings.exports_dir,
+            run_id,
+            timedelta(hours=settings.bi_snapshot_retention_hours),
+        )
         report_path = write_report(
             con, run_id, stats, reports / f"{stem}_map.png", reports / f"{stem}.html"
         )

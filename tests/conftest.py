@@ -142,3 +142,35 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         },
         home=home,
     )
+
+
+# A BI tool in its own process that keeps its connection open: reads, waits, reads again.
+_BI_READER = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+read = "select scoring_run_id, count(*) from marts.customer_scores group by 1"
+print(con.execute(read).fetchall(), flush=True)
+sys.stdin.readline()
+print(con.execute(read).fetchall(), flush=True)
+"""
+
+
+@contextmanager
+def bi_connection_held_open(database: Path) -> Iterator[list[str]]:
+    """Holds ``database`` open read-only in another process for the body of the ``with``;
+    yields a list that then holds what it read before and what it read after."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _BI_READER, str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    reads = [holder.stdout.readline()]
+    try:
+        yield reads
+        holder.stdin.write("again\n")
+        holder.stdin.flush()
+        reads.append(holder.stdout.readline())
+    finally:
+        holder.communicate(timeout=60)
+    assert holder.returncode == 0, f"the BI reader failed on {database}"

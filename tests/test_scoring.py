@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -16,6 +15,7 @@ from ml import registry
 from ml.config import DEFAULT_CONFIG, TrainConfig
 from ml.score import score
 from ml.train import train
+from tests.conftest import bi_connection_held_open
 from valueloop import bi_snapshot, cli, jobs, transform
 from valueloop.config import Settings, load_settings
 from valueloop.quality.runner import QualityError
@@ -174,44 +174,24 @@ def test_a_failing_run_leaves_the_published_scores_untouched(scored) -> None:
     )
 
 
-# A BI tool that keeps its connection open: reads, waits, reads again.
-HOLD_OPEN = """
-import sys, duckdb
-con = duckdb.connect(sys.argv[1], read_only=True)
-read = "select scoring_run_id, count(*) from marts.customer_scores group by 1"
-print(con.execute(read).fetchall(), flush=True)
-sys.stdin.readline()
-print(con.execute(read).fetchall(), flush=True)
-"""
-
-
 def test_a_bi_connection_held_open_never_blocks_a_publish(scored, monkeypatch, capsys) -> None:
     settings, _ = scored
     exports = settings.exports_dir
     opened = bi_snapshot.current(exports)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_OPEN, str(bi_snapshot.current_database(exports))],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        before = holder.stdout.readline()
+    with bi_connection_held_open(bi_snapshot.current_database(exports)) as reads:
         report = score(settings, "run-held", TrainConfig.load(TINY), batch_rows=500)
-        holder.stdin.write("again\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline() == before  # its snapshot, whole, all along
-    finally:
-        holder.communicate(timeout=60)
-    assert holder.returncode == 0
+    assert reads[0] == reads[1]  # its snapshot, whole, all along
     assert bi_snapshot.current(exports) == report.snapshot_dir != opened
     with duckdb.connect(str(bi_snapshot.current_database(exports)), read_only=True) as bi:
         runs = bi.execute("select distinct scoring_run_id from marts.customer_scores").fetchall()
     assert runs == [("run-held",)]
-    # Two snapshots are kept: the current one and the previous one, for rollback.
-    assert sorted((exports / "snapshots").iterdir()) == sorted([opened, report.snapshot_dir])
+    assert opened.exists()  # kept: within the retention (24 h by default)
     monkeypatch.setenv("VALUELOOP_HOME", str(settings.home))
     assert cli.main(["bi-rollback"]) == 0
     assert bi_snapshot.current(exports) == opened
     assert str(opened) in capsys.readouterr().out
     assert bi_snapshot.rollback(exports) == report.snapshot_dir  # and forward again
+    # Past the retention, only the current snapshot and the previous one stay.
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        newest = bi_snapshot.publish_snapshot(con, exports, "prune", timedelta(0))
+    assert sorted((exports / "snapshots").iterdir()) == sorted([report.snapshot_dir, newest])

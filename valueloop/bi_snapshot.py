@@ -6,11 +6,12 @@ each publish, the BI schema is exported into a new folder ``exports/snapshots/<i
 Parquet file per table, with ``bi.duckdb`` beside them: a small database of views over those
 files, under the warehouse's own schema names, so the same SQL works on both. The link
 ``exports/current`` then moves to the new folder in one ``rename`` (atomic on POSIX), and
-``exports/previous`` to the one before, kept for rollback; older snapshots are removed.
+``exports/previous`` to the one before, kept for rollback. Older snapshots are removed once
+they are older than the retention (``VALUELOOP_BI_SNAPSHOT_RETENTION_HOURS``, default 24).
 
 A connection opened on ``exports/current/bi.duckdb`` keeps reading the snapshot it opened,
-whole, while later runs publish; reconnecting shows the newest. It stays valid until two more
-snapshots have been published (then its folder is removed).
+whole, while later runs publish; reconnecting shows the newest. It stays valid for the
+retention, however many runs publish meanwhile: an analyst's connection lasts the day.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -61,7 +63,12 @@ def current_database(exports_dir: Path) -> Path:
     return exports_dir / "current" / DATABASE
 
 
-def publish_snapshot(warehouse: duckdb.DuckDBPyConnection, exports_dir: Path, label: str) -> Path:
+def publish_snapshot(
+    warehouse: duckdb.DuckDBPyConnection,
+    exports_dir: Path,
+    label: str,
+    retention: timedelta = timedelta(hours=24),
+) -> Path:
     """Export the BI tables from an open warehouse connection; returns the new snapshot."""
     snapshots = exports_dir / "snapshots"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -86,8 +93,9 @@ def publish_snapshot(warehouse: duckdb.DuckDBPyConnection, exports_dir: Path, la
         _swap_link(exports_dir / "previous", before)
     _swap_link(exports_dir / "current", folder)
     keep = {folder, before}
-    for old in snapshots.iterdir():  # older snapshots, and partial ones a crash left behind
-        if old not in keep:
+    cutoff = time.time() - retention.total_seconds()
+    for old in snapshots.iterdir():  # expired snapshots, and partial ones a crash left behind
+        if old not in keep and (old.name.startswith(".") or old.stat().st_mtime < cutoff):
             shutil.rmtree(old)
     log.info("BI snapshot %s is current (previous: %s)", folder, before)
     return folder

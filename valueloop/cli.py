@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from valueloop.config import load_settings
 from valueloop.ingest import IngestError
 from valueloop.orchestration import DagRunFailed
 from valueloop.quality import runner as quality
+from valueloop.stack import StackError
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -174,6 +176,22 @@ def _add_bi_rollback(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bi_rollback)
 
 
+def _add_stack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stack",
+        help="the production topology without Docker: Postgres, Redis, Celery, MLflow server",
+        description="Start, on this machine, what docker-compose.yml runs: a Postgres server "
+        "(Airflow's metadata and MLflow's store), Redis, Airflow's API server, scheduler, DAG "
+        "processor and triggerer with the CeleryExecutor and N workers, and an MLflow server. "
+        "`up` keeps it running until Ctrl-C; `run` generates the demo shop if none is landed, "
+        "triggers ingest_and_transform through the REST API, waits for the asset-triggered "
+        "training and scoring, and stops everything. Service logs: $VALUELOOP_HOME/stack/logs.",
+    )
+    p.add_argument("action", choices=("up", "run"))
+    p.add_argument("--workers", type=int, default=2, help="Celery workers")
+    p.set_defaults(func=_cmd_stack)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
@@ -228,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_promote(sub)
     _add_score(sub)
     _add_bi_rollback(sub)
+    _add_stack(sub)
     _add_run(sub)
     _add_airflow(sub)
     return parser
@@ -346,6 +365,30 @@ def _cmd_bi_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from valueloop import stack
+
+    def stop_on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the stop must not be cut short
+        raise KeyboardInterrupt  # so that every service is stopped on the way out
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    settings = load_settings()
+    if args.action == "run" and not settings.demo_dir.exists():
+        print(jobs.generate_demo(settings))
+    with stack.Stack(settings, workers=args.workers) as running:
+        print(stack.describe(running), flush=True)
+        if args.action == "up":
+            print("Ctrl-C stops every service.", flush=True)
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                return 0
+        runs = running.run_pipeline()
+        print(stack.summary_json(runs, running))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -444,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
         DagRunFailed,
+        StackError,
     ) as error:
         print(f"valueloop {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -48,6 +48,8 @@ class Settings:
     demo_seed: int
     # DuckDB's memory cap for dbt builds (it spills to disk beyond it): a DuckDB size string.
     duckdb_memory_limit: str
+    # How long a BI snapshot stays readable after it stopped being current (bi_snapshot.py).
+    bi_snapshot_retention_hours: float
     # The Celery queue of the training task: `gpu` sends it to the compose file's GPU trainer.
     train_queue: str
 
@@ -145,4 +147,5 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         demo_seed=int(env.get(_env_name("demo_seed"), "42")),
         duckdb_memory_limit=env.get(_env_name("duckdb_memory_limit"), "4GB"),
         train_queue=env.get(_env_name("train_queue"), "default"),
+        bi_snapshot_retention_hours=float(env.get(_env_name("bi_snapshot_retention_hours"), "24")),
     )

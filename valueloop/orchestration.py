@@ -61,7 +61,9 @@ DEFAULT_ARGS = {
 }
 
 
-def airflow_env(settings: Settings) -> dict[str, str]:
+def airflow_env(settings: Settings, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Airflow's environment: SQLite metadata by default; ``overrides`` swap in another
+    stack (valueloop/stack.py: Postgres, Redis and the CeleryExecutor)."""
     home = settings.airflow_home
     return {
         **os.environ,
@@ -77,6 +79,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
         "DO_NOT_TRACK": "True",
         "PYTHONUNBUFFERED": "1",
+        **(overrides or {}),
     }
 
 
@@ -84,10 +87,12 @@ def airflow_cli() -> str:
     return str(Path(sys.executable).with_name("airflow"))
 
 
-def _airflow(settings: Settings, *args: str, quiet: bool = True) -> subprocess.CompletedProcess:
+def _airflow(
+    settings: Settings, *args: str, quiet: bool = True, overrides: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [airflow_cli(), *args],
-        env=airflow_env(settings),
+        env=airflow_env(settings, overrides),
         text=True,
         capture_output=quiet,
         check=False,
@@ -111,15 +116,16 @@ def admin_password(settings: Settings) -> str:
     return json.loads(path.read_text())[ADMIN_USER]
 
 
-def bootstrap(settings: Settings) -> None:
-    """Metadata DB (SQLite), the one-slot warehouse pool, the dbt manifest cosmos renders."""
+def bootstrap(settings: Settings, overrides: dict[str, str] | None = None) -> None:
+    """Metadata DB (SQLite unless ``overrides`` say otherwise), the one-slot warehouse pool,
+    the dbt manifest cosmos renders."""
     from valueloop import transform
 
     settings.ensure_dirs()
     admin_password(settings)
-    _airflow(settings, "db", "migrate")
-    _airflow(
-        settings,
+    airflow = partial(_airflow, settings, overrides=overrides)
+    airflow("db", "migrate")
+    airflow(
         "pools",
         "set",
         WAREHOUSE_POOL,
@@ -127,7 +133,7 @@ def bootstrap(settings: Settings) -> None:
         "DuckDB allows one writer: every task that writes the warehouse takes this slot",
     )
     transform.run_dbt(settings, ["parse"], quiet=True)
-    _airflow(settings, "dags", "reserialize")  # the UI and the API list DAGs from the DB
+    airflow("dags", "reserialize")  # the UI and the API list DAGs from the DB
 
 
 # `airflow dags test` marks where each task's log starts and ends in its output.
