@@ -63,6 +63,16 @@ class Settings:
         """BI snapshots (valueloop/bi_snapshot.py): what BI tools read instead of the warehouse."""
         return self.home / "exports"
 
+    @property
+    def training_dir(self) -> Path:
+        """Training-data snapshots, one folder per run (the train task reads these)."""
+        return self.home / "training"
+
+    @property
+    def stack_dir(self) -> Path:
+        """The native production stack's Airflow home, MLflow artifacts and service logs."""
+        return self.home / "stack"
+
     def ensure_dirs(self) -> None:
         """Create the folders the platform writes to (called by commands, never on import)."""
         for path in (

@@ -68,7 +68,7 @@ def snapshot_training_data(settings: Settings, run_id: str) -> Path:
     recent snapshots are kept), so that training does not hold the warehouse."""
     from ml.data import snapshot_training_data as snapshot
 
-    root = settings.home / "training"
+    root = settings.training_dir
     folder = snapshot(settings.warehouse_path, root / path_safe(run_id))
     older = sorted((p for p in root.iterdir() if p != folder), key=lambda p: p.stat().st_mtime)
     for stale in older[:-1]:

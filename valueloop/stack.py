@@ -74,7 +74,7 @@ class Stack:
 
     @property
     def root(self) -> Path:
-        return self.settings.home / "stack"
+        return self.settings.stack_dir
 
     @property
     def logs(self) -> Path:
@@ -334,7 +334,9 @@ class Stack:
         """Tasks each Celery worker received, from its own log."""
         marker = "execute_workload"
         return {
-            f"worker{n}": _tail(self.logs / f"worker{n}.log", 10**9).count(f"{marker}[")
+            f"worker{n}": (self.logs / f"worker{n}.log")
+            .read_text(errors="replace")
+            .count(f"{marker}[")
             for n in range(1, self.workers + 1)
         }
 
