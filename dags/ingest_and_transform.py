@@ -11,7 +11,10 @@ rebuilds it:
 4. **dbt**: the dbt project rendered by astronomer-cosmos, one task per model (`dbt build`
    of the model: run, then its tests), in dependency order;
 5. **check_marts**: the `marts` checkpoint; on success the marts asset is updated, which
-   triggers `train_model` and `score_customers`.
+   triggers `score_customers`;
+6. **decide_retraining**: the loop's triggers (no champion, new label corrections, drift,
+   schedule, new campaign outcomes); when one fires, **request_retraining** updates the
+   retrain asset with the reasons, which triggers `train_model`.
 
 Every task that writes the DuckDB warehouse takes the one slot of pool `valueloop_warehouse`.
 """
@@ -24,6 +27,7 @@ from cosmos.constants import LoadMode, TestBehavior
 
 from valueloop.assets import MARTS, RAW
 from valueloop.config import load_settings
+from valueloop.loop_tasks import retraining_tasks
 from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
 
 SETTINGS = load_settings()  # environment only: no I/O at parse time
@@ -90,7 +94,7 @@ def ingest_and_transform():
         return run_checkpoint(load_settings(), "marts", run_id=run_id).summary()
 
     ingested = ingest(land())
-    ingested >> check_raw() >> dbt >> check_marts()
+    ingested >> check_raw() >> dbt >> check_marts() >> retraining_tasks()
 
 
 ingest_and_transform()

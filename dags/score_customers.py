@@ -9,7 +9,10 @@ Runs when the marts are rebuilt or a new champion is promoted. Scores every cust
 2. **check_scores**: the Great Expectations `scores` checkpoint on the candidate;
 3. **publish**: in one transaction, `marts.customer_scores`, `marts.segment_summary` and the
    run in `marts.customer_scores_history`; then the BI views, the Parquet export and the HTML
-   report; updates the scores asset.
+   report and the monitoring tables (drift, tier migration, measured performance); updates
+   the scores asset;
+4. **plan_campaign**: the next campaign from the published scores, with randomised control
+   groups (`marts.campaign_assignments`, files in `exports/campaigns/`).
 
 The scoring run id is the Airflow run id: re-running a run replaces its history rows.
 """
@@ -54,8 +57,15 @@ def score_customers():
 
         return publish_scores(load_settings(), stats["run_id"]).summary()
 
+    @task(pool=WAREHOUSE_POOL)
+    def plan_campaign() -> str:
+        from valueloop.campaigns import plan
+        from valueloop.config import load_settings
+
+        return plan(load_settings()).summary()
+
     stats = score()
-    check_scores(stats) >> publish(stats)
+    check_scores(stats) >> publish(stats) >> plan_campaign()
 
 
 score_customers()

@@ -1,12 +1,16 @@
 """
 ### train_model
 
-Runs when the marts asset is updated (after `ingest_and_transform` passes its checks), and
-weekly on Mondays at 04:00 UTC. **snapshot_training_data** copies the training set out of the
-warehouse (under the warehouse pool, seconds); **train** then trains the transformer and the
-baselines on the same splits without holding the warehouse, logs them to MLflow and runs the
-champion/challenger gate. Only when the challenger is promoted does **announce_champion**
-update the champion asset, which triggers `score_customers`.
+Runs when a retraining trigger fires (the retrain asset, updated by `ingest_and_transform` and
+`ingest_feedback` with the reasons), and weekly on Mondays at 04:00 UTC. **plan** reads why:
+the customer model retrains on no champion, new label corrections, drift or the schedule; the
+uplift model on new campaign outcomes or the schedule; a manual run retrains both.
+**snapshot_training_data** copies the training set out of the warehouse (under the warehouse
+pool, seconds); **train** then trains the transformer and the baselines on the same splits
+without holding the warehouse, logs them to MLflow with the reason and runs the
+champion/challenger gate; **train_uplift** does the same for the uplift model. Only when a
+challenger is promoted does **announce_champion** update the champion asset, which triggers
+`score_customers`.
 
 The training config comes from `VALUELOOP_TRAIN_CONFIG` (default `ml/configs/default.yaml`).
 Under the CeleryExecutor the train task goes to the queue `VALUELOOP_TRAIN_QUEUE` (default
@@ -19,7 +23,7 @@ from airflow.sdk import dag, task
 from airflow.timetables.assets import AssetOrTimeSchedule
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from valueloop.assets import CHAMPION, MARTS
+from valueloop.assets import CHAMPION, RETRAIN
 from valueloop.config import load_settings
 from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
 
@@ -29,7 +33,7 @@ SETTINGS = load_settings()  # environment only: no I/O at parse time
 @dag(
     dag_id="train_model",
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable("0 4 * * 1", timezone="UTC"), assets=[MARTS]
+        timetable=CronTriggerTimetable("0 4 * * 1", timezone="UTC"), assets=[RETRAIN]
     ),
     start_date=datetime(2025, 1, 1, tzinfo=UTC),
     catchup=False,
@@ -39,32 +43,60 @@ SETTINGS = load_settings()  # environment only: no I/O at parse time
     doc_md=__doc__,
 )
 def train_model():
+    @task
+    def plan(triggering_asset_events=None, dag_run=None) -> dict:
+        """Which models to retrain and why, from the retrain requests that triggered the run."""
+        customer: list[str] = []
+        uplift: list[str] = []
+        for event in (triggering_asset_events or {}).get(RETRAIN, []):
+            customer += event.extra.get("customer_model", [])
+            uplift += event.extra.get("uplift_model", [])
+        if not customer and not uplift:
+            why = "schedule" if dag_run and dag_run.run_type == "scheduled" else "manual run"
+            customer, uplift = [why], [why]
+        return {"customer_model": customer, "uplift_model": uplift}
+
     # Reading the marts needs the warehouse free of writers (DuckDB locks the file): copy
     # them out under the pool, then train (minutes to hours) without holding it.
     @task(pool=WAREHOUSE_POOL)
-    def snapshot_training_data(run_id=None) -> str:
+    def snapshot_training_data(reasons: dict, run_id=None) -> str:
         from valueloop import pipeline
 
+        if not reasons["customer_model"]:
+            return ""
         return str(pipeline.snapshot_training_data(load_settings(), run_id))
 
     @task(queue=SETTINGS.train_queue)
-    def train(snapshot: str) -> dict:
+    def train(snapshot: str, reasons: dict) -> dict:
         from pathlib import Path
 
         from valueloop import pipeline
 
-        return pipeline.train_and_gate(load_settings(), Path(snapshot))
+        if not snapshot:
+            return {"promoted": False, "reason": "no customer-model trigger fired"}
+        why = "; ".join(reasons["customer_model"])
+        return pipeline.train_and_gate(load_settings(), Path(snapshot), why)
+
+    @task(pool=WAREHOUSE_POOL)
+    def train_uplift(reasons: dict) -> dict:
+        from valueloop import pipeline
+
+        if not reasons["uplift_model"]:
+            return {"promoted": False, "reason": "no uplift trigger fired"}
+        return pipeline.train_uplift(load_settings(), "; ".join(reasons["uplift_model"]))
 
     @task.short_circuit
-    def promoted(result: dict) -> bool:
-        return bool(result["promoted"])
+    def promoted(customer: dict, uplift: dict) -> bool:
+        return bool(customer["promoted"] or uplift["promoted"])
 
     @task(outlets=[CHAMPION])
-    def announce_champion(result: dict) -> str:
-        return f"champion is now version {result['champion']}: {result['reason']}"
+    def announce_champion(customer: dict, uplift: dict) -> str:
+        return f"customer model: {customer['reason']}; uplift model: {uplift['reason']}"
 
-    result = train(snapshot_training_data())
-    promoted(result) >> announce_champion(result)
+    reasons = plan()
+    customer = train(snapshot_training_data(reasons), reasons)
+    uplift = train_uplift(reasons)
+    promoted(customer, uplift) >> announce_champion(customer, uplift)
 
 
 train_model()

@@ -48,6 +48,17 @@ def horizon_days(source: Path) -> int:
         return int(con.execute("select max(horizon_days) from marts.customer_labels").fetchone()[0])
 
 
+def label_corrections(source: Path) -> int:
+    """How many label corrections the warehouse had when this training data was taken."""
+    if source.is_dir():
+        return int(json.loads((source / SNAPSHOT_META).read_text()).get("label_corrections", 0))
+    with duckdb.connect(str(source), read_only=True) as con:
+        try:
+            return int(con.execute("select count(*) from raw.label_feedback").fetchone()[0])
+        except duckdb.CatalogException:
+            return 0
+
+
 def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
     """Copy what training reads out of the warehouse, so that training, which takes minutes
     to hours, runs without holding the warehouse (Airflow's one-slot pool, DuckDB's lock)."""
@@ -57,7 +68,11 @@ def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
     target = (partial / "training_set.parquet").as_posix()
     with duckdb.connect(str(warehouse), read_only=True) as con:
         con.execute(f"copy marts.training_set to '{target}' (format parquet)")
-    meta = {"horizon_days": horizon_days(warehouse), "warehouse": str(warehouse)}
+    meta = {
+        "horizon_days": horizon_days(warehouse),
+        "warehouse": str(warehouse),
+        "label_corrections": label_corrections(warehouse),
+    }
     (partial / SNAPSHOT_META).write_text(json.dumps(meta))
     shutil.rmtree(folder, ignore_errors=True)  # re-running a run replaces its snapshot
     partial.rename(folder)

@@ -32,7 +32,7 @@ from ml.config import TrainConfig
 from ml.data import to_model_input
 from ml.report import segment_map, write_report
 from ml.segment import fit_segments, name_segments
-from valueloop import bi_snapshot, transform
+from valueloop import bi_snapshot, monitoring, transform
 from valueloop.config import Settings, path_safe
 from valueloop.quality.runner import run_checkpoint
 from valueloop.warehouse import connect
@@ -131,7 +131,11 @@ def _publish(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
         f"select * from {CANDIDATE} where false"
     )
     con.execute("delete from marts.customer_scores_history where scoring_run_id = ?", [run_id])
-    con.execute(f"insert into marts.customer_scores_history select * from {CANDIDATE}")
+    history = {r[0] for r in con.execute("describe marts.customer_scores_history").fetchall()}
+    for name, sql_type, *_ in con.execute(f"describe {CANDIDATE}").fetchall():
+        if name not in history:  # a column added in a later release
+            con.execute(f'alter table marts.customer_scores_history add column "{name}" {sql_type}')
+    con.execute(f"insert into marts.customer_scores_history by name select * from {CANDIDATE}")
     con.execute("commit")
 
 
@@ -187,8 +191,11 @@ def score_candidates(
         scoring_run_id=run_id,
         scored_at=scored_at,
     )
+    uplift = uplift_candidates(settings, predictions)
     with connect(settings.warehouse_path) as con:
         con.execute("create schema if not exists scoring")
+        con.register("_uplift", uplift)
+        con.execute("create or replace table scoring.candidate_uplift as select * from _uplift")
         con.register("_predictions", predictions)
         con.register("_segments", segments)
         con.execute(
@@ -207,6 +214,38 @@ def score_candidates(
     }
     (reports / f"{stem}_segmentation.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataFrame:
+    """Each action's expected incremental profit per customer, from the uplift champion (long
+    format; dbt picks the best eligible action). Empty, with its columns, before there is one:
+    the playbook then decides."""
+    from ml import uplift
+
+    columns = ["customer_id", "action", "expected_incremental_profit", "action_policy"]
+    champion = uplift.load_champion(settings.mlflow_tracking_uri)
+    if champion is None:
+        return pd.DataFrame(
+            {c: pd.Series(dtype="float64" if "profit" in c else "object") for c in columns}
+        )
+    model, version = champion
+    behaviour = [f for f in uplift.FEATURES if f not in predictions.columns]
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        features = con.execute(
+            f"select customer_id, {', '.join(behaviour)} from marts.scoring_set"
+        ).df()
+    frame = predictions[["customer_id", "p_high", "churn_probability"]].merge(
+        features, on="customer_id", how="left"
+    )
+    from valueloop.campaigns import load_actions
+
+    costs = {a.name: a.cost for a in load_actions(settings).values()}
+    effects = model.effects(frame)
+    profit = settings.margin_rate * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
+    long = profit.assign(customer_id=frame["customer_id"].to_numpy()).melt(
+        id_vars="customer_id", var_name="action", value_name="expected_incremental_profit"
+    )
+    return long.assign(action_policy=f"uplift-v{version}")[columns]
 
 
 def check_candidates(settings: Settings, run_id: str):
@@ -237,6 +276,12 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
         )
         report_path = write_report(
             con, run_id, stats, reports / f"{stem}_map.png", reports / f"{stem}.html"
+        )
+        horizon = con.execute("select max(horizon_days) from marts.customer_labels").fetchone()[0]
+        monitoring.write_html(
+            monitoring.record(con, run_id, int(horizon)),
+            run_id,
+            reports / f"{stem}_monitoring.html",
         )
         tier_mix = dict(
             con.execute(

@@ -30,6 +30,7 @@ from ml.data import (
     CustomerDataModule,
     FeatureScaler,
     horizon_days,
+    label_corrections,
     load_splits,
     tier_index,
     to_model_input,
@@ -159,7 +160,12 @@ def train_transformer(
 
 
 def train(
-    cfg: TrainConfig, warehouse: Path, tracking_uri: str, artifacts_dir: Path, cache_dir: Path
+    cfg: TrainConfig,
+    warehouse: Path,
+    tracking_uri: str,
+    artifacts_dir: Path,
+    cache_dir: Path,
+    reason: str = "manual",
 ) -> TrainReport:
     """Train the transformer and the baselines, evaluate, log and gate. ``warehouse`` is the
     DuckDB file or a training snapshot folder (ml.data.snapshot_training_data)."""
@@ -185,11 +191,18 @@ def train(
             {
                 "data_sha256": info["sha256"],
                 "horizon_days": horizon,
+                "label_corrections": label_corrections(warehouse),
                 **{k: v for k, v in info.items() if k.endswith("_rows")},
             }
         )
         mlflow.log_dict(info, "dataset_fingerprint.json")
-        mlflow.set_tags({"valueloop.kind": "training", "warehouse": str(warehouse)})
+        mlflow.set_tags(
+            {
+                "valueloop.kind": "training",
+                "warehouse": str(warehouse),
+                "valueloop.retrain_reason": reason,
+            }
+        )
 
         lightgbm = LightGBMBaseline(numeric, cfg.seed).fit(frames["train"], frames["validation"])
         baselines = [

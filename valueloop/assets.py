@@ -10,3 +10,8 @@ CHAMPION = Asset(
 SCORES = Asset(
     name="valueloop_scores", uri="valueloop://warehouse/marts/customer_scores", group="warehouse"
 )
+FEEDBACK = Asset(
+    name="valueloop_feedback", uri="valueloop://warehouse/raw/feedback", group="warehouse"
+)
+# Emitted when a retraining trigger fires; its extra says which model and why.
+RETRAIN = Asset(name="valueloop_retrain_request", uri="valueloop://loop/retrain", group="loop")

@@ -10,7 +10,7 @@ import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from valueloop import jobs, loaders, transform
+from valueloop import jobs, loaders, loop, transform
 from valueloop.config import load_settings
 from valueloop.ingest import IngestError
 from valueloop.orchestration import DagRunFailed
@@ -211,12 +211,86 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="run the steps directly instead of through the Airflow DAGs",
     )
     p.add_argument(
+        "--cycles",
+        type=int,
+        default=2,
+        help="turns of the loop after the first scoring (campaign, market, feedback, "
+        "retraining, rescoring); default 2",
+    )
+    p.add_argument(
         "--verbose",
         dest="verbose_run",
         action="store_true",
         help="show every tool's output (pip, Airflow, dbt, Lightning) instead of the log files",
     )
     p.set_defaults(func=_cmd_run)
+
+
+def _add_campaign(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "campaign",
+        help="plan a campaign with control groups; play the demo market through one",
+        description="plan: turn the published scores into a campaign (marts.campaign_assignments"
+        ", randomised control groups, budget and eligibility from the settings and the dbt seed "
+        "campaign_actions) and export it to exports/campaigns/<id>.csv and .parquet. simulate: "
+        "the demo shop's market answers a campaign (new order lines, an outcome file in "
+        "landing/feedback/campaign_outcomes).",
+    )
+    p.add_argument("action", choices=["plan", "simulate"])
+    p.add_argument("--campaign-id", help="default: cmp-<as_of> (plan), the latest (simulate)")
+    p.set_defaults(func=_cmd_campaign)
+
+
+def _add_uplift(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "uplift",
+        help="train and gate the uplift model on the randomised campaign outcomes",
+        description="A T-learner on LightGBM per action, evaluated by Qini/AUUC on a fixed "
+        "holdout, logged to MLflow (experiment valueloop-uplift) and promoted to champion "
+        "only if it beats the champion there.",
+    )
+    p.set_defaults(func=_cmd_uplift)
+
+
+def _add_loop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loop",
+        help="run more turns of the loop on the demo shop",
+        description="Each cycle: the demo market answers the latest campaign, orders and "
+        "outcomes are ingested and checked, dbt rebuilds, the retraining triggers are "
+        "evaluated (and models retrained and gated), customers are rescored and the next "
+        "campaign is planned. Prints what each campaign measured.",
+    )
+    p.add_argument("--cycles", type=int, default=1)
+    p.set_defaults(func=_cmd_loop)
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.action == "plan":
+        from valueloop.campaigns import plan
+
+        print(plan(settings, args.campaign_id).summary())
+    else:
+        from valueloop.loop import simulate_campaign
+
+        print(simulate_campaign(settings, args.campaign_id).summary())
+    return 0
+
+
+def _cmd_uplift(args: argparse.Namespace) -> int:
+    from valueloop import pipeline
+
+    print(pipeline.train_uplift(load_settings())["summary"])
+    return 0
+
+
+def _cmd_loop(args: argparse.Namespace) -> int:
+    from valueloop.loop import run_cycles
+
+    for result in run_cycles(load_settings(), args.cycles):
+        print("\n".join(result.lines()))
+    return 0
 
 
 def _add_airflow(sub: argparse._SubParsersAction) -> None:
@@ -248,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bi_rollback(sub)
     _add_stack(sub)
     _add_run(sub)
+    _add_campaign(sub)
+    _add_uplift(sub)
+    _add_loop(sub)
     _add_airflow(sub)
     return parser
 
@@ -413,7 +490,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             tool_output_to(logs / "valueloop.log", enabled=not verbose),
         ):
             with board.stage("generate"):
-                shop = jobs.generate_demo(settings, args.customers, args.seed)
+                shop = jobs.generate_demo(settings, args.customers, args.seed, keep_existing=True)
                 board.update(
                     "generate", f"{shop.customers:,} customers, {shop.order_lines:,} order lines"
                 )
@@ -423,12 +500,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 with board.stage("airflow setup", "metadata DB, pool, dbt manifest"):
                     orchestration.bootstrap(settings)
                 orchestration.run_dags(settings, board, logs, verbose=verbose)
+            cycles = loop.run_cycles(settings, args.cycles, board)
     except Exception:
         console.print(f"[red]stopped.[/] The tools' output is in {logs}/", soft_wrap=True)
         raise
     with tool_output_to(logs / "valueloop.log", enabled=not verbose):
         summary = run_summary.collect(settings, started)
     run_summary.render(console, summary, settings, logs)
+    run_summary.render_loop(console, cycles)
     took = format_duration((datetime.now(UTC) - started).total_seconds())
     console.print(f"[bold green]Done[/] in {took}.")
     return 0
@@ -463,6 +542,10 @@ def _run_directly(settings, train_config: Path | None, board) -> None:
         )
     with board.stage("score + publish"):
         score(settings, run_id, config)
+    with board.stage("plan campaign"):
+        from valueloop.campaigns import plan
+
+        plan(settings)
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:

@@ -52,6 +52,17 @@ class Settings:
     bi_snapshot_retention_hours: float
     # The Celery queue of the training task: `gpu` sends it to the compose file's GPU trainer.
     train_queue: str
+    # The loop (valueloop/campaigns.py, ml/uplift.py, valueloop/retraining.py).
+    campaign_control_share: float  # share of each action's customers held out as control
+    campaign_exploration_share: float  # share given a random eligible action (to learn from)
+    campaign_budget: float  # most a campaign may spend on contacts, in the shop's currency
+    campaign_window_days: int  # days after assignment in which outcomes count
+    margin_rate: float  # gross margin on revenue: incremental profit = margin x revenue - cost
+    uplift_min_outcomes: int  # randomised outcomes needed before uplift replaces the playbook
+    retrain_min_outcomes: int  # new campaign outcomes (customers) that trigger retraining
+    retrain_min_corrections: int  # new label corrections that trigger retraining
+    retrain_drift_psi: float  # feature or score PSI that triggers retraining
+    retrain_every_days: int  # retrain at least this often
 
     @property
     def logs_dir(self) -> Path:
@@ -67,6 +78,16 @@ class Settings:
     def training_dir(self) -> Path:
         """Training-data snapshots, one folder per run (the train task reads these)."""
         return self.home / "training"
+
+    @property
+    def campaigns_dir(self) -> Path:
+        """Campaign files for the activation tool, one CSV and one Parquet per campaign."""
+        return self.exports_dir / "campaigns"
+
+    @property
+    def feedback_dir(self) -> Path:
+        """Where outcome and label files land (campaign_outcomes/, label_feedback/)."""
+        return self.landing_dir / "feedback"
 
     @property
     def stack_dir(self) -> Path:
@@ -158,4 +179,14 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         duckdb_memory_limit=env.get(_env_name("duckdb_memory_limit"), "4GB"),
         train_queue=env.get(_env_name("train_queue"), "default"),
         bi_snapshot_retention_hours=float(env.get(_env_name("bi_snapshot_retention_hours"), "24")),
+        campaign_control_share=float(env.get(_env_name("campaign_control_share"), "0.1")),
+        campaign_exploration_share=float(env.get(_env_name("campaign_exploration_share"), "0.2")),
+        campaign_budget=float(env.get(_env_name("campaign_budget"), "10000")),
+        campaign_window_days=int(env.get(_env_name("campaign_window_days"), "30")),
+        margin_rate=float(env.get(_env_name("margin_rate"), "0.35")),
+        uplift_min_outcomes=int(env.get(_env_name("uplift_min_outcomes"), "2000")),
+        retrain_min_outcomes=int(env.get(_env_name("retrain_min_outcomes"), "1000")),
+        retrain_min_corrections=int(env.get(_env_name("retrain_min_corrections"), "50")),
+        retrain_drift_psi=float(env.get(_env_name("retrain_drift_psi"), "0.25")),
+        retrain_every_days=int(env.get(_env_name("retrain_every_days"), "7")),
     )

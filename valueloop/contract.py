@@ -90,7 +90,41 @@ REVIEWS = Entity(
     "One row per product review.",
 )
 
-ENTITIES: dict[str, Entity] = {e.name: e for e in (ORDER_LINES, CUSTOMERS, PRODUCTS, REVIEWS)}
+# Feedback: what comes back from the activation tool and from people (valueloop/feedback.py).
+OUTCOME_EVENTS = ("delivered", "opened", "clicked", "converted", "unsubscribed")
+LABELS = {"is_churned": ("true", "false"), "value_tier": ("high", "active", "lapsed")}
+
+CAMPAIGN_OUTCOMES = Entity(
+    "campaign_outcomes",
+    (
+        Column("campaign_id", "varchar", True, "Campaign, as in the campaign export"),
+        Column("customer_key", "varchar", True, "Pseudonymised customer id, as exported"),
+        Column("event", "varchar", True, "delivered, opened, clicked, converted or unsubscribed"),
+        Column("occurred_at", "timestamp", True, "When the activation tool saw the event"),
+        Column("revenue", MONEY, False, "Order revenue of a converted event (else empty)"),
+    ),
+    "One row per event an activation tool (e-mail, CRM) reports for a campaign's customer.",
+)
+
+LABEL_FEEDBACK = Entity(
+    "label_feedback",
+    (
+        Column("feedback_id", "varchar", True, "Id of the correction (unique)"),
+        Column("customer_id", "varchar", True, "The customer the correction is about"),
+        Column("label", "varchar", True, "is_churned or value_tier"),
+        Column("corrected_value", "varchar", True, "true/false, or high/active/lapsed"),
+        Column("valid_from", "date", True, "First cutoff (as_of) the correction applies to"),
+        Column("valid_to", "date", False, "Last cutoff it applies to; empty: no end"),
+        Column("reason", "varchar", False, "Why, in words"),
+        Column("source", "varchar", True, "Who or what sent it (team, tool)"),
+        Column("submitted_at", "timestamp", True, "When it was submitted; the latest wins"),
+    ),
+    "One row per correction of a derived label by people.",
+)
+
+SHOP_ENTITIES = (ORDER_LINES, CUSTOMERS, PRODUCTS, REVIEWS)
+FEEDBACK_ENTITIES = (CAMPAIGN_OUTCOMES, LABEL_FEEDBACK)
+ENTITIES: dict[str, Entity] = {e.name: e for e in (*SHOP_ENTITIES, *FEEDBACK_ENTITIES)}
 
 QUARANTINE_DDL = f"""
 create table if not exists {RAW_SCHEMA}.quarantine (

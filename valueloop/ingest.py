@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from valueloop.config import Settings
-from valueloop.contract import ENTITIES, Entity, all_ddl
+from valueloop.contract import ENTITIES, LABELS, OUTCOME_EVENTS, Entity, all_ddl
 from valueloop.plausibility import PlausibleRange, plausible_ranges
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,101 @@ def typing_sql(source: Source, input_relation: str, ranges: tuple[PlausibleRange
     """
 
 
+def _lit(values) -> str:
+    return ", ".join("'" + v + "'" for v in values)
+
+
+def _duplicate(key: str, table: str) -> str:
+    """Predicate over ``_typed``: the row repeats an earlier row of the batch, or a loaded one."""
+    return (
+        f"(_row_number in (select _row_number from (select _row_number, row_number() over "
+        f"(partition by {key} order by _row_number) as n from _typed) where n > 1) "
+        f"or ({key}) in (select ({key}) from {table}))"
+    )
+
+
+OUTCOME_KEY = "campaign_id, customer_key, event, occurred_at"
+# Rules across tables, checked after typing on rows that typed cleanly, in order; the first
+# that fails is the row's reason. Each is (predicate over _typed, reason as SQL text).
+RELATIONAL_RULES: dict[str, list[tuple[str, str]]] = {
+    "campaign_outcomes": [
+        (
+            f"event not in ({_lit(OUTCOME_EVENTS)})",
+            f"'event: ' || event || ' is not one of {', '.join(OUTCOME_EVENTS)}'",
+        ),
+        (
+            "campaign_id not in (select campaign_id from marts.campaigns)",
+            "'campaign_id: no campaign ' || campaign_id || ' was planned'",
+        ),
+        (
+            "not exists (select 1 from marts.campaign_assignments as a where a.campaign_id ="
+            " _typed.campaign_id and a.customer_key = _typed.customer_key)",
+            "'customer_key: ' || customer_key || ' is not a customer of campaign ' || campaign_id",
+        ),
+        (
+            "exists (select 1 from marts.campaign_assignments as a where a.campaign_id ="
+            " _typed.campaign_id and a.customer_key = _typed.customer_key"
+            " and a.group_name = 'control')",
+            "'customer_key: ' || customer_key || ' is in the control group of ' || campaign_id"
+            " || ', which is never contacted'",
+        ),
+        (
+            "occurred_at < (select c.assigned_at from marts.campaigns as c"
+            " where c.campaign_id = _typed.campaign_id)",
+            "'occurred_at: ' || occurred_at || ' is before the campaign went out ('"
+            " || (select c.assigned_at from marts.campaigns as c"
+            " where c.campaign_id = _typed.campaign_id) || ')'",
+        ),
+        (
+            "event <> 'converted' and coalesce(revenue, 0) <> 0",
+            "'revenue: ' || revenue || ' on a ' || event || ' event; only conversions carry"
+            " revenue'",
+        ),
+        (
+            "event = 'converted' and revenue is null",
+            "'revenue: a converted event needs its revenue'",
+        ),
+        (
+            _duplicate(OUTCOME_KEY, "raw.campaign_outcomes"),
+            "'event: duplicate ' || event || ' of ' || customer_key || ' in ' || campaign_id"
+            " || ' at ' || occurred_at",
+        ),
+    ],
+    "label_feedback": [
+        (
+            f"label not in ({_lit(LABELS)})",
+            f"'label: ' || label || ' is not one of {', '.join(LABELS)}'",
+        ),
+        *(
+            (
+                f"label = '{label}' and lower(corrected_value) not in ({_lit(values)})",
+                f"'corrected_value: ' || corrected_value || ' is not a {label}"
+                f" ({', '.join(values)})'",
+            )
+            for label, values in LABELS.items()
+        ),
+        (
+            "customer_id not in (select customer_id from raw.customers union all"
+            " select customer_id from raw.order_lines where customer_id is not null)",
+            "'customer_id: no customer ' || customer_id || ' in the warehouse'",
+        ),
+        ("valid_to < valid_from", "'valid_to: ' || valid_to || ' is before valid_from'"),
+        (
+            _duplicate("feedback_id", "raw.label_feedback"),
+            "'feedback_id: ' || feedback_id || ' was already sent'",
+        ),
+    ],
+}
+
+
+def _apply_relational_rules(con: duckdb.DuckDBPyConnection, entity: Entity) -> None:
+    for predicate, reason in RELATIONAL_RULES.get(entity.name, []):
+        con.execute(
+            f"update _typed set _errors = list_append(_errors, {reason})"
+            f" where len(_errors) = 0 and ({predicate})"
+        )
+
+
 def _first_failure_sql(entity: Entity) -> str:
     """Column name, all reasons and the raw value of a row's first failing column."""
     names = ", ".join(f"'{c.name}'" for c in entity.columns)
@@ -187,6 +282,7 @@ def _load_relation(
 ) -> tuple[int, int]:
     entity = source.entity
     con.execute(f"create or replace temp table _typed as {typing_sql(source, relation, ranges)}")
+    _apply_relational_rules(con, entity)
     lineage = "?::varchar, _row_number, ?::timestamp, ?::varchar"
     source_file = source.name
     con.execute(
@@ -234,6 +330,9 @@ def ingest_source(
     are quarantined like values that do not parse.
     """
     ensure_raw_schema(con)
+    from valueloop.campaigns import ensure_tables
+
+    ensure_tables(con)  # dbt reads them; feedback is checked against the campaigns it answers
     sha = file_sha256(source.path)
     if source.part:
         sha = hashlib.sha256(f"{sha}#{source.part}".encode()).hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,28 @@ def generate_demo(
     customers: int | None = None,
     seed: int | None = None,
     out_dir: Path | None = None,
+    keep_existing: bool = False,
 ) -> SimulationSummary:
+    """Write the demo shop. With ``keep_existing``, a shop already generated with the same
+    size and seed is kept as it is, with the months the loop has played since."""
     cfg = SimulationConfig(
         customers=settings.demo_customers if customers is None else customers,
         seed=settings.demo_seed if seed is None else seed,
     )
-    return generate(out_dir or settings.demo_dir, cfg)
+    out = out_dir or settings.demo_dir
+    manifest = out / "manifest.json"
+    if keep_existing and manifest.exists():
+        found = json.loads(manifest.read_text())
+        if found.get("customers") == cfg.customers and found.get("seed") == cfg.seed:
+            return SimulationSummary(
+                str(out),
+                found["n_customers"],
+                found["n_products"],
+                found["n_orders"],
+                found["n_order_lines"],
+                found["n_reviews"],
+            )
+    return generate(out, cfg)
 
 
 def sources_for(
@@ -45,6 +62,8 @@ def sources_for(
         if mapping is None:
             raise IngestError(f"{path}: the transactions format needs a column mapping")
         return loaders.transactions_sources(path, mapping, chunk_rows)
+    if source_format == "feedback":
+        return loaders.feedback_sources(path, chunk_rows)
     raise IngestError(
         f"unknown format {source_format!r}; choose one of {', '.join(loaders.FORMATS)}"
     )

@@ -17,11 +17,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from valueloop.contract import CUSTOMERS, ORDER_LINES, PRODUCTS, REVIEWS, Entity
+from valueloop.contract import (
+    CUSTOMERS,
+    FEEDBACK_ENTITIES,
+    ORDER_LINES,
+    PRODUCTS,
+    REVIEWS,
+    Entity,
+)
 from valueloop.ingest import DEFAULT_TIMESTAMP_FORMATS, IngestError, Source, SourceChunk
 
 CHUNK_ROWS = 200_000
-FORMATS = ("simulator", "online-retail", "transactions")
+FORMATS = ("simulator", "online-retail", "transactions", "feedback")
 WHITESPACE = "whitespace"
 
 
@@ -189,6 +196,55 @@ def simulator_sources(folder: Path) -> list[Source]:
             f"{', '.join(missing) or 'order_lines/*.parquet'}"
         )
     return [_identity_source(p, entity, "simulator") for entity, paths in plan for p in paths]
+
+
+FEEDBACK_SUFFIXES = (".csv", ".csv.gz", ".parquet")
+
+
+def _feedback_source(path: Path, entity: Entity, chunk_rows: int) -> Source:
+    """One feedback file: CSV (header row) or Parquet with the contract's column names."""
+    if path.suffix.lower() == ".parquet":
+        columns, sql = parquet_relation(path)
+    else:
+        columns, sql = read_header(path), None
+    needed = [c.name for c in entity.columns if c.required]
+    _require_columns(path, columns, needed, f"feedback ({entity.name})")
+    mapping = {c: quote(c) for c in entity.column_names if c in columns}
+    unused = tuple(c for c in columns if c not in entity.column_names)
+    if sql is not None:
+        return Source(path, entity, "feedback", mapping, relation_sql=sql, ignored_columns=unused)
+    chunks = iter_delimited(path, columns, chunk_rows=chunk_rows)
+    return Source(path, entity, "feedback", mapping, chunks=chunks, ignored_columns=unused)
+
+
+def feedback_sources(path: Path, chunk_rows: int = CHUNK_ROWS) -> list[Source]:
+    """Outcome and label files. The entity is the folder a file lies in
+    (``campaign_outcomes/`` or ``label_feedback/``); ``path`` is a file, one of those folders,
+    or the folder holding them (``landing/feedback``)."""
+    by_name = {e.name: e for e in FEEDBACK_ENTITIES}
+    names = ", ".join(by_name)
+
+    def files(folder: Path) -> list[Path]:
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name.endswith(FEEDBACK_SUFFIXES)
+        )
+
+    if path.is_file():
+        if path.parent.name not in by_name:
+            raise IngestError(f"{path}: a feedback file lies in a folder named {names}")
+        return [_feedback_source(path, by_name[path.parent.name], chunk_rows)]
+    if path.name in by_name:
+        return [_feedback_source(p, by_name[path.name], chunk_rows) for p in files(path)]
+    folders = [path / name for name in by_name if (path / name).is_dir()]
+    if not folders:
+        raise IngestError(f"{path}: no feedback folders ({names}) in it")
+    return [
+        _feedback_source(p, by_name[folder.name], chunk_rows)
+        for folder in folders
+        for p in files(folder)
+    ]
 
 
 # UCI Online Retail (2011) and Online Retail II (2009-2011) name the same facts differently.

@@ -76,9 +76,12 @@ def snapshot_training_data(settings: Settings, run_id: str) -> Path:
     return folder
 
 
-def train_and_gate(settings: Settings, source: Path | None = None) -> dict[str, object]:
+def train_and_gate(
+    settings: Settings, source: Path | None = None, reason: str = "manual"
+) -> dict[str, object]:
     """Train, evaluate and gate; returns whether the challenger was promoted. ``source`` is a
-    training snapshot (default: read the warehouse directly)."""
+    training snapshot (default: read the warehouse directly); ``reason`` is what triggered
+    it, recorded in MLflow."""
     from ml.config import TrainConfig
     from ml.train import train
 
@@ -88,6 +91,7 @@ def train_and_gate(settings: Settings, source: Path | None = None) -> dict[str, 
         settings.mlflow_tracking_uri,
         settings.mlflow_artifacts_dir,
         settings.home / "cache",
+        reason,
     )
     log.info("%s", report.summary())
     return {
@@ -96,3 +100,48 @@ def train_and_gate(settings: Settings, source: Path | None = None) -> dict[str, 
         "champion": report.champion_version,
         "reason": report.decision.reason,
     }
+
+
+def train_uplift(settings: Settings, reason: str = "manual") -> dict[str, object]:
+    """Train and gate the uplift model on the randomised outcomes (ml/uplift.py)."""
+    from ml import uplift
+
+    report = uplift.train(
+        settings.warehouse_path,
+        settings.mlflow_tracking_uri,
+        settings.mlflow_artifacts_dir,
+        settings.uplift_min_outcomes,
+        reason,
+    )
+    log.info("%s", report.summary())
+    return {
+        "trained": report.trained,
+        "promoted": report.promoted,
+        "champion": report.champion,
+        "reason": report.reason,
+        "summary": report.summary(),
+    }
+
+
+def decide_retraining(settings: Settings) -> dict:
+    """The loop's retraining triggers (valueloop/retraining.py), as a small dict for XCom."""
+    from valueloop.retraining import decide
+
+    decision = decide(settings)
+    log.info("retraining: %s; facts: %s", decision.reason, decision.facts)
+    return decision.as_dict()
+
+
+def land_feedback(settings: Settings) -> list[dict[str, str]]:
+    """Feedback files waiting in landing/feedback (already-loaded ones are skipped at ingest)."""
+    found = []
+    for entity in ("campaign_outcomes", "label_feedback"):
+        folder = settings.feedback_dir / entity
+        if folder.is_dir():
+            found += [
+                {"path": str(p), "format": "feedback"}
+                for p in sorted(folder.iterdir())
+                if p.is_file() and not p.name.startswith(".")
+            ]
+    log.info("feedback landing: %d file(s) in %s", len(found), settings.feedback_dir)
+    return found

@@ -105,4 +105,9 @@ def plausible_ranges(settings: Settings, now: datetime) -> dict[str, tuple[Plaus
             numeric("rating", *RATING_RANGE, note="stars, by the raw contract"),
             dated("reviewed_at"),
         ),
+        "campaign_outcomes": (
+            numeric("revenue", 0, price, "plausible_price_max", note="refunds are order lines"),
+            dated("occurred_at"),
+        ),
+        "label_feedback": (dated("valid_from"), dated("submitted_at")),
     }

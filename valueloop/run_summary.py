@@ -238,3 +238,21 @@ def render(console: Console, summary: RunSummary, settings: Settings, logs: Path
         "  (experiment valueloop; Models → valueloop-customer-model)"
     )
     print_(f"  [bold]logs[/]     {_shown(logs)}/")
+
+
+def render_loop(console: Console, cycles: list) -> None:
+    """What the loop measured, cycle by cycle (valueloop/loop.py CycleResult)."""
+    if not cycles:
+        return
+    console.print(
+        "  [bold]loop[/]     treated vs randomised control, per action (95% interval):",
+        soft_wrap=True,
+    )
+    for result in cycles:
+        for line in result.lines():
+            console.print(f"           {line}", soft_wrap=True, highlight=False)
+    console.print(
+        "           per segment and tier: select * from marts.campaign_performance;"
+        " drift: select * from monitoring.feature_drift",
+        soft_wrap=True,
+    )

@@ -154,3 +154,14 @@ def docs(settings: Settings, quiet: bool = False) -> Path:
     """`dbt docs generate`; returns the folder holding index.html."""
     run_dbt(settings, ["docs", "generate"], quiet=quiet)
     return settings.dbt_target_dir
+
+
+FEEDBACK_SELECTION = "stg_feedback__campaign_outcomes+ stg_feedback__label_feedback+"
+
+
+def build_feedback(settings: Settings, quiet: bool = True) -> TransformResult:
+    """`dbt build` of what the feedback changes: campaign results and performance, the
+    corrected labels and the training set (scoring candidates and BI views excepted)."""
+    args = ["build", "--select", FEEDBACK_SELECTION]
+    args += ["--exclude", f"tag:{SCORING_TAG}", f"tag:{BI_VIEWS_TAG}"]
+    return run_dbt(settings, args, quiet=quiet)

@@ -16,7 +16,7 @@ import duckdb
 import yaml
 
 from valueloop.config import Settings, env_var
-from valueloop.contract import ENTITIES
+from valueloop.contract import ENTITIES, FEEDBACK_ENTITIES
 from valueloop.plausibility import IMPLAUSIBLE, PlausibleRange, moved_by, plausible_ranges
 from valueloop.quality.checks import Check, schema_check, sql_literal, table_exists
 
@@ -40,6 +40,8 @@ SCORES_COLUMNS = [
     "scored_at",
 ]
 TIERS = ("high", "active", "lapsed")
+# Entities whose batches cover a stretch of time: their volume is compared per day covered.
+TIME_COLUMNS = {"order_lines": "invoiced_at", "reviews": "reviewed_at"}
 Baseline = dict[str, float]
 
 
@@ -91,6 +93,14 @@ def raw_suite(
         # so the suite is the same for every shop.
         batch = f"_batch_id = {sql_literal(latest['batch_id'])}" if latest else "false"
         ratio = _ratio("count(*)", previous and previous["rows"])
+        if entity.name in TIME_COLUMNS and previous:
+            # A month's feed after years of backfill: compare rows per day of data covered.
+            ts = TIME_COLUMNS[entity.name]
+            rate = f"count(*) / greatest(1, date_diff('day', min({ts}), max({ts})) + 1)"
+            ratio = (
+                f"({rate}) / (select {rate} from {table} where _batch_id = "
+                f"{sql_literal(previous['batch_id'])})"
+            )
         entity_checks = [
             Check(
                 f"{entity.name}.row_count",
@@ -104,7 +114,8 @@ def raw_suite(
                 f"{entity.name}.row_count_vs_previous_batch",
                 table,
                 ratio,
-                "row count within 0.2x-5x of the previous batch",
+                "row count (per day covered, for dated entities) within 0.2x-5x of the previous"
+                " batch",
                 min_value=0.2,
                 max_value=5.0,
                 where=batch,
@@ -113,7 +124,8 @@ def raw_suite(
                 f"{entity.name}.row_count_drift",
                 table,
                 ratio,
-                "row count within 0.5x-2x of the previous batch",
+                "row count (per day covered, for dated entities) within 0.5x-2x of the previous"
+                " batch",
                 min_value=0.5,
                 max_value=2.0,
                 severity="warning",
@@ -122,6 +134,9 @@ def raw_suite(
             *_entity_checks(entity.name, table, batch, previous),
             *_plausibility_checks(entity.name, table, batch, latest, ranges[entity.name], settings),
         ]
+        if entity in FEEDBACK_ENTITIES:
+            # Feedback batches follow campaign sizes: their row counts are not compared.
+            entity_checks = [c for c in entity_checks if "row_count_" not in c.name]
         if latest is None:
             entity_checks = [replace(c, metric_sql="null") for c in entity_checks]
         checks += entity_checks
@@ -255,6 +270,29 @@ def _entity_checks(entity: str, table: str, batch: str, previous: dict | None) -
                 max_value=0.005,
                 severity="warning",
                 column="invoice_id",
+                where=batch,
+            ),
+        ]
+    if entity == "campaign_outcomes":
+        return [
+            Check(
+                f"{entity}.revenue_without_conversion",
+                table,
+                "count(*) filter (where revenue <> 0 and event <> 'converted')",
+                "only converted events carry revenue",
+                max_value=0,
+                column="revenue",
+                where=batch,
+                bad_rows="revenue <> 0 and event <> 'converted'",
+            ),
+            Check(
+                f"{entity}.conversion_share",
+                table,
+                "avg((event = 'converted')::int)",
+                "at most half the events of a batch are conversions",
+                max_value=0.5,
+                severity="warning",
+                column="event",
                 where=batch,
             ),
         ]

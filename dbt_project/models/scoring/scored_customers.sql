@@ -1,4 +1,6 @@
 -- The candidate scores in the published schema: churn-risk band and next best action added.
+-- The action comes from the uplift champion when there is one, else from the playbook seed;
+-- action_policy records which.
 with
 
 predictions as (
@@ -11,6 +13,20 @@ segments as (
 
 actions as (
     select * from {{ ref('next_best_actions') }}
+),
+
+catalogue as (
+    select * from {{ ref('campaign_actions') }}
+),
+
+-- Expected incremental profit of each action per customer, from the uplift champion; empty
+-- until there is one (the playbook decides until enough randomised outcomes came back).
+uplift as (
+    select * from {{ source('scoring', 'candidate_uplift') }}
+),
+
+uplift_policy as (
+    select max(action_policy) as action_policy from uplift
 ),
 
 banded as (
@@ -26,13 +42,45 @@ banded as (
     inner join segments on predictions.segment_id = segments.segment_id
 ),
 
+uplift_choice as (
+    select
+        banded.customer_id,
+        uplift.action,
+        uplift.expected_incremental_profit
+    from banded
+    inner join uplift on banded.customer_id = uplift.customer_id
+    inner join catalogue on uplift.action = catalogue.action
+    where
+        uplift.expected_incremental_profit > 0
+        and list_contains(string_split(catalogue.eligible_tiers, '|'), banded.value_tier)
+        and list_contains(
+            string_split(catalogue.eligible_churn_bands, '|'), banded.churn_risk_band
+        )
+    qualify row_number() over (
+        partition by banded.customer_id
+        order by uplift.expected_incremental_profit desc, uplift.action
+    ) = 1
+),
+
 with_actions as (
     select
         banded.*,
-        coalesce(exact.next_best_action, fallback.next_best_action, 'no_action')
-            as next_best_action,
-        coalesce(exact.expected_cost, fallback.expected_cost, 0)::double as expected_cost
+        case
+            when uplift_policy.action_policy is not null
+                then coalesce(uplift_choice.action, 'no_action')
+            else coalesce(exact.next_best_action, fallback.next_best_action, 'no_action')
+        end as next_best_action,
+        case
+            when uplift_policy.action_policy is not null
+                then coalesce(chosen_cost.cost_per_contact, 0)
+            else coalesce(exact.expected_cost, fallback.expected_cost, 0)
+        end::double as expected_cost,
+        coalesce(uplift_policy.action_policy, 'playbook') as action_policy,
+        uplift_choice.expected_incremental_profit
     from banded
+    cross join uplift_policy
+    left join uplift_choice on banded.customer_id = uplift_choice.customer_id
+    left join catalogue as chosen_cost on uplift_choice.action = chosen_cost.action
     left join actions as exact
         on
             banded.value_tier = exact.value_tier
@@ -59,6 +107,8 @@ final as (
         segment_name,
         next_best_action,
         expected_cost,
+        action_policy::varchar as action_policy,
+        expected_incremental_profit::double as expected_incremental_profit,
         model_name,
         model_version,
         model_run_id,

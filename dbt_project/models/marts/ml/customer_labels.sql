@@ -1,5 +1,8 @@
 -- Point-in-time labels: only events in (as_of, as_of + horizon], for labelled cutoffs.
 -- The high-value threshold is fixed on the train split, so later cutoffs do not move it.
+-- A correction from people (label_feedback) overrides the derived label of its customer at
+-- the cutoffs in [valid_from, valid_to]; the latest submitted wins. The two labels stay
+-- consistent: lapsed <=> churned. label_source names the correction that decided a row.
 with
 
 customer_cutoffs as (
@@ -51,24 +54,75 @@ high_value_threshold as (
     where split = 'train' and future_spend > 0
 ),
 
-final as (
+corrections as (
+    select * from {{ ref('stg_feedback__label_feedback') }}
+),
+
+derived as (
     select
-        future.customer_cutoff_id::varchar as customer_cutoff_id,
-        future.customer_id::varchar as customer_id,
-        future.as_of::date as as_of,
-        future.split::varchar as split,
-        future.horizon_days::integer as horizon_days,
-        future.future_orders::integer as future_orders,
-        future.future_spend::double as future_spend,
-        high_value_threshold.threshold::double as high_value_threshold,
+        future.*,
+        high_value_threshold.threshold,
         case
             when future.future_orders = 0 then 'lapsed'
             when future.future_spend >= high_value_threshold.threshold then 'high'
             else 'active'
-        end::varchar as value_tier,
-        (future.future_orders = 0)::boolean as is_churned
+        end as derived_value_tier
     from future
     cross join high_value_threshold
+),
+
+latest_correction as (
+    select
+        derived.customer_cutoff_id,
+        corrections.label,
+        corrections.corrected_value,
+        corrections.feedback_id
+    from derived
+    inner join corrections
+        on
+            derived.customer_id = corrections.customer_id
+            and derived.as_of between corrections.valid_from and corrections.valid_to
+    qualify row_number() over (
+        partition by derived.customer_cutoff_id, corrections.label
+        order by corrections.submitted_at desc, corrections.feedback_id desc
+    ) = 1
+),
+
+corrected as (
+    select
+        derived.*,
+        tier.corrected_value as tier_correction,
+        churn.corrected_value as churn_correction,
+        coalesce(tier.feedback_id, churn.feedback_id) as feedback_id,
+        case
+            when tier.corrected_value is not null then tier.corrected_value
+            when churn.corrected_value = 'true' then 'lapsed'
+            when churn.corrected_value = 'false' and derived.derived_value_tier = 'lapsed'
+                then 'active'
+            else derived.derived_value_tier
+        end as value_tier
+    from derived
+    left join latest_correction as tier
+        on derived.customer_cutoff_id = tier.customer_cutoff_id and tier.label = 'value_tier'
+    left join latest_correction as churn
+        on derived.customer_cutoff_id = churn.customer_cutoff_id and churn.label = 'is_churned'
+),
+
+final as (
+    select
+        corrected.customer_cutoff_id::varchar as customer_cutoff_id,
+        corrected.customer_id::varchar as customer_id,
+        corrected.as_of::date as as_of,
+        corrected.split::varchar as split,
+        corrected.horizon_days::integer as horizon_days,
+        corrected.future_orders::integer as future_orders,
+        corrected.future_spend::double as future_spend,
+        corrected.threshold::double as high_value_threshold,
+        corrected.value_tier::varchar as value_tier,
+        (corrected.value_tier = 'lapsed')::boolean as is_churned,
+        corrected.derived_value_tier::varchar as derived_value_tier,
+        coalesce('feedback:' || corrected.feedback_id, 'derived')::varchar as label_source
+    from corrected
 )
 
 select * from final

@@ -1,0 +1,75 @@
+"""
+### ingest_feedback
+
+Every 10 minutes: takes the campaign outcome and label files waiting in
+`$VALUELOOP_HOME/landing/feedback/{campaign_outcomes,label_feedback}/` (a file already loaded
+is skipped), and when something new came in:
+
+1. **ingest**: into `raw.campaign_outcomes` and `raw.label_feedback`; an outcome for an
+   unknown campaign or customer, for a control customer, dated before the campaign, repeated,
+   or with a revenue that cannot be right is quarantined with its reason;
+2. **check_raw**: the Great Expectations `raw` checkpoint;
+3. **dbt_feedback**: `dbt build` of everything downstream of the feedback (campaign results
+   and performance, the corrected labels, the training set);
+4. **decide_retraining**: enough new outcomes or corrections, drift or the schedule update the
+   retrain asset with the reasons, which triggers `train_model`.
+"""
+
+from datetime import UTC, datetime
+
+from airflow.sdk import dag, task
+
+from valueloop.assets import FEEDBACK
+from valueloop.loop_tasks import retraining_tasks
+from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
+
+
+@dag(
+    dag_id="ingest_feedback",
+    schedule="*/10 * * * *",
+    start_date=datetime(2025, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["valueloop", "loop", "feedback"],
+    doc_md=__doc__,
+)
+def ingest_feedback():
+    @task
+    def land() -> list[dict[str, str]]:
+        from valueloop import pipeline
+        from valueloop.config import load_settings
+
+        return pipeline.land_feedback(load_settings())
+
+    @task(pool=WAREHOUSE_POOL, outlets=[FEEDBACK])
+    def ingest(items: list[dict[str, str]]) -> dict[str, int]:
+        from valueloop import pipeline
+        from valueloop.config import load_settings
+
+        return pipeline.ingest_landed(load_settings(), items)
+
+    @task.short_circuit
+    def anything_new(totals: dict[str, int]) -> bool:
+        return totals["read"] > 0
+
+    @task(pool=WAREHOUSE_POOL)
+    def check_raw(run_id=None) -> str:
+        from valueloop.config import load_settings
+        from valueloop.quality.runner import run_checkpoint
+
+        return run_checkpoint(load_settings(), "raw", run_id=run_id).summary()
+
+    @task(pool=WAREHOUSE_POOL)
+    def dbt_feedback() -> str:
+        from valueloop import transform
+        from valueloop.config import load_settings
+
+        transform.build_feedback(load_settings())
+        return "built everything downstream of the feedback"
+
+    totals = ingest(land())
+    anything_new(totals) >> check_raw() >> dbt_feedback() >> retraining_tasks()
+
+
+ingest_feedback()

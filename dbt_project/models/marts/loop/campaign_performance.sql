@@ -1,0 +1,82 @@
+-- What each campaign did, per action, segment and predicted tier (and each action overall,
+-- with segment and tier 'all'): treated against randomised control, over matured windows.
+-- Uplift is the difference of the two groups' purchase rates with a 95% normal interval;
+-- revenue uplift likewise (Welch). Incremental revenue = revenue uplift x treated customers;
+-- incremental profit = margin x incremental revenue - contact cost.
+{%- set z = 1.959964 %}
+
+with
+
+results as (
+    select * from {{ ref('int_campaign_results') }}
+    where is_matured
+),
+
+grouped as (
+    select
+        campaign_id,
+        action,
+        coalesce(segment_name, 'all') as segment_name,
+        coalesce(value_tier, 'all') as value_tier,
+        count(*) filter (where group_name = 'treatment') as treated,
+        count(*) filter (where group_name = 'control') as control,
+        avg(purchased::int) filter (where group_name = 'treatment') as conversion_treated,
+        avg(purchased::int) filter (where group_name = 'control') as conversion_control,
+        avg(revenue) filter (where group_name = 'treatment') as revenue_per_treated,
+        avg(revenue) filter (where group_name = 'control') as revenue_per_control,
+        var_samp(revenue) filter (where group_name = 'treatment') as revenue_var_treated,
+        var_samp(revenue) filter (where group_name = 'control') as revenue_var_control,
+        avg(unsubscribed::int) filter (where group_name = 'treatment') as unsubscribe_rate,
+        sum(expected_cost) filter (where group_name = 'treatment') as cost
+    from results
+    group by grouping sets ((campaign_id, action, segment_name, value_tier), (campaign_id, action))
+),
+
+measured as (
+    select
+        *,
+        conversion_treated - conversion_control as uplift,
+        sqrt(
+            conversion_treated * (1 - conversion_treated) / nullif(treated, 0)
+            + conversion_control * (1 - conversion_control) / nullif(control, 0)
+        ) as uplift_se,
+        revenue_per_treated - revenue_per_control as revenue_uplift,
+        sqrt(
+            coalesce(revenue_var_treated, 0) / nullif(treated, 0)
+            + coalesce(revenue_var_control, 0) / nullif(control, 0)
+        ) as revenue_uplift_se
+    from grouped
+),
+
+final as (
+    select
+        campaign_id::varchar as campaign_id,
+        action::varchar as action,
+        segment_name::varchar as segment_name,
+        value_tier::varchar as value_tier,
+        treated::integer as treated,
+        control::integer as control,
+        conversion_treated::double as conversion_treated,
+        conversion_control::double as conversion_control,
+        uplift::double as uplift,
+        (uplift - {{ z }} * uplift_se)::double as uplift_ci_low,
+        (uplift + {{ z }} * uplift_se)::double as uplift_ci_high,
+        revenue_per_treated::double as revenue_per_treated,
+        revenue_per_control::double as revenue_per_control,
+        revenue_uplift::double as revenue_uplift,
+        (revenue_uplift - {{ z }} * revenue_uplift_se)::double as revenue_uplift_ci_low,
+        (revenue_uplift + {{ z }} * revenue_uplift_se)::double as revenue_uplift_ci_high,
+        (revenue_uplift * treated)::double as incremental_revenue,
+        coalesce(cost, 0)::double as cost,
+        ({{ var('margin_rate') }} * revenue_uplift * treated - coalesce(cost, 0))::double
+            as incremental_profit,
+        (revenue_uplift * treated / nullif(cost, 0))::double as return_on_spend,
+        coalesce(unsubscribe_rate, 0)::double as unsubscribe_rate,
+        (
+            coalesce(treated, 0) < {{ var('campaign_min_group_size') }}
+            or coalesce(control, 0) < {{ var('campaign_min_group_size') }}
+        )::boolean as is_too_small
+    from measured
+)
+
+select * from final

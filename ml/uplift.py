@@ -1,0 +1,372 @@
+"""Uplift: which action pays for which customer, learned from the randomised campaigns.
+
+A **T-learner** on LightGBM (Künzel et al., 2019, "Metalearners for estimating heterogeneous
+treatment effects"): one regressor of window revenue per action on the customers treated with
+it, one on the control customers; an action's effect on a customer is the difference of the
+two predictions, and its expected incremental profit is ``margin x effect - contact cost``.
+The policy takes the action with the highest expected incremental profit, or none when none
+pays. This is the meta-learner causalml's ``BaseTRegressor`` implements; causalml itself
+cannot be installed beside this stack (0.18 requires black>=26, whose pathspec>=1 conflicts
+with dbt-core 1.11, and the older 0.15 pulls xgboost with NCCL's CUDA libraries).
+
+Training uses matured outcome windows only (``intermediate.int_campaign_results`` with the
+features frozen at planning time, ``marts.campaign_customer_features``). A fixed fifth of the
+customers (by a hash of their key) is held out; each action's model is judged there by its
+**Qini coefficient** (area between the Qini curve of incremental revenue and the random line,
+per customer) and **AUUC**. The gate promotes a challenger only if its mean Qini over actions
+on that same holdout beats the champion's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import duckdb
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from lightgbm import LGBMRegressor
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+from ml import registry
+
+log = logging.getLogger(__name__)
+
+UPLIFT_MODEL = "valueloop-uplift-model"
+UPLIFT_EXPERIMENT = "valueloop-uplift"
+CONTROL = "control"
+HOLDOUT_SHARE = 0.2
+FEATURES = (
+    "p_high",
+    "churn_probability",
+    "recency_days",
+    "frequency",
+    "monetary_value",
+    "avg_order_value",
+    "tenure_days",
+    "orders_last_90d",
+    "spend_last_90d",
+    "spend_trend_90d",
+    "return_rate",
+    "avg_rating",
+)
+MIN_ARM = 30  # fewest customers an action (or control) needs in training to get a model
+
+
+def load_outcomes(warehouse: Path) -> pd.DataFrame:
+    """Matured randomised outcomes with the features frozen at planning time."""
+    features = ", ".join(f"features.{f}" for f in FEATURES)
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute(
+            f"""
+            select results.campaign_id, results.customer_key, results.action,
+                results.group_name, results.revenue, results.purchased, {features}
+            from intermediate.int_campaign_results as results
+            inner join marts.campaign_customer_features as features
+                using (campaign_id, customer_key)
+            where results.is_matured
+            order by results.campaign_id, results.customer_key
+            """
+        ).df()
+
+
+def arm(frame: pd.DataFrame) -> np.ndarray:
+    return np.where(frame["group_name"] == "control", CONTROL, frame["action"]).astype(object)
+
+
+def holdout_mask(frame: pd.DataFrame) -> np.ndarray:
+    """A fixed share of customers, by key, whatever the campaign: the same holdout each time."""
+    from valueloop.campaigns import unit_hash
+
+    return np.array([unit_hash("uplift-holdout", k) < HOLDOUT_SHARE for k in frame["customer_key"]])
+
+
+class TLearner:
+    """Per-arm LightGBM regressors of window revenue (see module doc)."""
+
+    def __init__(self, seed: int = 42) -> None:
+        self.seed = seed
+        self.models: dict[str, LGBMRegressor] = {}
+
+    def _regressor(self) -> LGBMRegressor:
+        return LGBMRegressor(
+            n_estimators=150,
+            learning_rate=0.05,
+            num_leaves=8,
+            min_child_samples=20,
+            subsample=0.8,
+            subsample_freq=1,
+            reg_lambda=1.0,
+            random_state=self.seed,
+            verbose=-1,
+            n_jobs=1,
+        )
+
+    def fit(self, frame: pd.DataFrame) -> TLearner:
+        arms = arm(frame)
+        if (arms == CONTROL).sum() < MIN_ARM:
+            raise ValueError(
+                f"only {(arms == CONTROL).sum()} control customers with matured outcomes;"
+                f" an uplift model needs at least {MIN_ARM}"
+            )
+        x = frame[list(FEATURES)].astype("float64")
+        y = frame["revenue"].astype("float64").to_numpy()
+        for name in sorted(set(arms)):
+            chosen = arms == name
+            if chosen.sum() >= MIN_ARM:
+                self.models[name] = self._regressor().fit(x[chosen], y[chosen])
+        return self
+
+    @property
+    def actions(self) -> list[str]:
+        return sorted(a for a in self.models if a != CONTROL)
+
+    def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Expected revenue effect of each action on each customer (columns: actions)."""
+        x = frame[list(FEATURES)].astype("float64")
+        base = self.models[CONTROL].predict(x)
+        return pd.DataFrame(
+            {a: self.models[a].predict(x) - base for a in self.actions}, index=frame.index
+        )
+
+
+def choose(
+    effects: pd.DataFrame,
+    costs: dict[str, float],
+    margin: float,
+    eligible: list[list[str]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per customer, the action with the highest expected incremental profit that is eligible,
+    or ``no_action`` when none is positive; returns (actions, their expected profit)."""
+    profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
+    values = profit.to_numpy()
+    if eligible is not None:
+        allowed = np.array([[a in e for a in effects.columns] for e in eligible], dtype=bool)
+        values = np.where(allowed, values, -np.inf)
+    best = values.argmax(axis=1) if values.size else np.array([], int)
+    top = values[np.arange(len(values)), best] if values.size else np.array([])
+    actions = np.where(top > 0, np.asarray(effects.columns, dtype=object)[best], "no_action")
+    return actions, np.where(top > 0, top, 0.0)
+
+
+def qini_curve(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Incremental outcome of targeting the top k by score, k = 0..n (Radcliffe's Qini)."""
+    order = np.argsort(-score, kind="stable")
+    y, t = y[order], treated[order].astype(bool)
+    n_t, n_c = np.cumsum(t), np.cumsum(~t)
+    y_t, y_c = np.cumsum(np.where(t, y, 0.0)), np.cumsum(np.where(t, 0.0, y))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = y_t - np.where(n_c > 0, y_c * n_t / n_c, 0.0)
+    return np.concatenate([[0.0], q])
+
+
+def qini_coefficient(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> float:
+    """Mean gap between the Qini curve and the random-targeting line, per customer."""
+    q = qini_curve(y, treated, score)
+    line = np.linspace(0.0, q[-1], len(q))
+    return float((q - line).mean() / max(len(y), 1))
+
+
+def auuc(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> float:
+    """Area under the uplift (Qini) curve, per customer."""
+    q = qini_curve(y, treated, score)
+    return float(q.mean() / max(len(y), 1))
+
+
+def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
+    arms = arm(holdout)
+    effects = model.effects(holdout)
+    metrics: dict[str, float] = {}
+    for action in model.actions:
+        chosen = (arms == action) | (arms == CONTROL)
+        if (arms == action).sum() < 10 or (arms == CONTROL).sum() < 10:
+            continue
+        y = holdout["revenue"].to_numpy()[chosen]
+        t = arms[chosen] == action
+        s = effects[action].to_numpy()[chosen]
+        metrics[f"qini_{action}"] = qini_coefficient(y, t, s)
+        metrics[f"auuc_{action}"] = auuc(y, t, s)
+    qinis = [v for k, v in metrics.items() if k.startswith("qini_")]
+    metrics["qini_mean"] = float(np.mean(qinis)) if qinis else float("nan")
+    return metrics
+
+
+def _plot(model: TLearner, holdout: pd.DataFrame, path: Path) -> None:
+    arms = arm(holdout)
+    effects = model.effects(holdout)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for action in model.actions:
+        chosen = (arms == action) | (arms == CONTROL)
+        if (arms == action).sum() < 10:
+            continue
+        q = qini_curve(
+            holdout["revenue"].to_numpy()[chosen],
+            arms[chosen] == action,
+            effects[action].to_numpy()[chosen],
+        )
+        x = np.linspace(0, 1, len(q))
+        ax.plot(x, q, label=action)
+        ax.plot([0, 1], [0, q[-1]], linestyle=":", color=ax.lines[-1].get_color())
+    ax.set_xlabel("share of customers targeted, by predicted uplift")
+    ax.set_ylabel("incremental revenue (Qini)")
+    ax.set_title("Qini curves on the held-out randomised outcomes (dotted: random)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class UpliftPyfunc(mlflow.pyfunc.PythonModel):
+    """Input: the uplift features; output: each action's expected revenue effect."""
+
+    def load_context(self, context) -> None:
+        import joblib
+
+        self.model = joblib.load(Path(context.artifacts["model_dir"]) / "tlearner.joblib")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        return self.model.effects(model_input.reset_index(drop=True))
+
+
+@dataclass(frozen=True)
+class UpliftReport:
+    trained: bool
+    reason: str
+    outcomes: int
+    promoted: bool = False
+    version: str | None = None
+    champion: str | None = None
+    metrics: dict | None = None
+
+    def summary(self) -> str:
+        if not self.trained:
+            return f"uplift model not trained: {self.reason}"
+        return (
+            f"uplift model v{self.version} on {self.outcomes:,} randomised outcomes: mean Qini "
+            f"{self.metrics['qini_mean']:.3f}; "
+            + ("promoted to champion" if self.promoted else "champion stays")
+            + f" ({self.reason})"
+        )
+
+
+def champion_version(tracking_uri: str) -> str | None:
+    return registry.champion_version(MlflowClient(tracking_uri), UPLIFT_MODEL)
+
+
+def load_champion(tracking_uri: str) -> tuple[TLearner, str] | None:
+    version = champion_version(tracking_uri)
+    if version is None:
+        return None
+    mlflow.set_tracking_uri(tracking_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{UPLIFT_MODEL}@{registry.CHAMPION}")
+    return loaded.unwrap_python_model().model, version
+
+
+def train(
+    warehouse: Path,
+    tracking_uri: str,
+    artifacts_dir: Path,
+    min_outcomes: int,
+    reason: str = "manual",
+    seed: int = 42,
+) -> UpliftReport:
+    """Fit, evaluate on the fixed holdout, log to MLflow, and gate against the champion."""
+    frame = load_outcomes(warehouse)
+    if len(frame) < min_outcomes:
+        return UpliftReport(
+            False,
+            f"{len(frame):,} matured randomised outcomes, fewer than the "
+            f"{min_outcomes:,} needed (VALUELOOP_UPLIFT_MIN_OUTCOMES); the playbook stays",
+            len(frame),
+        )
+    held = holdout_mask(frame)
+    train_part, holdout = frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+    model = TLearner(seed).fit(train_part)
+    metrics = evaluate(model, holdout)
+    champion = load_champion(tracking_uri)
+    champion_metrics = evaluate(champion[0], holdout) if champion else None
+    registry.configure(tracking_uri, artifacts_dir, UPLIFT_EXPERIMENT)
+    with mlflow.start_run(run_name="uplift-tlearner") as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tags({"valueloop.kind": "uplift", "valueloop.retrain_reason": reason})
+        arms = pd.Series(arm(train_part)).value_counts()
+        mlflow.log_params(
+            {
+                "learner": "T-learner (LightGBM per arm)",
+                "features": ",".join(FEATURES),
+                "outcomes": len(frame),
+                "campaigns": frame["campaign_id"].nunique(),
+                "holdout_share": HOLDOUT_SHARE,
+                **{f"train_{k}": int(v) for k, v in arms.items()},
+            }
+        )
+        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+        if champion_metrics:
+            mlflow.log_metrics(
+                {f"champion_{k}": v for k, v in champion_metrics.items() if np.isfinite(v)}
+            )
+        plot = Path(tmp) / "qini_curves.png"
+        _plot(model, holdout, plot)
+        mlflow.log_artifact(str(plot), artifact_path="plots")
+        import joblib
+
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        joblib.dump(model, model_dir / "tlearner.joblib")
+        example = holdout[list(FEATURES)].head(5).astype("float64")
+        signature = infer_signature(example, model.effects(example))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=UpliftPyfunc(),
+            artifacts={"model_dir": str(model_dir)},
+            signature=signature,
+            input_example=example,
+            code_paths=[str(Path(__file__).parent)],
+            registered_model_name=UPLIFT_MODEL,
+        )
+        version = str(info.registered_model_version)
+        if champion_metrics is None:
+            promote, why = True, "no uplift champion yet"
+        elif metrics["qini_mean"] > champion_metrics["qini_mean"]:
+            promote, why = (
+                True,
+                f"mean Qini {metrics['qini_mean']:.3f} beats champion v{champion[1]}'s "
+                f"{champion_metrics['qini_mean']:.3f} on the same holdout",
+            )
+        else:
+            promote, why = (
+                False,
+                f"mean Qini {metrics['qini_mean']:.3f} does not beat champion v{champion[1]}'s "
+                f"{champion_metrics['qini_mean']:.3f} on the same holdout",
+            )
+        mlflow.log_dict(
+            {"promote": promote, "reason": why, "metrics": metrics, "champion": champion_metrics},
+            "gate_decision.json",
+        )
+        mlflow.set_tag("valueloop.gate", why)
+        if promote:
+            MlflowClient(tracking_uri).set_registered_model_alias(
+                UPLIFT_MODEL, registry.CHAMPION, version
+            )
+        log.info("uplift gate: %s (run %s)", why, run.info.run_id)
+    return UpliftReport(
+        True,
+        why,
+        len(frame),
+        promote,
+        version,
+        version if promote else (champion[1] if champion else None),
+        metrics,
+    )
+
+
+def to_json(report: UpliftReport) -> str:
+    return json.dumps(asdict(report), default=str)

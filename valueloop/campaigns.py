@@ -1,0 +1,414 @@
+"""Campaigns: the published scores become a campaign with randomised control groups.
+
+`plan` reads ``marts.customer_scores`` (each row's next best action and the policy that chose
+it) and writes one row per selected customer to ``marts.campaign_assignments``:
+
+1. **Eligible**: the action is in the catalogue (dbt seed ``campaign_actions``) and allowed for
+   the customer's tier and churn band; the customer is in no open campaign (one whose outcome
+   window has not ended) and never unsubscribed.
+2. **Exploration**: a random share (``VALUELOOP_CAMPAIGN_EXPLORATION_SHARE``) of the eligible
+   customers gets a random eligible action instead (policy ``explore``), so the uplift model
+   sees every action on every kind of customer, not only where the policy already sends it.
+3. **Budget**: customers are taken in order of priority (the uplift policy's expected
+   incremental profit; the playbook's have none and come in random order) until the contact
+   costs reach ``VALUELOOP_CAMPAIGN_BUDGET``.
+4. **Control groups**: within each action, stratified by segment and predicted tier, a share
+   (``VALUELOOP_CAMPAIGN_CONTROL_SHARE``) is held out: systematic sampling in a random order,
+   so each stratum gives floor or ceil of its share. Control customers are never contacted.
+
+Every random draw is a hash of the campaign id and the customer, so planning a campaign again
+gives the same rows. The customer is pseudonymised (``customer_key``: the salted SHA-256 the
+dbt macro ``pseudonymise`` computes), and only the treatment group is exported, as CSV and
+Parquet, to ``exports/campaigns/<campaign_id>.*`` for the activation tool.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from valueloop.config import Settings
+from valueloop.ingest import ensure_raw_schema
+from valueloop.warehouse import connect
+
+log = logging.getLogger(__name__)
+
+ASSIGNMENTS = "marts.campaign_assignments"
+CAMPAIGNS = "marts.campaigns"
+FEATURES = "marts.campaign_customer_features"
+NO_ACTION = "no_action"
+EXPLORE = "explore"
+# What the uplift model sees of a customer: the published scores and behaviour at the cutoff.
+UPLIFT_FEATURES = (
+    "p_high",
+    "churn_probability",
+    "recency_days",
+    "frequency",
+    "monetary_value",
+    "avg_order_value",
+    "tenure_days",
+    "orders_last_90d",
+    "spend_last_90d",
+    "spend_trend_90d",
+    "return_rate",
+    "avg_rating",
+)
+EXPORT_COLUMNS = ("campaign_id", "customer_key", "action", "assigned_at", "window_days")
+
+ASSIGNMENTS_DDL = f"""
+create table if not exists {ASSIGNMENTS} (
+    campaign_id varchar not null,
+    customer_key varchar not null,
+    action varchar not null,
+    expected_cost double not null,
+    group_name varchar not null,
+    assigned_at timestamp not null,
+    window_days integer not null,
+    policy varchar not null,
+    model_version varchar not null,
+    expected_incremental_profit double,
+    segment_name varchar,
+    value_tier varchar,
+    churn_risk_band varchar,
+    scoring_run_id varchar,
+    primary key (campaign_id, customer_key)
+)
+"""
+CAMPAIGNS_DDL = f"""
+create table if not exists {CAMPAIGNS} (
+    campaign_id varchar primary key,
+    as_of date not null,
+    assigned_at timestamp not null,
+    window_days integer not null,
+    budget double not null,
+    control_share double not null,
+    exploration_share double not null,
+    treated integer not null,
+    control integer not null,
+    cost double not null,
+    policies varchar not null,
+    planned_at timestamp not null,
+    export_csv varchar not null,
+    export_parquet varchar not null
+)
+"""
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("create schema if not exists marts")
+    con.execute(ASSIGNMENTS_DDL)
+    con.execute(CAMPAIGNS_DDL)
+    features = ", ".join(f"{f} double" for f in UPLIFT_FEATURES)
+    con.execute(
+        f"create table if not exists {FEATURES} (campaign_id varchar not null, "
+        f"customer_key varchar not null, {features}, primary key (campaign_id, customer_key))"
+    )
+
+
+def customer_key(salt: str, customer_id: str) -> str:
+    """The dbt macro ``pseudonymise``: sha256(salt || lower(trim(id))), hex."""
+    return hashlib.sha256((salt + customer_id.strip().lower()).encode()).hexdigest()
+
+
+def unit_hash(*parts: str) -> float:
+    """A deterministic uniform draw in [0, 1) from text."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    cost: float
+    tiers: frozenset[str]
+    bands: frozenset[str]
+    description: str
+
+
+def load_actions(settings: Settings) -> dict[str, Action]:
+    """The action catalogue: the dbt seed ``campaign_actions``."""
+    path = settings.dbt_project_dir / "seeds" / "campaign_actions.csv"
+    with path.open() as handle:
+        return {
+            row["action"]: Action(
+                row["action"],
+                float(row["cost_per_contact"]),
+                frozenset(row["eligible_tiers"].split("|")),
+                frozenset(row["eligible_churn_bands"].split("|")),
+                row["description"],
+            )
+            for row in csv.DictReader(handle)
+        }
+
+
+def eligible_actions(actions: dict[str, Action], tier: str, band: str) -> list[str]:
+    return [a.name for a in actions.values() if tier in a.tiers and band in a.bands]
+
+
+def control_flags(frame: pd.DataFrame, campaign_id: str, share: float) -> np.ndarray:
+    """Systematic sampling per (action, segment, tier) stratum, in a hash order: the first
+    unit of the stratum starts at a random offset, so each stratum holds out floor or ceil
+    of share x its size, and the whole split is a function of the campaign id."""
+    order = frame.assign(
+        _u=[unit_hash(campaign_id, "control", k) for k in frame["customer_key"]],
+    ).sort_values(["action", "segment_name", "value_tier", "_u"])
+    rank = order.groupby(["action", "segment_name", "value_tier"]).cumcount().to_numpy()
+    offset = np.array(
+        [
+            unit_hash(campaign_id, "stratum", str(a), str(s), str(t))
+            for a, s, t in zip(
+                order["action"], order["segment_name"], order["value_tier"], strict=True
+            )
+        ]
+    )
+    flags = np.floor((rank + 1) * share + offset) > np.floor(rank * share + offset)
+    return pd.Series(flags, index=order.index).reindex(frame.index).to_numpy()
+
+
+@dataclass(frozen=True)
+class CampaignPlan:
+    campaign_id: str
+    as_of: date
+    assigned_at: datetime
+    treated: int
+    control: int
+    cost: float
+    by_action: dict[str, tuple[int, int]]  # action -> (treated, control)
+    policies: dict[str, int]
+    excluded_open: int
+    excluded_unsubscribed: int
+    export_csv: Path
+    export_parquet: Path
+
+    def summary(self) -> str:
+        actions = ", ".join(f"{a} {t}+{c}" for a, (t, c) in sorted(self.by_action.items()))
+        policies = ", ".join(f"{p} {n}" for p, n in sorted(self.policies.items()))
+        return (
+            f"campaign {self.campaign_id} (as of {self.as_of}, goes out {self.assigned_at:%Y-%m-%d}"
+            f"): {self.treated:,} treated + {self.control:,} control, contact cost "
+            f"{self.cost:,.2f}; per action (treated+control): {actions}; policies: {policies}; "
+            f"left out: {self.excluded_open:,} in an open campaign, "
+            f"{self.excluded_unsubscribed:,} unsubscribed\nexport: {self.export_csv}"
+        )
+
+
+def _candidates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    score_columns = {r[0] for r in con.execute("describe marts.customer_scores").fetchall()}
+    uplift = (
+        "scores.expected_incremental_profit"
+        if "expected_incremental_profit" in score_columns
+        else "null::double as expected_incremental_profit"
+    )
+    policy = "scores.action_policy" if "action_policy" in score_columns else "'playbook'"
+    features = ", ".join(
+        f"scores.{f}" if f in ("p_high", "churn_probability") else f"features.{f}"
+        for f in UPLIFT_FEATURES
+    )
+    return con.execute(
+        f"""
+        select scores.customer_id, scores.as_of, scores.value_tier, scores.churn_risk_band,
+            scores.segment_name, scores.next_best_action, {policy} as policy, {uplift},
+            scores.model_version, scores.scoring_run_id, {features}
+        from marts.customer_scores as scores
+        left join marts.scoring_set as features using (customer_id)
+        order by scores.customer_id
+        """
+    ).df()
+
+
+def plan(settings: Settings, campaign_id: str | None = None) -> CampaignPlan:
+    """Plan a campaign from the published scores (see the module doc); replaces a campaign of
+    the same id, so planning again is idempotent."""
+    actions = load_actions(settings)
+    salt = settings.resolve_pii_salt()
+    with connect(settings.warehouse_path) as con:
+        ensure_raw_schema(con)
+        ensure_tables(con)
+        scores = _candidates(con)
+        if scores.empty:
+            raise ValueError("marts.customer_scores is empty: score customers before planning")
+        as_of = pd.Timestamp(scores["as_of"].max()).date()
+        campaign_id = campaign_id or f"cmp-{as_of:%Y%m%d}"
+        assigned_at = datetime.combine(as_of + timedelta(days=1), datetime.min.time())
+        scores["customer_key"] = [customer_key(salt, c) for c in scores["customer_id"]]
+        open_keys = {
+            r[0]
+            for r in con.execute(
+                f"select customer_key from {ASSIGNMENTS} where campaign_id <> ? and "
+                "assigned_at + to_days(window_days) > ?",
+                [campaign_id, assigned_at],
+            ).fetchall()
+        }
+        unsubscribed = {
+            r[0]
+            for r in con.execute(
+                "select distinct customer_key from raw.campaign_outcomes"
+                " where event = 'unsubscribed' and occurred_at < ?",
+                [assigned_at],
+            ).fetchall()
+        }
+        chosen = _choose(scores, actions, campaign_id, settings, open_keys | unsubscribed)
+        chosen["group_name"] = np.where(
+            control_flags(chosen, campaign_id, settings.campaign_control_share),
+            "control",
+            "treatment",
+        )
+        chosen = chosen.assign(
+            campaign_id=campaign_id,
+            expected_cost=[
+                actions[a].cost if g == "treatment" else 0.0
+                for a, g in zip(chosen["action"], chosen["group_name"], strict=True)
+            ],
+            assigned_at=assigned_at,
+            window_days=settings.campaign_window_days,
+        )
+        export_csv, export_parquet = _export(settings, chosen, campaign_id)
+        _store(con, chosen, settings, campaign_id, as_of, assigned_at, export_csv, export_parquet)
+    treated = chosen["group_name"] == "treatment"
+    by_action = {
+        a: (
+            int((group["group_name"] == "treatment").sum()),
+            int((group["group_name"] == "control").sum()),
+        )
+        for a, group in chosen.groupby("action")
+    }
+    return CampaignPlan(
+        campaign_id,
+        as_of,
+        assigned_at,
+        int(treated.sum()),
+        int((~treated).sum()),
+        float(chosen["expected_cost"].sum()),
+        by_action,
+        chosen["policy"].value_counts().to_dict(),
+        int(scores["customer_key"].isin(open_keys).sum()),
+        int(scores["customer_key"].isin(unsubscribed - open_keys).sum()),
+        export_csv,
+        export_parquet,
+    )
+
+
+def _choose(
+    scores: pd.DataFrame,
+    actions: dict[str, Action],
+    campaign_id: str,
+    settings: Settings,
+    excluded: set[str],
+) -> pd.DataFrame:
+    rows = scores[~scores["customer_key"].isin(excluded)].copy()
+    eligible = [
+        eligible_actions(actions, t, b)
+        for t, b in zip(rows["value_tier"], rows["churn_risk_band"], strict=True)
+    ]
+    explore_u = np.array([unit_hash(campaign_id, EXPLORE, k) for k in rows["customer_key"]])
+    pick_u = np.array([unit_hash(campaign_id, "action", k) for k in rows["customer_key"]])
+    action, policy = [], []
+    for i, (nba, pol, options) in enumerate(
+        zip(rows["next_best_action"], rows["policy"], eligible, strict=True)
+    ):
+        if options and explore_u[i] < settings.campaign_exploration_share:
+            action.append(options[int(pick_u[i] * len(options))])
+            policy.append(EXPLORE)
+        elif nba in options:
+            action.append(nba)
+            policy.append(pol)
+        else:  # no action, or one this customer may not receive
+            action.append(NO_ACTION)
+            policy.append(pol)
+    rows["action"], rows["policy"] = action, policy
+    rows = rows[rows["action"] != NO_ACTION].copy()
+    # Priority: expected incremental profit where the uplift policy estimated it, exploration
+    # and playbook rows after, in random order; contact costs stop at the budget.
+    rows["_priority"] = rows["expected_incremental_profit"].where(
+        rows["policy"].str.startswith("uplift"), -np.inf
+    )
+    rows["_u"] = [unit_hash(campaign_id, "budget", k) for k in rows["customer_key"]]
+    rows = rows.sort_values(["_priority", "_u"], ascending=[False, True])
+    cost = rows["action"].map({a: x.cost for a, x in actions.items()}).to_numpy()
+    rows = rows[np.cumsum(cost) <= settings.campaign_budget]
+    return rows.drop(columns=["_priority", "_u"]).reset_index(drop=True)
+
+
+def _export(settings: Settings, chosen: pd.DataFrame, campaign_id: str) -> tuple[Path, Path]:
+    """The treatment group for the activation tool (control customers are not contacted)."""
+    folder = settings.campaigns_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    out = chosen.loc[chosen["group_name"] == "treatment", list(EXPORT_COLUMNS)]
+    out = out.sort_values("customer_key")
+    csv_path, parquet_path = folder / f"{campaign_id}.csv", folder / f"{campaign_id}.parquet"
+    out.to_csv(csv_path.with_suffix(".csv.tmp"), index=False)
+    out.to_parquet(parquet_path.with_suffix(".parquet.tmp"), index=False)
+    csv_path.with_suffix(".csv.tmp").replace(csv_path)
+    parquet_path.with_suffix(".parquet.tmp").replace(parquet_path)
+    return csv_path, parquet_path
+
+
+def _store(
+    con: duckdb.DuckDBPyConnection,
+    chosen: pd.DataFrame,
+    settings: Settings,
+    campaign_id: str,
+    as_of: date,
+    assigned_at: datetime,
+    export_csv: Path,
+    export_parquet: Path,
+) -> None:
+    columns = [
+        "campaign_id",
+        "customer_key",
+        "action",
+        "expected_cost",
+        "group_name",
+        "assigned_at",
+        "window_days",
+        "policy",
+        "model_version",
+        "expected_incremental_profit",
+        "segment_name",
+        "value_tier",
+        "churn_risk_band",
+        "scoring_run_id",
+    ]
+    con.register("_chosen", chosen)
+    con.execute("begin transaction")
+    try:
+        for table in (ASSIGNMENTS, FEATURES, CAMPAIGNS):
+            con.execute(f"delete from {table} where campaign_id = ?", [campaign_id])
+        con.execute(f"insert into {ASSIGNMENTS} select {', '.join(columns)} from _chosen")
+        con.execute(
+            f"insert into {FEATURES} select campaign_id, customer_key, "
+            f"{', '.join(f'{f}::double' for f in UPLIFT_FEATURES)} from _chosen"
+        )
+        treated = chosen["group_name"] == "treatment"
+        con.execute(
+            f"insert into {CAMPAIGNS} values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
+            [
+                campaign_id,
+                as_of,
+                assigned_at,
+                settings.campaign_window_days,
+                settings.campaign_budget,
+                settings.campaign_control_share,
+                settings.campaign_exploration_share,
+                int(treated.sum()),
+                int((~treated).sum()),
+                float(chosen["expected_cost"].sum()),
+                ", ".join(f"{p} {n}" for p, n in chosen["policy"].value_counts().items()),
+                str(export_csv),
+                str(export_parquet),
+            ],
+        )
+        con.execute("commit")
+    except BaseException:
+        con.execute("rollback")
+        raise
+    finally:
+        con.unregister("_chosen")

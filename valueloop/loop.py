@@ -1,0 +1,181 @@
+"""The loop on the demo shop: a campaign goes out, the market answers, the answer comes back.
+
+`simulate_campaign` is the outside world for a planned campaign: the demo shop's market
+(:mod:`valueloop.market`) plays the outcome window, the new order lines land where the
+simulator's files are, and the activation tool's outcome file lands in
+``landing/feedback/campaign_outcomes/``. From there the platform takes over exactly as it
+would for a real shop: the feedback DAG ingests, checks and rebuilds, retraining follows its
+triggers, scoring picks the next actions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+
+from valueloop import market
+from valueloop.campaigns import ASSIGNMENTS, CAMPAIGNS, customer_key
+from valueloop.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def latest_campaign(settings: Settings) -> str:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        row = con.execute(
+            f"select campaign_id from {CAMPAIGNS} order by assigned_at desc limit 1"
+        ).fetchone()
+    if row is None:
+        raise LookupError("no campaign has been planned yet: run `valueloop campaign plan`")
+    return row[0]
+
+
+def simulate_campaign(settings: Settings, campaign_id: str | None = None) -> market.WindowSummary:
+    """Play the demo shop's market through a campaign's outcome window (module doc)."""
+    campaign_id = campaign_id or latest_campaign(settings)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        meta = con.execute(
+            f"select assigned_at, window_days from {CAMPAIGNS} where campaign_id = ?",
+            [campaign_id],
+        ).fetchone()
+        if meta is None:
+            raise LookupError(f"no campaign {campaign_id} in {CAMPAIGNS}")
+        assignments = con.execute(
+            f"select campaign_id, customer_key, action, group_name from {ASSIGNMENTS}"
+            " where campaign_id = ?",
+            [campaign_id],
+        ).df()
+    # The market is the outside world: it knows who its customers are.
+    salt = settings.resolve_pii_salt()
+    ids = pq.read_table(settings.demo_dir / "customers.parquet", columns=["customer_id"])
+    keys = pd.DataFrame({"customer_id": ids.column("customer_id").to_pylist()})
+    keys["customer_key"] = [customer_key(salt, c) for c in keys["customer_id"]]
+    assignments = assignments.merge(keys, on="customer_key", how="inner")
+    summary = market.advance(
+        settings.demo_dir,
+        assignments,
+        meta[0],
+        int(meta[1]),
+        settings.feedback_dir / "campaign_outcomes",
+        settings.demo_seed,
+    )
+    log.info("%s", summary.summary())
+    return summary
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    action: str
+    treated: int
+    control: int
+    uplift: float
+    ci_low: float
+    ci_high: float
+    incremental_revenue: float
+    incremental_profit: float
+    too_small: bool
+
+
+def measured(settings: Settings, campaign_id: str) -> list[ActionResult]:
+    """What campaign_performance measured for a campaign, per action (all segments)."""
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        rows = con.execute(
+            "select action, treated, control, uplift, uplift_ci_low, uplift_ci_high,"
+            " incremental_revenue, incremental_profit, is_too_small"
+            " from marts.campaign_performance where campaign_id = ? and segment_name = 'all'"
+            " and value_tier = 'all' order by incremental_profit desc",
+            [campaign_id],
+        ).fetchall()
+    return [ActionResult(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    cycle: int
+    campaign_id: str
+    window: market.WindowSummary
+    measured: list[ActionResult]
+    retrain_reason: str
+    customer_model: dict | None
+    uplift_model: dict | None
+    next_campaign: str
+    next_policies: dict[str, int]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"cycle {self.cycle}: campaign {self.campaign_id} "
+            f"({self.window.start:%Y-%m-%d} to {self.window.end:%Y-%m-%d})"
+        ]
+        for a in self.measured:
+            out.append(
+                f"  {a.action:<24} uplift {a.uplift:+.3f} [{a.ci_low:+.3f}, {a.ci_high:+.3f}]"
+                f"  incremental revenue {a.incremental_revenue:+,.0f}"
+                f"  profit {a.incremental_profit:+,.0f}  ({a.treated}+{a.control})"
+                + ("  too small to tell" if a.too_small else "")
+            )
+        out.append(f"  retraining: {self.retrain_reason}")
+        if self.customer_model:
+            out.append(f"  customer model: {self.customer_model['reason']}")
+        if self.uplift_model:
+            out.append(f"  uplift model: {self.uplift_model['summary']}")
+        policies = ", ".join(f"{p} {n:,}" for p, n in sorted(self.next_policies.items()))
+        out.append(f"  next: {self.next_campaign} ({policies})")
+        return out
+
+
+def run_cycle(settings: Settings, cycle: int, board=None) -> CycleResult:
+    """One turn of the loop on the demo shop, with the functions the DAG tasks call:
+    market -> ingest orders and feedback -> checks -> dbt -> retraining triggers -> retrain and
+    gate -> score and publish (monitoring included) -> plan the next campaign."""
+    from contextlib import nullcontext
+
+    from ml.score import score
+    from valueloop import campaigns, jobs, pipeline, transform
+    from valueloop.quality.runner import default_run_id, run_checkpoint
+    from valueloop.retraining import decide
+
+    def stage(name: str, detail: str = ""):
+        return board.stage(f"cycle {cycle}: {name}", detail) if board else nullcontext()
+
+    campaign_id = latest_campaign(settings)
+    run_id = default_run_id() + f"-cycle{cycle}"
+    with stage("market", f"the demo shop answers {campaign_id}"):
+        window = simulate_campaign(settings, campaign_id)
+    with stage("feedback in", "orders + outcomes: ingest, checks, dbt"):
+        jobs.ingest_path(settings, settings.demo_dir, "simulator")
+        jobs.ingest_path(settings, settings.feedback_dir, "feedback")
+        run_checkpoint(settings, "raw", run_id)
+        transform.build(settings, quiet=True)
+        run_checkpoint(settings, "marts", run_id)
+    decision = decide(settings)
+    customer = uplift = None
+    with stage("retrain + gate", decision.reason):
+        if decision.customer_model:
+            snapshot = pipeline.snapshot_training_data(settings, run_id)
+            customer = pipeline.train_and_gate(
+                settings, snapshot, "; ".join(decision.customer_model)
+            )
+        if decision.uplift_model:
+            uplift = pipeline.train_uplift(settings, "; ".join(decision.uplift_model))
+    with stage("score + plan"):
+        score(settings, run_id)
+        plan = campaigns.plan(settings)
+    return CycleResult(
+        cycle,
+        campaign_id,
+        window,
+        measured(settings, campaign_id),
+        decision.reason,
+        customer,
+        uplift,
+        plan.campaign_id,
+        plan.policies,
+    )
+
+
+def run_cycles(settings: Settings, cycles: int, board=None) -> list[CycleResult]:
+    return [run_cycle(settings, k + 1, board) for k in range(cycles)]

@@ -1,0 +1,38 @@
+"""Airflow tasks the loop's DAGs share (imported by DAG files; no I/O at import)."""
+
+from __future__ import annotations
+
+from airflow.sdk import task
+
+from valueloop.assets import RETRAIN
+from valueloop.orchestration import WAREHOUSE_POOL
+
+
+def retraining_tasks():
+    """decide_retraining >> retraining_needed >> request_retraining (updates the retrain asset
+    with the reasons in its extra, which triggers train_model); nothing when no trigger fired."""
+
+    @task(pool=WAREHOUSE_POOL)
+    def decide_retraining() -> dict:
+        from valueloop import pipeline
+        from valueloop.config import load_settings
+
+        return pipeline.decide_retraining(load_settings())
+
+    @task.short_circuit
+    def retraining_needed(decision: dict) -> bool:
+        return bool(decision["customer_model"] or decision["uplift_model"])
+
+    @task(outlets=[RETRAIN])
+    def request_retraining(decision: dict, *, outlet_events) -> str:
+        outlet_events[RETRAIN].extra = {
+            "customer_model": decision["customer_model"],
+            "uplift_model": decision["uplift_model"],
+            "reason": decision["reason"],
+        }
+        return decision["reason"]
+
+    decision = decide_retraining()
+    first = retraining_needed(decision)
+    first >> request_retraining(decision)
+    return first

@@ -1,0 +1,394 @@
+"""The demo shop's market: what a campaign really does, kept apart from what the platform sees.
+
+`advance` plays the shop forward by one outcome window after a campaign goes out:
+
+* every customer still active buys as the simulator's behaviour model says (their latent rate,
+  the season, a drifting interest, and dropout after each purchase);
+* a treated customer's purchases change by a **hidden, heterogeneous effect** of the action
+  and the customer's latent type (:data:`TRUE_EFFECTS`): an extra order with some probability,
+  a discount on every order in the window (a discount to a loyal customer who would have
+  bought anyway only costs margin), a chance to come back after dropping out, and a chance to
+  unsubscribe;
+* the activation tool reports delivered, opened, clicked, converted (with the order's
+  revenue) and unsubscribed events for the treated group.
+
+It writes what a shop would send (new order lines as a simulator part file, the outcome file
+in the landing folder), updates the latent state (dropouts, revivals) and records the true
+expected effect of every action on every campaign customer under ``latent/campaigns/``, which
+only benchmarks read. :func:`expected_incremental_profit` is that truth for any customers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from valueloop.simulator import (
+    CUSTOMER_TYPES,
+    FIRST_INVOICE,
+    _product_choice_cdfs,
+    seasonality,
+)
+
+TYPE_NAMES = tuple(t.name for t in CUSTOMER_TYPES)
+GUEST_ORDER_SHARE = 0.12
+
+
+@dataclass(frozen=True)
+class Effect:
+    lift: float = 0.0  # probability of one extra order in the window, if still active
+    discount: float = 0.0  # price cut on every order of the window
+    revive: float = 0.0  # probability that a customer who dropped out comes back and buys
+    unsubscribe: float = 0.0  # probability of unsubscribing from further campaigns
+
+
+# (action, latent type) -> effect. The platform never reads this table.
+TRUE_EFFECTS: dict[tuple[str, str], Effect] = {
+    ("nurture_email", "loyal_high_value"): Effect(lift=0.01),
+    ("nurture_email", "regular"): Effect(lift=0.05),
+    ("nurture_email", "bargain_hunter"): Effect(lift=0.01),
+    ("nurture_email", "one_off"): Effect(unsubscribe=0.04),
+    ("nurture_email", "drifting_away"): Effect(lift=0.04, revive=0.01),
+    ("cross_sell", "loyal_high_value"): Effect(lift=0.08),
+    ("cross_sell", "regular"): Effect(lift=0.06),
+    ("cross_sell", "bargain_hunter"): Effect(unsubscribe=0.02),
+    ("cross_sell", "one_off"): Effect(unsubscribe=0.03),
+    ("cross_sell", "drifting_away"): Effect(lift=0.02),
+    ("reactivation_email", "regular"): Effect(lift=0.02, revive=0.02),
+    ("reactivation_email", "bargain_hunter"): Effect(lift=0.02, revive=0.02),
+    ("reactivation_email", "one_off"): Effect(revive=0.01, unsubscribe=0.05),
+    ("reactivation_email", "drifting_away"): Effect(lift=0.10, revive=0.08),
+    ("vip_perk", "loyal_high_value"): Effect(lift=0.04),
+    ("vip_perk", "regular"): Effect(lift=0.08),
+    ("vip_perk", "bargain_hunter"): Effect(lift=0.03),
+    ("vip_perk", "drifting_away"): Effect(lift=0.05, revive=0.02),
+    ("win_back_offer", "loyal_high_value"): Effect(discount=0.15),
+    ("win_back_offer", "regular"): Effect(lift=0.05, discount=0.15, revive=0.03),
+    ("win_back_offer", "bargain_hunter"): Effect(lift=0.25, discount=0.15, revive=0.10),
+    ("win_back_offer", "one_off"): Effect(lift=0.03, discount=0.15, revive=0.03),
+    ("win_back_offer", "drifting_away"): Effect(lift=0.15, discount=0.15, revive=0.15),
+    ("premium_win_back_offer", "loyal_high_value"): Effect(discount=0.25),
+    ("premium_win_back_offer", "regular"): Effect(lift=0.06, discount=0.25, revive=0.04),
+    ("premium_win_back_offer", "bargain_hunter"): Effect(lift=0.30, discount=0.25, revive=0.12),
+    ("premium_win_back_offer", "one_off"): Effect(lift=0.05, discount=0.25, revive=0.05),
+    ("premium_win_back_offer", "drifting_away"): Effect(lift=0.18, discount=0.25, revive=0.20),
+}
+NO_EFFECT = Effect()
+# The activation tool's funnel for a treated customer.
+P_DELIVERED, P_OPENED, P_CLICKED = 0.97, 0.45, 0.35
+
+
+def effect(action: str, customer_type: str) -> Effect:
+    return TRUE_EFFECTS.get((action, customer_type), NO_EFFECT)
+
+
+def _catalogue(shop: Path) -> dict[str, np.ndarray]:
+    products = pq.read_table(shop / "products.parquet").to_pandas()
+    names = sorted(products["category"].unique())
+    return {
+        "sku": products["sku"].to_numpy(object),
+        "description": products["description"].to_numpy(object),
+        "list_price": products["list_price"].to_numpy(float),
+        "category_idx": products["category"].map({c: i for i, c in enumerate(names)}).to_numpy(),
+    }
+
+
+def _type_index(types: pd.Series) -> np.ndarray:
+    return types.map({n: i for i, n in enumerate(TYPE_NAMES)}).to_numpy()
+
+
+def _order_value(catalogue: dict[str, np.ndarray], years: float) -> np.ndarray:
+    """Expected merchandise value of one order, per latent type (unit spend multiplier)."""
+    cdfs = _product_choice_cdfs(catalogue)
+    pmf = np.diff(cdfs[:, -1, :], axis=1, prepend=0.0)
+    prices = catalogue["list_price"] * (1.0 + 0.03 * years)
+    mean_price = pmf @ prices
+    on_sale = np.array([t.discount_share for t in CUSTOMER_TYPES])
+    lines = np.array([t.lines_per_order for t in CUSTOMER_TYPES])
+    return mean_price * (1.0 - 0.3 * on_sale) * lines
+
+
+def _window_rate(start: datetime, days: int, origin: date) -> float:
+    """Mean seasonal intensity over the window."""
+    day0 = (start.date() - date(start.year, 1, 1)).days
+    return float(seasonality(np.arange(day0, day0 + days) % 365.25).mean())
+
+
+def _state(shop: Path, start: datetime) -> pd.DataFrame:
+    truth = pq.read_table(shop / "latent" / "customer_truth.parquet").to_pandas()
+    customers = pq.read_table(shop / "customers.parquet").to_pandas()[
+        ["customer_id", "signed_up_at"]
+    ]
+    truth = truth.merge(customers, on="customer_id")
+    truth["active"] = truth["dropped_out_at"].isna() | (truth["dropped_out_at"] >= start)
+    return truth
+
+
+def expected_incremental_profit(
+    shop: Path,
+    customer_ids: pd.Series,
+    actions: list[str],
+    start: datetime,
+    days: int,
+    margin: float,
+    costs: dict[str, float],
+) -> pd.DataFrame:
+    """The truth: each customer's expected incremental profit for each action in the window
+    starting at ``start`` (rows: customers in the given order; columns: actions)."""
+    manifest = json.loads((shop / "manifest.json").read_text())
+    origin = date.fromisoformat(manifest["start"])
+    state = _state(shop, start).set_index("customer_id").loc[customer_ids.to_numpy()]
+    years = (start.date() - origin).days / 365.25
+    value = _order_value(_catalogue(shop), years)[_type_index(state["customer_type"])]
+    value = value * (1.0 + 1.5 * state["spend_multiplier"].to_numpy())
+    season = _window_rate(start, days, origin)
+    base_orders = np.where(
+        state["active"], state["orders_per_year"].to_numpy() * season * days / 365.25, 0.0
+    )
+    out = {}
+    for action in actions:
+        eff = [effect(action, t) for t in state["customer_type"]]
+        lift = np.array([e.lift for e in eff])
+        discount = np.array([e.discount for e in eff])
+        revive = np.array([e.revive for e in eff])
+        treated_orders = np.where(state["active"], base_orders + lift, revive)
+        incremental = value * (treated_orders * (1.0 - discount) - base_orders)
+        out[action] = margin * incremental - costs[action]
+    return pd.DataFrame(out, index=customer_ids.index)
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    campaign_id: str
+    start: datetime
+    end: datetime
+    orders: int
+    order_lines: int
+    incremental_orders: int
+    revived: int
+    dropped_out: int
+    events: int
+    outcomes_file: Path
+
+    def summary(self) -> str:
+        return (
+            f"market {self.start:%Y-%m-%d} to {self.end:%Y-%m-%d} after {self.campaign_id}: "
+            f"{self.orders:,} orders ({self.order_lines:,} lines; {self.incremental_orders:,} "
+            f"caused by the campaign, {self.revived:,} customers won back), "
+            f"{self.dropped_out:,} customers dropped out, {self.events:,} activation events "
+            f"in {self.outcomes_file}"
+        )
+
+
+def advance(
+    shop: Path,
+    assignments: pd.DataFrame,
+    start: datetime,
+    days: int,
+    outcomes_dir: Path,
+    seed: int,
+) -> WindowSummary:
+    """Play the shop forward ``days`` from ``start`` under a campaign (see the module doc).
+
+    ``assignments`` has customer_id, customer_key, action and group_name per campaign customer
+    and campaign_id; customers not in it are untreated. Re-running the same window rewrites the
+    same files (the draws are seeded by the seed and the campaign id).
+    """
+    campaign_id = str(assignments["campaign_id"].iloc[0]) if len(assignments) else "none"
+    rng = np.random.default_rng([seed, *campaign_id.encode()])
+    manifest = json.loads((shop / "manifest.json").read_text())
+    origin = date.fromisoformat(manifest["start"])
+    catalogue = _catalogue(shop)
+    cdfs = _product_choice_cdfs(catalogue)
+    state = _state(shop, start)
+    n = len(state)
+    type_idx = _type_index(state["customer_type"])
+    treated = assignments[assignments["group_name"] == "treatment"].set_index("customer_id")
+    action = state["customer_id"].map(treated["action"]).fillna("")
+    eff = [
+        effect(a, t) if a else NO_EFFECT
+        for a, t in zip(action, state["customer_type"], strict=True)
+    ]
+    lift = np.array([e.lift for e in eff])
+    discount = np.array([e.discount for e in eff])
+    revive = np.array([e.revive for e in eff])
+    unsubscribe = np.array([e.unsubscribe for e in eff])
+    active = state["active"].to_numpy().copy()
+
+    # Natural orders: Poisson in the window, each followed by dropout with the customer's p.
+    day_grid = np.arange(days)
+    day0 = (start.date() - date(start.year, 1, 1)).days
+    season = seasonality((day0 + day_grid) % 365.25)
+    rate = state["orders_per_year"].to_numpy()
+    counts = rng.poisson(np.where(active, rate * season.sum() / 365.25, 0.0))
+    owner = np.repeat(np.arange(n), counts)
+    day = rng.choice(days, len(owner), p=season / season.sum()) + rng.random(len(owner))
+    order = np.lexsort((day, owner))
+    owner, day = owner[order], day[order]
+    drop = rng.random(len(owner)) < state["dropout_probability"].to_numpy()[owner]
+    first_drop = np.full(n, np.inf)
+    np.minimum.at(first_drop, owner[drop], day[drop])
+    keep = day <= first_drop[owner]
+    owner, day = owner[keep], day[keep]
+    dropped_now = np.isfinite(first_drop)
+
+    # The campaign: an extra order (active customers), a comeback (customers who left).
+    extra = active & (rng.random(n) < lift)
+    came_back = ~active & (rng.random(n) < revive)
+    caused = np.flatnonzero(extra | came_back)
+    owner = np.concatenate([owner, caused])
+    day = np.concatenate([day, rng.random(len(caused)) * days])
+    dropped_now &= ~came_back
+
+    # Lines of the customers' orders, then guest orders.
+    n_orders = len(owner)
+    n_guest = rng.binomial(n_orders, GUEST_ORDER_SHARE / (1 - GUEST_ORDER_SHARE))
+    order_type = np.concatenate([type_idx[owner], np.full(n_guest, 1)])
+    order_day = np.concatenate([day, rng.random(n_guest) * days])
+    order_spend = np.concatenate([state["spend_multiplier"].to_numpy()[owner], np.ones(n_guest)])
+    order_discount = np.concatenate([discount[owner], np.zeros(n_guest)])
+    order_customer = np.concatenate(
+        [state["customer_id"].to_numpy(object)[owner], np.full(n_guest, None, object)]
+    )
+    first_invoice = FIRST_INVOICE + 50_000_000 + int(rng.integers(0, 40_000_000))
+    invoice = np.array([str(first_invoice + i) for i in range(n_orders + n_guest)], object)
+    lines_per = 1 + rng.poisson(
+        np.array([t.lines_per_order for t in CUSTOMER_TYPES])[order_type] - 1
+    )
+    line_order = np.repeat(np.arange(n_orders + n_guest), lines_per)
+    u = rng.random(len(line_order))
+    product = np.empty(len(line_order), np.int64)
+    for t in range(len(CUSTOMER_TYPES)):
+        mask = order_type[line_order] == t
+        product[mask] = np.searchsorted(cdfs[t, -1], u[mask]).clip(0, cdfs.shape[2] - 1)
+    years = ((start.date() - origin).days + order_day[line_order]) / 365.25
+    on_sale = (
+        rng.random(len(line_order))
+        < np.array([t.discount_share for t in CUSTOMER_TYPES])[order_type[line_order]]
+    )
+    price = np.round(
+        catalogue["list_price"][product]
+        * np.where(on_sale, 0.7, 1.0)
+        * (1.0 + 0.03 * years)
+        * (1.0 - order_discount[line_order]),
+        2,
+    )
+    quantity = 1 + rng.poisson(1.5 * order_spend[line_order])
+    at = pd.Timestamp(start) + pd.to_timedelta(
+        np.floor(order_day) + (8 + 13 * rng.beta(2, 2, len(order_day))) / 24, unit="D"
+    )
+    lines = pa.table(
+        {
+            "invoice_id": pa.array(invoice[line_order], pa.string()),
+            "sku": pa.array(catalogue["sku"][product], pa.string()),
+            "description": pa.array(catalogue["description"][product], pa.string()),
+            "quantity": pa.array(quantity, pa.int64()),
+            "unit_price": pa.array(price, pa.float64()),
+            "invoiced_at": pa.array(at[line_order].to_numpy().astype("datetime64[s]")),
+            "customer_id": pa.array(order_customer[line_order], pa.string()),
+            "country": pa.array(np.full(len(line_order), "United Kingdom", object), pa.string()),
+        }
+    )
+    part = shop / "order_lines" / f"window-{start:%Y%m%d}.parquet"
+    pq.write_table(lines.sort_by("invoiced_at"), part)
+
+    # What the activation tool saw of the treated group.
+    order_revenue = pd.Series(price * quantity).groupby(line_order).sum()
+    events = _activation_events(
+        rng,
+        treated,
+        state,
+        owner,
+        at[:n_orders],
+        order_revenue.iloc[:n_orders].to_numpy(),
+        unsubscribe,
+        campaign_id,
+        start,
+    )
+    outcomes_dir.mkdir(parents=True, exist_ok=True)
+    outcomes_file = outcomes_dir / f"{campaign_id}.csv"
+    events.to_csv(outcomes_file, index=False)
+
+    # The latent state moves on: dropouts in the window, customers won back.
+    truth = pq.read_table(shop / "latent" / "customer_truth.parquet").to_pandas()
+    dropped_at = pd.Series(
+        pd.Timestamp(start) + pd.to_timedelta(np.where(dropped_now, first_drop, 0), unit="D"),
+        index=truth.index,
+    ).dt.floor("s")
+    truth["dropped_out_at"] = truth["dropped_out_at"].where(~came_back, pd.NaT)
+    truth["dropped_out_at"] = truth["dropped_out_at"].where(~dropped_now, dropped_at)
+    truth["purchases"] = truth["purchases"] + np.bincount(owner, minlength=n)
+    pq.write_table(
+        pa.Table.from_pandas(
+            truth,
+            schema=pq.read_schema(shop / "latent" / "customer_truth.parquet"),
+            preserve_index=False,
+        ),
+        shop / "latent" / "customer_truth.parquet",
+    )
+    end = start + timedelta(days=days)
+    manifest["end"] = max(manifest["end"], (end - timedelta(days=1)).date().isoformat())
+    manifest.setdefault("windows", {})[campaign_id] = f"{start:%Y-%m-%d}/{end:%Y-%m-%d}"
+    (shop / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return WindowSummary(
+        campaign_id,
+        start,
+        end,
+        n_orders,
+        lines.num_rows,
+        int(extra.sum()),
+        int(came_back.sum()),
+        int(dropped_now.sum()),
+        len(events),
+        outcomes_file,
+    )
+
+
+def _activation_events(
+    rng: np.random.Generator,
+    treated: pd.DataFrame,
+    state: pd.DataFrame,
+    order_owner: np.ndarray,
+    order_at: pd.DatetimeIndex,
+    order_revenue: np.ndarray,
+    unsubscribe: np.ndarray,
+    campaign_id: str,
+    start: datetime,
+) -> pd.DataFrame:
+    index = pd.Index(state["customer_id"])
+    rows = []
+    first_order: dict[int, tuple[pd.Timestamp, float]] = {}
+    for o, at, revenue in zip(order_owner, order_at, order_revenue, strict=True):
+        if o not in first_order or at < first_order[o][0]:
+            first_order[int(o)] = (at, float(revenue))
+    for customer_id, row in treated.iterrows():
+        i = index.get_loc(customer_id)
+        key = row["customer_key"]
+        if rng.random() >= P_DELIVERED:
+            continue
+        sent = pd.Timestamp(start) + pd.Timedelta(hours=float(rng.uniform(6, 10)))
+        rows.append((campaign_id, key, "delivered", sent, None))
+        if rng.random() < unsubscribe[i]:
+            rows.append((campaign_id, key, "unsubscribed", sent + pd.Timedelta(hours=2), None))
+            continue
+        opened = rng.random() < P_OPENED
+        if opened:
+            rows.append((campaign_id, key, "opened", sent + pd.Timedelta(hours=1), None))
+        clicked = opened and rng.random() < P_CLICKED
+        if clicked:
+            rows.append((campaign_id, key, "clicked", sent + pd.Timedelta(hours=1.5), None))
+        bought = first_order.get(i)
+        if clicked and bought and bought[0] > sent:
+            rows.append((campaign_id, key, "converted", bought[0], round(bought[1], 2)))
+    events = pd.DataFrame(
+        rows, columns=["campaign_id", "customer_key", "event", "occurred_at", "revenue"]
+    )
+    events["occurred_at"] = pd.to_datetime(events["occurred_at"]).dt.strftime("%Y-%m-%d %H:%M:%S")
+    return events

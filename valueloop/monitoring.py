@@ -1,0 +1,243 @@
+"""Monitoring tables for BI, written by every scoring run (schema ``monitoring``).
+
+* ``feature_drift``: per feature, the population stability index (PSI) of the scored
+  customers against the reference, the training split of the marts the champion is trained on
+  (deciles of the reference; PSI < 0.1 stable, 0.1-0.25 moving, > 0.25 drifted);
+* ``score_drift``: PSI of churn probability and P(high) against the previous scoring run;
+* ``tier_migration``: customers per (previous tier, current tier) between the two runs;
+* ``champion_performance``: for earlier scoring runs whose horizon has since passed, how the
+  scores did against what happened (churn ROC-AUC, tier accuracy), per model version.
+
+A run's rows are replaced when it is re-run. An HTML page of the same is logged to MLflow with
+the scoring run. (evidently 0.7.23 does not import under pandas 3, and no nannyml release
+resolves with this lock, so the measures are computed here, in DuckDB and numpy.)
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+DRIFT_FEATURES = (
+    "recency_days",
+    "frequency",
+    "monetary_value",
+    "avg_order_value",
+    "tenure_days",
+    "orders_last_90d",
+    "spend_last_90d",
+    "return_rate",
+    "n_distinct_products",
+    "avg_rating",
+)
+STABLE, DRIFTED = 0.1, 0.25
+TABLES = ("feature_drift", "score_drift", "tier_migration", "champion_performance")
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's quantile bins."""
+    reference = reference[np.isfinite(reference)]
+    current = current[np.isfinite(current)]
+    if len(reference) == 0 or len(current) == 0:
+        return float("nan")
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1)
+    cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1)
+    r = np.clip(ref / ref.sum(), 1e-4, None)
+    c = np.clip(cur / cur.sum(), 1e-4, None)
+    return float(((c - r) * np.log(c / r)).sum())
+
+
+def _status(value: float) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return "stable" if value < STABLE else "moving" if value < DRIFTED else "drifted"
+
+
+def record(
+    con: duckdb.DuckDBPyConnection, run_id: str, horizon_days: int
+) -> dict[str, pd.DataFrame]:
+    """Compute and store the four tables for scoring run ``run_id`` (already published)."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    features = ", ".join(DRIFT_FEATURES)
+    reference = con.execute(f"select {features} from marts.training_set where split = 'train'").df()
+    current = con.execute(f"select {features} from marts.scoring_set").df()
+    feature_drift = pd.DataFrame(
+        [
+            {
+                "scoring_run_id": run_id,
+                "computed_at": now,
+                "feature": f,
+                "psi": psi(reference[f].to_numpy(float), current[f].to_numpy(float)),
+                "reference_mean": float(reference[f].mean()),
+                "current_mean": float(current[f].mean()),
+            }
+            for f in DRIFT_FEATURES
+        ]
+    )
+    feature_drift["status"] = feature_drift["psi"].map(_status)
+
+    runs = con.execute(
+        "select scoring_run_id, max(scored_at) as at from marts.customer_scores_history"
+        " group by 1 order by at"
+    ).fetchall()
+    previous = [r[0] for r in runs if r[0] != run_id]
+    previous_run = previous[-1] if previous else None
+    score_rows, migration = (
+        [],
+        pd.DataFrame(
+            columns=["scoring_run_id", "previous_run_id", "from_tier", "to_tier", "customers"]
+        ),
+    )
+    if previous_run:
+        both = con.execute(
+            "select now.customer_id, now.churn_probability, now.p_high, now.value_tier,"
+            " before.churn_probability as churn_before, before.p_high as p_high_before,"
+            " before.value_tier as tier_before"
+            " from marts.customer_scores_history as now"
+            " full join (select * from marts.customer_scores_history where scoring_run_id = ?)"
+            " as before using (customer_id) where now.scoring_run_id = ?",
+            [previous_run, run_id],
+        ).df()
+        for metric, before in (("churn_probability", "churn_before"), ("p_high", "p_high_before")):
+            value = psi(both[before].to_numpy(float), both[metric].to_numpy(float))
+            score_rows.append(
+                {
+                    "scoring_run_id": run_id,
+                    "previous_run_id": previous_run,
+                    "computed_at": now,
+                    "score": metric,
+                    "psi": value,
+                    "current_mean": float(both[metric].mean()),
+                    "previous_mean": float(both[before].mean()),
+                    "status": _status(value),
+                }
+            )
+        migration = (
+            both.assign(from_tier=both["tier_before"].fillna("new"), to_tier=both["value_tier"])
+            .groupby(["from_tier", "to_tier"], as_index=False)
+            .size()
+            .rename(columns={"size": "customers"})
+            .assign(scoring_run_id=run_id, previous_run_id=previous_run)
+        )[["scoring_run_id", "previous_run_id", "from_tier", "to_tier", "customers"]]
+    score_drift = pd.DataFrame(
+        score_rows,
+        columns=[
+            "scoring_run_id",
+            "previous_run_id",
+            "computed_at",
+            "score",
+            "psi",
+            "current_mean",
+            "previous_mean",
+            "status",
+        ],
+    )
+
+    realised = con.execute(
+        f"""
+        with last_day as (
+            select max(ordered_on) as day from intermediate.int_order_lines_enriched
+        ),
+        matured as (
+            select history.*
+            from marts.customer_scores_history as history, last_day
+            where history.as_of + to_days({horizon_days}) <= last_day.day
+        ),
+        bought as (
+            select matured.scoring_run_id, matured.customer_id,
+                count(*) filter (where lines.is_purchase) as orders
+            from matured
+            inner join intermediate.int_order_lines_enriched as lines
+                on lines.customer_id = matured.customer_id
+                and lines.ordered_on > matured.as_of
+                and lines.ordered_on <= matured.as_of + to_days({horizon_days})
+                and lines.is_merchandise
+            group by all
+        )
+        select matured.scoring_run_id, matured.model_version, matured.as_of,
+            matured.churn_probability, matured.value_tier,
+            coalesce(bought.orders, 0) = 0 as churned
+        from matured
+        left join bought using (scoring_run_id, customer_id)
+        """
+    ).df()
+    perf = []
+    for (scored_run, version, as_of), group in realised.groupby(
+        ["scoring_run_id", "model_version", "as_of"]
+    ):
+        churned = group["churned"].to_numpy(bool)
+        auc = (
+            float(roc_auc_score(churned, group["churn_probability"]))
+            if 0 < churned.sum() < len(churned)
+            else float("nan")
+        )
+        perf.append(
+            {
+                "scoring_run_id": run_id,
+                "scored_run_id": scored_run,
+                "model_version": version,
+                "as_of": as_of,
+                "customers": len(group),
+                "churn_rate": float(churned.mean()),
+                "churn_roc_auc": auc,
+                "lapsed_accuracy": float(((group["value_tier"] == "lapsed") == churned).mean()),
+            }
+        )
+    champion_performance = pd.DataFrame(
+        perf,
+        columns=[
+            "scoring_run_id",
+            "scored_run_id",
+            "model_version",
+            "as_of",
+            "customers",
+            "churn_rate",
+            "churn_roc_auc",
+            "lapsed_accuracy",
+        ],
+    )
+    tables = {
+        "feature_drift": feature_drift,
+        "score_drift": score_drift,
+        "tier_migration": migration,
+        "champion_performance": champion_performance,
+    }
+    con.execute("create schema if not exists monitoring")
+    for name, frame in tables.items():
+        con.register("_frame", frame)
+        con.execute(
+            f"create table if not exists monitoring.{name} as select * from _frame where false"
+        )
+        con.execute(f"delete from monitoring.{name} where scoring_run_id = ?", [run_id])
+        con.execute(f"insert into monitoring.{name} by name select * from _frame")
+        con.unregister("_frame")
+    return tables
+
+
+def write_html(tables: dict[str, pd.DataFrame], run_id: str, path: Path) -> Path:
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>Monitoring {html.escape(run_id)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>",
+        f"<h1>Monitoring of scoring run {html.escape(run_id)}</h1>",
+        f"<p>PSI below {STABLE}: stable; {STABLE}-{DRIFTED}: moving; above {DRIFTED}: drifted.</p>",
+    ]
+    for name, frame in tables.items():
+        parts.append(f"<h2>{name.replace('_', ' ')}</h2>")
+        parts.append(
+            frame.drop(columns=["scoring_run_id"], errors="ignore").to_html(
+                index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"
+            )
+            if len(frame)
+            else "<p>nothing yet (needs an earlier scoring run or labels that have arrived)</p>"
+        )
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,125 @@
+"""When to retrain: the loop's triggers, whichever comes first, each with its reason.
+
+* **uplift model**: enough new matured randomised outcomes since it was last trained
+  (``VALUELOOP_RETRAIN_MIN_OUTCOMES``), and at least ``VALUELOOP_UPLIFT_MIN_OUTCOMES`` in all;
+* **customer model**: no champion yet; enough new label corrections since its last training
+  (``VALUELOOP_RETRAIN_MIN_CORRECTIONS``); a feature or score drift (PSI) in the latest
+  monitoring run at or past ``VALUELOOP_RETRAIN_DRIFT_PSI``; or its last training is older
+  than ``VALUELOOP_RETRAIN_EVERY_DAYS`` (the schedule).
+
+What counts as "since the last training" is read from MLflow (the outcomes and corrections a
+run trained on are its parameters), so the decision is the same wherever it is taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import mlflow
+from mlflow import MlflowClient
+
+from valueloop.config import Settings
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    customer_model: list[str] = field(default_factory=list)  # reasons; empty: no retraining
+    uplift_model: list[str] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.customer_model or self.uplift_model)
+
+    @property
+    def reason(self) -> str:
+        parts = [f"customer model: {'; '.join(self.customer_model)}"] if self.customer_model else []
+        parts += [f"uplift model: {'; '.join(self.uplift_model)}"] if self.uplift_model else []
+        return " | ".join(parts) or "no trigger fired"
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"reason": self.reason}
+
+
+def _latest_run(settings: Settings, experiment: str, kind: str) -> mlflow.entities.Run | None:
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        f"tags.`valueloop.kind` = '{kind}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    try:
+        return int(con.execute(sql).fetchone()[0])
+    except duckdb.CatalogException:  # the table is not built yet: nothing has come back
+        return 0
+
+
+def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
+    from ml.config import TrainConfig
+    from ml.registry import champion_version
+    from ml.uplift import UPLIFT_EXPERIMENT
+
+    now = now or datetime.now(UTC)
+    cfg = TrainConfig.load(settings.train_config)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        outcomes = _count(
+            con, "select count(*) from intermediate.int_campaign_results where is_matured"
+        )
+        corrections = _count(con, "select count(*) from raw.label_feedback")
+        try:
+            drift = con.execute(
+                "select max(psi) from monitoring.feature_drift where scoring_run_id ="
+                " (select scoring_run_id from monitoring.feature_drift"
+                " order by computed_at desc limit 1)"
+            ).fetchone()[0]
+        except duckdb.CatalogException:
+            drift = None
+
+    uplift_run = _latest_run(settings, UPLIFT_EXPERIMENT, "uplift")
+    trained_on = int(uplift_run.data.params.get("outcomes", 0)) if uplift_run else 0
+    uplift: list[str] = []
+    new_outcomes = outcomes - trained_on
+    if outcomes >= settings.uplift_min_outcomes and new_outcomes >= settings.retrain_min_outcomes:
+        uplift.append(
+            f"{new_outcomes:,} new randomised outcomes"
+            f" (threshold {settings.retrain_min_outcomes:,})"
+        )
+
+    customer: list[str] = []
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    if champion_version(client, cfg.registered_model) is None:
+        customer.append("no champion yet")
+    train_run = _latest_run(settings, cfg.experiment, "training")
+    seen = int(train_run.data.params.get("label_corrections", 0)) if train_run else 0
+    if corrections - seen >= settings.retrain_min_corrections:
+        customer.append(
+            f"{corrections - seen:,} new label corrections"
+            f" (threshold {settings.retrain_min_corrections:,})"
+        )
+    if drift is not None and drift >= settings.retrain_drift_psi:
+        customer.append(f"drift: PSI {drift:.3f} (threshold {settings.retrain_drift_psi})")
+    if train_run is not None:
+        age_days = (now.timestamp() * 1000 - train_run.info.start_time) / 86_400_000
+        if age_days >= settings.retrain_every_days:
+            customer.append(f"schedule: last trained {age_days:.1f} days ago")
+    return RetrainDecision(
+        customer,
+        uplift,
+        {
+            "matured_outcomes": outcomes,
+            "uplift_trained_on": trained_on,
+            "label_corrections": corrections,
+            "corrections_trained_on": seen,
+            "max_feature_psi": drift,
+        },
+    )
