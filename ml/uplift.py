@@ -1,13 +1,18 @@
 """Uplift: which action pays for which customer, learned from the randomised campaigns.
 
-A **T-learner** on LightGBM (Künzel et al., 2019, "Metalearners for estimating heterogeneous
-treatment effects"): one regressor of window revenue per action on the customers treated with
-it, one on the control customers; an action's effect on a customer is the difference of the
-two predictions, and its expected incremental profit is ``margin x effect - contact cost``.
-The policy takes the action with the highest expected incremental profit, or none when none
-pays. This is the meta-learner causalml's ``BaseTRegressor`` implements; causalml itself
-cannot be installed beside this stack (0.18 requires black>=26, whose pathspec>=1 conflicts
-with dbt-core 1.11, and the older 0.15 pulls xgboost with NCCL's CUDA libraries).
+The model in use is :class:`OrdersLearner`, a meta-learner in the S-learner family (Künzel et
+al., 2019, "Metalearners for estimating heterogeneous treatment effects") that splits window
+revenue into orders x value: a Poisson LightGBM of the number of orders with the arm (action
+or control) as a feature, and a regressor of the value of an order with the action's known
+discount taken off. An action's effect on a customer is the difference of the predicted
+revenue with and without it; its expected incremental profit is
+``margin x effect - contact cost``. The policy takes the action with the highest expected
+incremental profit, or none when none pays. The plain T-learner (one revenue regressor per
+arm, causalml's ``BaseTRegressor``), an S-learner and a purchase-probability variant are kept
+for the benchmark (benchmarks/loop_policy.py --learner), which is how this one was chosen:
+revenue is heavy-tailed, and learners on it chased noise. causalml itself cannot be installed
+beside this stack (0.18 requires black>=26, whose pathspec>=1 conflicts with dbt-core 1.11,
+and the older 0.15 pulls xgboost with NCCL's CUDA libraries).
 
 Training uses matured outcome windows only (``intermediate.int_campaign_results`` with the
 features frozen at planning time, ``marts.campaign_customer_features``). A fixed fifth of the
@@ -69,7 +74,8 @@ def load_outcomes(warehouse: Path) -> pd.DataFrame:
         return con.execute(
             f"""
             select results.campaign_id, results.customer_key, results.action,
-                results.group_name, results.revenue, results.purchased, {features}
+                results.group_name, results.orders, results.revenue, results.purchased,
+                {features}
             from intermediate.int_campaign_results as results
             inner join marts.campaign_customer_features as features
                 using (campaign_id, customer_key)
@@ -97,19 +103,18 @@ class TLearner:
         self.seed = seed
         self.models: dict[str, LGBMRegressor] = {}
 
+    params = {
+        "n_estimators": 150,
+        "learning_rate": 0.05,
+        "num_leaves": 8,
+        "min_child_samples": 20,
+        "subsample": 0.8,
+        "subsample_freq": 1,
+        "reg_lambda": 1.0,
+    }
+
     def _regressor(self) -> LGBMRegressor:
-        return LGBMRegressor(
-            n_estimators=150,
-            learning_rate=0.05,
-            num_leaves=8,
-            min_child_samples=20,
-            subsample=0.8,
-            subsample_freq=1,
-            reg_lambda=1.0,
-            random_state=self.seed,
-            verbose=-1,
-            n_jobs=1,
-        )
+        return LGBMRegressor(**self.params, random_state=self.seed, verbose=-1, n_jobs=1)
 
     def fit(self, frame: pd.DataFrame) -> TLearner:
         arms = arm(frame)
@@ -137,6 +142,233 @@ class TLearner:
         return pd.DataFrame(
             {a: self.models[a].predict(x) - base for a in self.actions}, index=frame.index
         )
+
+
+class SLearner(TLearner):
+    """One LightGBM regressor of window revenue on the features and the arm (categorical):
+    every arm's data shapes one model, so effects borrow strength across arms."""
+
+    def _design(self, x: pd.DataFrame, arms: np.ndarray) -> pd.DataFrame:
+        design = x.copy()
+        design["arm"] = pd.Categorical(arms, categories=self.arms)
+        return design
+
+    def fit(self, frame: pd.DataFrame) -> SLearner:
+        arms = arm(frame)
+        counts = pd.Series(arms).value_counts()
+        if counts.get(CONTROL, 0) < MIN_ARM:
+            raise ValueError(
+                f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
+                f" an uplift model needs at least {MIN_ARM}"
+            )
+        self.arms = sorted(a for a, n in counts.items() if n >= MIN_ARM)
+        keep = np.isin(arms, self.arms)
+        x = frame[list(FEATURES)].astype("float64")[keep]
+        model = LGBMRegressor(
+            n_estimators=300,
+            learning_rate=0.03,
+            num_leaves=15,
+            min_child_samples=40,
+            subsample=0.8,
+            subsample_freq=1,
+            reg_lambda=5.0,
+            random_state=self.seed,
+            verbose=-1,
+            n_jobs=1,
+        )
+        self.model = model.fit(
+            self._design(x, arms[keep]), frame["revenue"].astype("float64").to_numpy()[keep]
+        )
+        self.models = {a: self.model for a in self.arms}
+        return self
+
+    def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
+        x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
+        n = len(x)
+        base = self.model.predict(self._design(x, np.full(n, CONTROL, object)))
+        return pd.DataFrame(
+            {
+                a: self.model.predict(self._design(x, np.full(n, a, object))) - base
+                for a in self.actions
+            },
+            index=frame.index,
+        )
+
+
+class TwoPartLearner(TLearner):
+    """Revenue = P(buy) x value: a LightGBM classifier of buying in the window per arm (the
+    part campaigns move, and far less noisy than revenue), and one regressor of window revenue
+    given a purchase, pooled over every arm's buyers, discounted by the action's known price
+    cut (the catalogue's ``discount``). Effect of action a on a customer:
+    ``value(x) x (P_a(x) x (1 - discount_a) - P_control(x))``."""
+
+    classifier_params = {
+        "n_estimators": 120,
+        "learning_rate": 0.05,
+        "num_leaves": 8,
+        "min_child_samples": 40,
+        "subsample": 0.8,
+        "subsample_freq": 1,
+        "reg_lambda": 5.0,
+    }
+
+    def __init__(self, seed: int = 42, discounts: dict[str, float] | None = None) -> None:
+        super().__init__(seed)
+        self.discounts = discounts or {}
+
+    def fit(self, frame: pd.DataFrame) -> TwoPartLearner:
+        from lightgbm import LGBMClassifier
+
+        arms = arm(frame)
+        if (arms == CONTROL).sum() < MIN_ARM:
+            raise ValueError(
+                f"only {(arms == CONTROL).sum()} control customers with matured outcomes;"
+                f" an uplift model needs at least {MIN_ARM}"
+            )
+        x = frame[list(FEATURES)].astype("float64")
+        revenue = frame["revenue"].astype("float64").to_numpy()
+        bought = revenue > 0
+        for name in sorted(set(arms)):
+            chosen = arms == name
+            labels = bought[chosen]
+            if chosen.sum() >= MIN_ARM and 0 < labels.sum() < len(labels):
+                self.models[name] = LGBMClassifier(
+                    **self.classifier_params, random_state=self.seed, verbose=-1, n_jobs=1
+                ).fit(x[chosen], labels.astype(int))
+        # Value given a purchase: undo each arm's discount so all buyers speak one currency.
+        undiscounted = revenue / (1 - np.array([self.discounts.get(a, 0.0) for a in arms]))
+        self.value_model = self._regressor().fit(x[bought], undiscounted[bought])
+        return self
+
+    def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
+        x = frame[list(FEATURES)].astype("float64")
+        value = np.clip(self.value_model.predict(x), 0, None)
+        base = self.models[CONTROL].predict_proba(x)[:, 1]
+        return pd.DataFrame(
+            {
+                a: value
+                * (self.models[a].predict_proba(x)[:, 1] * (1 - self.discounts.get(a, 0.0)) - base)
+                for a in self.actions
+            },
+            index=frame.index,
+        )
+
+
+class PooledTwoPartLearner(TwoPartLearner):
+    """TwoPartLearner with one purchase classifier for all arms (the arm a categorical
+    feature, as in an S-learner): every arm's customers shape the shared trees, and an arm's
+    own trees only where the data shows it differs."""
+
+    def fit(self, frame: pd.DataFrame) -> PooledTwoPartLearner:
+        from lightgbm import LGBMClassifier
+
+        arms = arm(frame)
+        counts = pd.Series(arms).value_counts()
+        if counts.get(CONTROL, 0) < MIN_ARM:
+            raise ValueError(
+                f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
+                f" an uplift model needs at least {MIN_ARM}"
+            )
+        self.arms = sorted(a for a, n in counts.items() if n >= MIN_ARM)
+        keep = np.isin(arms, self.arms)
+        x = frame[list(FEATURES)].astype("float64")
+        revenue = frame["revenue"].astype("float64").to_numpy()
+        bought = revenue > 0
+        self.classifier = LGBMClassifier(
+            **self.classifier_params, random_state=self.seed, verbose=-1, n_jobs=1
+        ).fit(self._design(x[keep], arms[keep]), bought[keep].astype(int))
+        self.models = {a: self.classifier for a in self.arms}
+        undiscounted = revenue / (1 - np.array([self.discounts.get(a, 0.0) for a in arms]))
+        self.value_model = self._regressor().fit(x[bought], undiscounted[bought])
+        return self
+
+    def _design(self, x: pd.DataFrame, arms: np.ndarray) -> pd.DataFrame:
+        design = x.reset_index(drop=True).copy()
+        design["arm"] = pd.Categorical(arms, categories=self.arms)
+        return design
+
+    def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
+        x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
+        n = len(x)
+        value = np.clip(self.value_model.predict(x), 0, None)
+
+        def p(name: str) -> np.ndarray:
+            return self.classifier.predict_proba(self._design(x, np.full(n, name, object)))[:, 1]
+
+        base = p(CONTROL)
+        return pd.DataFrame(
+            {a: value * (p(a) * (1 - self.discounts.get(a, 0.0)) - base) for a in self.actions},
+            index=frame.index,
+        )
+
+
+class OrdersLearner(PooledTwoPartLearner):
+    """Revenue = orders x value per order. One Poisson LightGBM of the number of orders in the
+    window for all arms (the arm a categorical feature), so an action that brings an extra
+    order from a customer who buys anyway counts as well as one that wins a customer back; and
+    one regressor of the value of an order, pooled over every buyer, with the action's known
+    discount taken off. Effect of action a:
+    ``value(x) x (orders_a(x) x (1 - discount_a) - orders_control(x))``."""
+
+    orders_params = {
+        "objective": "poisson",
+        "n_estimators": 150,
+        "learning_rate": 0.05,
+        "num_leaves": 8,
+        "min_child_samples": 40,
+        "subsample": 0.8,
+        "subsample_freq": 1,
+        "reg_lambda": 5.0,
+    }
+
+    def fit(self, frame: pd.DataFrame) -> OrdersLearner:
+        arms = arm(frame)
+        counts = pd.Series(arms).value_counts()
+        if counts.get(CONTROL, 0) < MIN_ARM:
+            raise ValueError(
+                f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
+                f" an uplift model needs at least {MIN_ARM}"
+            )
+        self.arms = sorted(a for a, n in counts.items() if n >= MIN_ARM)
+        keep = np.isin(arms, self.arms)
+        x = frame[list(FEATURES)].astype("float64")
+        orders = frame["orders"].astype("float64").to_numpy()
+        revenue = frame["revenue"].astype("float64").to_numpy()
+        self.orders_model = LGBMRegressor(
+            **self.orders_params, random_state=self.seed, verbose=-1, n_jobs=1
+        ).fit(self._design(x[keep], arms[keep]), orders[keep])
+        self.models = {a: self.orders_model for a in self.arms}
+        bought = (orders > 0) & (revenue > 0)
+        per_order = revenue / np.maximum(orders, 1)
+        per_order = per_order / (1 - np.array([self.discounts.get(a, 0.0) for a in arms]))
+        self.value_model = self._regressor().fit(x[bought], per_order[bought])
+        return self
+
+    def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
+        x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
+        n = len(x)
+        value = np.clip(self.value_model.predict(x), 0, None)
+
+        def orders(name: str) -> np.ndarray:
+            return self.orders_model.predict(self._design(x, np.full(n, name, object)))
+
+        base = orders(CONTROL)
+        return pd.DataFrame(
+            {
+                a: value * (orders(a) * (1 - self.discounts.get(a, 0.0)) - base)
+                for a in self.actions
+            },
+            index=frame.index,
+        )
+
+
+LEARNERS = {
+    "orders": OrdersLearner,
+    "t": TLearner,
+    "s": SLearner,
+    "twopart": TwoPartLearner,
+    "pooled": PooledTwoPartLearner,
+}
 
 
 def choose(
@@ -278,6 +510,7 @@ def train(
     min_outcomes: int,
     reason: str = "manual",
     seed: int = 42,
+    discounts: dict[str, float] | None = None,
 ) -> UpliftReport:
     """Fit, evaluate on the fixed holdout, log to MLflow, and gate against the champion."""
     frame = load_outcomes(warehouse)
@@ -290,17 +523,17 @@ def train(
         )
     held = holdout_mask(frame)
     train_part, holdout = frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
-    model = TLearner(seed).fit(train_part)
+    model = OrdersLearner(seed, discounts).fit(train_part)
     metrics = evaluate(model, holdout)
     champion = load_champion(tracking_uri)
     champion_metrics = evaluate(champion[0], holdout) if champion else None
     registry.configure(tracking_uri, artifacts_dir, UPLIFT_EXPERIMENT)
-    with mlflow.start_run(run_name="uplift-tlearner") as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="uplift") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tags({"valueloop.kind": "uplift", "valueloop.retrain_reason": reason})
         arms = pd.Series(arm(train_part)).value_counts()
         mlflow.log_params(
             {
-                "learner": "T-learner (LightGBM per arm)",
+                "learner": "orders x value (Poisson LightGBM with the arm as a feature)",
                 "features": ",".join(FEATURES),
                 "outcomes": len(frame),
                 "campaigns": frame["campaign_id"].nunique(),

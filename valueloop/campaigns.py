@@ -128,6 +128,7 @@ def unit_hash(*parts: str) -> float:
 class Action:
     name: str
     cost: float
+    discount: float
     tiers: frozenset[str]
     bands: frozenset[str]
     description: str
@@ -141,6 +142,7 @@ def load_actions(settings: Settings) -> dict[str, Action]:
             row["action"]: Action(
                 row["action"],
                 float(row["cost_per_contact"]),
+                float(row.get("discount") or 0),
                 frozenset(row["eligible_tiers"].split("|")),
                 frozenset(row["eligible_churn_bands"].split("|")),
                 row["description"],

@@ -57,7 +57,7 @@ TRUE_EFFECTS: dict[tuple[str, str], Effect] = {
     ("nurture_email", "one_off"): Effect(unsubscribe=0.04),
     ("nurture_email", "drifting_away"): Effect(lift=0.04, revive=0.01),
     ("cross_sell", "loyal_high_value"): Effect(lift=0.08),
-    ("cross_sell", "regular"): Effect(lift=0.06),
+    ("cross_sell", "regular"): Effect(lift=0.08),
     ("cross_sell", "bargain_hunter"): Effect(unsubscribe=0.02),
     ("cross_sell", "one_off"): Effect(unsubscribe=0.03),
     ("cross_sell", "drifting_away"): Effect(lift=0.02),
@@ -65,7 +65,7 @@ TRUE_EFFECTS: dict[tuple[str, str], Effect] = {
     ("reactivation_email", "bargain_hunter"): Effect(lift=0.02, revive=0.02),
     ("reactivation_email", "one_off"): Effect(revive=0.01, unsubscribe=0.05),
     ("reactivation_email", "drifting_away"): Effect(lift=0.10, revive=0.08),
-    ("vip_perk", "loyal_high_value"): Effect(lift=0.04),
+    ("vip_perk", "loyal_high_value"): Effect(lift=0.15),
     ("vip_perk", "regular"): Effect(lift=0.08),
     ("vip_perk", "bargain_hunter"): Effect(lift=0.03),
     ("vip_perk", "drifting_away"): Effect(lift=0.05, revive=0.02),
@@ -204,6 +204,11 @@ def advance(
     campaign_id = str(assignments["campaign_id"].iloc[0]) if len(assignments) else "none"
     rng = np.random.default_rng([seed, *campaign_id.encode()])
     manifest = json.loads((shop / "manifest.json").read_text())
+    if campaign_id in manifest.get("windows", {}):
+        raise ValueError(
+            f"{shop}: the market already played campaign {campaign_id}'s window "
+            f"({manifest['windows'][campaign_id]}); plan a new campaign first"
+        )
     origin = date.fromisoformat(manifest["start"])
     catalogue = _catalogue(shop)
     cdfs = _product_choice_cdfs(catalogue)

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+# Behaviour, not age: tenure grows by construction between the reference and today, so it
+# would always read as drift.
 DRIFT_FEATURES = (
     "recency_days",
     "frequency",
     "monetary_value",
     "avg_order_value",
-    "tenure_days",
     "orders_last_90d",
     "spend_last_90d",
     "return_rate",
@@ -84,8 +85,8 @@ def record(
     feature_drift["status"] = feature_drift["psi"].map(_status)
 
     runs = con.execute(
-        "select scoring_run_id, max(scored_at) as at from marts.customer_scores_history"
-        " group by 1 order by at"
+        "select scoring_run_id, max(scored_at) as last_at from marts.customer_scores_history"
+        " group by 1 order by last_at"
     ).fetchall()
     previous = [r[0] for r in runs if r[0] != run_id]
     previous_run = previous[-1] if previous else None

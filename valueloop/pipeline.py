@@ -105,6 +105,7 @@ def train_and_gate(
 def train_uplift(settings: Settings, reason: str = "manual") -> dict[str, object]:
     """Train and gate the uplift model on the randomised outcomes (ml/uplift.py)."""
     from ml import uplift
+    from valueloop.campaigns import load_actions
 
     report = uplift.train(
         settings.warehouse_path,
@@ -112,6 +113,7 @@ def train_uplift(settings: Settings, reason: str = "manual") -> dict[str, object
         settings.mlflow_artifacts_dir,
         settings.uplift_min_outcomes,
         reason,
+        discounts={a.name: a.discount for a in load_actions(settings).values()},
     )
     log.info("%s", report.summary())
     return {

@@ -1,0 +1,239 @@
+"""The loop's policies scored against the demo market's hidden truth, over cycles and seeds.
+
+For each seed: the demo shop is generated, ingested and built with dbt (the real marts), a
+LightGBM baseline scores every customer (tier, churn), and the seed playbook turns the scores
+into actions. Then, cycle after cycle, campaigns go out as the platform plans them (the
+policy's actions, 20% exploration, 10% stratified control, `valueloop.campaigns`), outcomes
+are drawn from the market's true effects (``valueloop.market.TRUE_EFFECTS``: Poisson orders
+with the effect's extra order or comeback, Gamma order values with the true means, the
+discount taken off), and the uplift T-learner (``ml.uplift``) is refitted on everything
+randomised so far. After each cycle every policy is scored by the **true expected incremental
+profit** of the actions it picks for all eligible customers (``market.expected_incremental
+_profit``): the learned policy, the static playbook, random targeting (a random eligible
+action for as many customers as the playbook targets), no action, and the oracle that knows
+the true effects.
+
+    python benchmarks/loop_policy.py --seeds 1 2 3 --cycles 3 --customers 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ml import uplift
+from ml.baselines import LightGBMBaseline
+from ml.data import numeric_columns, read_mart
+from valueloop import campaigns, jobs, market, transform
+from valueloop.config import load_settings
+
+BAND_MEDIUM, BAND_HIGH = 0.4, 0.7  # the dbt vars churn_band_medium / churn_band_high
+VALUE_CV = 0.8  # spread of one order's value around the type's mean
+LEARNER = "orders"
+VERBOSE = False
+
+
+def playbook(settings, scores: pd.DataFrame) -> np.ndarray:
+    rules = pd.read_csv(settings.dbt_project_dir / "seeds" / "next_best_actions.csv")
+    level = np.where(scores["p_high"] >= 1.5 * scores["p_high"].mean(), "high", "mid")
+    out = []
+    for tier, band, lvl in zip(scores["value_tier"], scores["churn_risk_band"], level, strict=True):
+        rows = rules[(rules.value_tier == tier) & (rules.churn_risk_band == band)]
+        exact = rows[rows.segment_value_level == lvl]
+        pick = exact if len(exact) else rows[rows.segment_value_level == "any"]
+        out.append(pick.next_best_action.iloc[0] if len(pick) else "no_action")
+    return np.array(out, object)
+
+
+def draw_revenue(rng, truth_inputs: dict, actions: np.ndarray, treated: np.ndarray):
+    """One window's orders and revenue per customer under the market's true effects."""
+    base, value, active, types = (truth_inputs[k] for k in ("base", "value", "active", "types"))
+    eff = [
+        market.effect(a, t) if is_t else market.NO_EFFECT
+        for a, t, is_t in zip(actions, types, treated, strict=True)
+    ]
+    lift = np.array([e.lift for e in eff])
+    revive = np.array([e.revive for e in eff])
+    discount = np.array([e.discount for e in eff])
+    orders = np.where(
+        active, rng.poisson(base) + (rng.random(len(base)) < lift), rng.random(len(base)) < revive
+    )
+    shape = 1 / VALUE_CV**2
+    per_order = rng.gamma(shape, value / shape)
+    return orders, orders * per_order * (1 - discount)
+
+
+def truth_inputs(shop: Path, ids: pd.Series, start: datetime, days: int) -> dict:
+    state = market._state(shop, start).set_index("customer_id").loc[ids.to_numpy()]
+    manifest = json.loads((shop / "manifest.json").read_text())
+    years = (start.date() - datetime.fromisoformat(manifest["start"]).date()).days / 365.25
+    value = market._order_value(market._catalogue(shop), years)[
+        market._type_index(state["customer_type"])
+    ] * (1 + 1.5 * state["spend_multiplier"].to_numpy())
+    season = market._window_rate(start, days, None)
+    active = state["active"].to_numpy()
+    base = np.where(active, state["orders_per_year"].to_numpy() * season * days / 365.25, 0)
+    return {"base": base, "value": value, "active": active, "types": state["customer_type"]}
+
+
+def policy_value(profit: pd.DataFrame, actions: np.ndarray) -> float:
+    values = [
+        profit.at[i, a] if a in profit.columns else 0.0
+        for i, a in zip(profit.index, actions, strict=True)
+    ]
+    return float(np.sum(values))
+
+
+def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
+    import os
+
+    os.environ["VALUELOOP_HOME"] = str(work / f"seed{seed}")
+    settings = load_settings()
+    settings.ensure_dirs()
+    jobs.generate_demo(settings, customers, seed)
+    jobs.ingest_path(settings, settings.demo_dir, "simulator")
+    transform.build(settings, quiet=True)
+    train = read_mart(settings.warehouse_path, "training_set")
+    numeric = numeric_columns(train)
+    model = LightGBMBaseline(numeric, seed).fit(
+        train[train.split == "train"], train[train.split == "validation"]
+    )
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        scoring = con.execute("select * from marts.scoring_set order by customer_id").df()
+    pred = model.predict(scoring)
+    tiers = np.array(["high", "active", "lapsed"])[pred.tier_probs.argmax(axis=1)]
+    scores = scoring.assign(
+        p_high=pred.tier_probs[:, 0],
+        churn_probability=pred.churn_prob,
+        value_tier=tiers,
+        churn_risk_band=np.select(
+            [pred.churn_prob >= BAND_HIGH, pred.churn_prob >= BAND_MEDIUM],
+            ["high", "medium"],
+            "low",
+        ),
+    )
+    actions = campaigns.load_actions(settings)
+    costs = {a: x.cost for a, x in actions.items()}
+    eligible = [
+        campaigns.eligible_actions(actions, t, b)
+        for t, b in zip(scores["value_tier"], scores["churn_risk_band"], strict=True)
+    ]
+    as_of = pd.Timestamp(scoring["as_of"].max()).to_pydatetime()
+    start, days = as_of + timedelta(days=1), settings.campaign_window_days
+    profit = market.expected_incremental_profit(
+        settings.demo_dir,
+        scores["customer_id"],
+        list(actions),
+        start,
+        days,
+        settings.margin_rate,
+        costs,
+    )
+    allowed = np.array([[a in e for a in profit.columns] for e in eligible])
+    masked = profit.where(allowed, -np.inf)
+    best = masked.to_numpy().max(axis=1)
+    oracle = np.where(best > 0, masked.columns.to_numpy()[masked.to_numpy().argmax(axis=1)], "none")
+    book = playbook(settings, scores)
+    book = np.array([a if a in e else "no_action" for a, e in zip(book, eligible, strict=True)])
+    rng = np.random.default_rng(seed)
+    targeted = int((book != "no_action").sum())
+    random_actions = np.full(len(scores), "no_action", object)
+    pool = np.flatnonzero([bool(e) for e in eligible])
+    for i in rng.choice(pool, min(targeted, len(pool)), replace=False):
+        random_actions[i] = eligible[i][rng.integers(len(eligible[i]))]
+    inputs = truth_inputs(settings.demo_dir, scores["customer_id"], start, days)
+    reference = {
+        "oracle": policy_value(profit, oracle),
+        "playbook": policy_value(profit, book),
+        "random": policy_value(profit, random_actions),
+        "no_action": 0.0,
+    }
+    salt = "benchmark"
+    scores["customer_key"] = [campaigns.customer_key(salt, c) for c in scores["customer_id"]]
+    history: list[pd.DataFrame] = []
+    current, results = book.copy(), []
+    for cycle in range(1, cycles + 1):
+        campaign_id = f"bench-{seed}-{cycle}"
+        frame = scores.assign(
+            next_best_action=current,
+            policy="playbook" if cycle == 1 else "uplift",
+            expected_incremental_profit=np.nan,
+            segment_name="all",
+        )
+        chosen = campaigns._choose(frame, actions, campaign_id, settings, set())
+        chosen["group_name"] = np.where(
+            campaigns.control_flags(chosen, campaign_id, settings.campaign_control_share),
+            "control",
+            "treatment",
+        )
+        index = scores.reset_index().set_index("customer_key").loc[chosen["customer_key"], "index"]
+        sub = {
+            k: (v[index.to_numpy()] if k != "types" else v.iloc[index.to_numpy()].to_numpy())
+            for k, v in inputs.items()
+        }
+        treated = (chosen["group_name"] == "treatment").to_numpy()
+        chosen["orders"], chosen["revenue"] = draw_revenue(
+            rng, sub, chosen["action"].to_numpy(), treated
+        )
+        chosen["campaign_id"] = campaign_id
+        history.append(chosen)
+        data = pd.concat(history, ignore_index=True)
+        learner = uplift.LEARNERS[LEARNER](seed)
+        learner.discounts = {a: x.discount for a, x in actions.items()}
+        learner.fit(data)
+        effects = learner.effects(scores)
+        learned, _ = uplift.choose(effects, costs, settings.margin_rate, eligible)
+        current = learned
+        value = policy_value(profit, learned)
+        results.append(
+            {
+                "seed": seed,
+                "cycle": cycle,
+                "outcomes": len(data),
+                "learned": value,
+                **reference,
+                "vs_playbook": value / reference["playbook"] if reference["playbook"] else None,
+                "share_of_oracle": value / reference["oracle"] if reference["oracle"] else None,
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+        if VERBOSE:
+            mix = pd.crosstab(pd.Series(oracle, name="oracle"), pd.Series(learned, name="learned"))
+            print(mix.to_string(), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--learner", choices=sorted(uplift.LEARNERS), default="orders")
+    parser.add_argument("--verbose", action="store_true", help="print oracle vs learned actions")
+    args = parser.parse_args()
+    global LEARNER, VERBOSE
+    LEARNER, VERBOSE = args.learner, args.verbose
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="valueloop-loop-bench-") as tmp:
+        for seed in args.seeds:
+            rows += run_seed(seed, args.customers, args.cycles, Path(tmp))
+    table = pd.DataFrame(rows)
+    mean = table.groupby("cycle")[
+        ["learned", "playbook", "random", "oracle", "vs_playbook", "share_of_oracle"]
+    ].mean()
+    print("\nmean over seeds, expected incremental profit of each policy (true effects):")
+    print(mean.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
