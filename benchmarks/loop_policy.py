@@ -40,6 +40,7 @@ from valueloop.config import load_settings
 BAND_MEDIUM, BAND_HIGH = 0.4, 0.7  # the dbt vars churn_band_medium / churn_band_high
 VALUE_CV = 0.8  # spread of one order's value around the type's mean
 LEARNER = "orders"
+PLAYBOOK_BONUS = None  # None: the setting VALUELOOP_UPLIFT_PLAYBOOK_BONUS
 VERBOSE = False
 
 
@@ -192,7 +193,14 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
         learner.discounts = {a: x.discount for a, x in actions.items()}
         learner.fit(data)
         effects = learner.effects(scores)
-        learned, _ = uplift.choose(effects, costs, settings.margin_rate, eligible)
+        learned, _ = uplift.choose(
+            effects,
+            costs,
+            settings.margin_rate,
+            eligible,
+            book,
+            settings.uplift_playbook_bonus if PLAYBOOK_BONUS is None else PLAYBOOK_BONUS,
+        )
         current = learned
         value = policy_value(profit, learned)
         results.append(
@@ -220,9 +228,10 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--learner", choices=sorted(uplift.LEARNERS), default="orders")
     parser.add_argument("--verbose", action="store_true", help="print oracle vs learned actions")
+    parser.add_argument("--playbook-bonus", type=float, help="default: the platform's setting")
     args = parser.parse_args()
-    global LEARNER, VERBOSE
-    LEARNER, VERBOSE = args.learner, args.verbose
+    global LEARNER, VERBOSE, PLAYBOOK_BONUS
+    LEARNER, VERBOSE, PLAYBOOK_BONUS = args.learner, args.verbose, args.playbook_bonus
     rows = []
     with tempfile.TemporaryDirectory(prefix="valueloop-loop-bench-") as tmp:
         for seed in args.seeds:

@@ -29,6 +29,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import duckdb
 import matplotlib
@@ -103,7 +104,7 @@ class TLearner:
         self.seed = seed
         self.models: dict[str, LGBMRegressor] = {}
 
-    params = {
+    params: ClassVar[dict] = {
         "n_estimators": 150,
         "learning_rate": 0.05,
         "num_leaves": 8,
@@ -202,7 +203,7 @@ class TwoPartLearner(TLearner):
     cut (the catalogue's ``discount``). Effect of action a on a customer:
     ``value(x) x (P_a(x) x (1 - discount_a) - P_control(x))``."""
 
-    classifier_params = {
+    classifier_params: ClassVar[dict] = {
         "n_estimators": 120,
         "learning_rate": 0.05,
         "num_leaves": 8,
@@ -310,7 +311,7 @@ class OrdersLearner(PooledTwoPartLearner):
     discount taken off. Effect of action a:
     ``value(x) x (orders_a(x) x (1 - discount_a) - orders_control(x))``."""
 
-    orders_params = {
+    orders_params: ClassVar[dict] = {
         "objective": "poisson",
         "n_estimators": 150,
         "learning_rate": 0.05,
@@ -376,18 +377,26 @@ def choose(
     costs: dict[str, float],
     margin: float,
     eligible: list[list[str]] | None = None,
+    playbook: np.ndarray | None = None,
+    playbook_bonus: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per customer, the action with the highest expected incremental profit that is eligible,
-    or ``no_action`` when none is positive; returns (actions, their expected profit)."""
+    """Per customer, the eligible action with the highest expected incremental profit, or
+    ``no_action`` (profit 0) when none is positive. With a ``playbook`` (its action per
+    customer, ``no_action`` included), that action gets ``playbook_bonus`` on top: the policy
+    departs from the playbook only where it expects at least that much more. Returns (actions,
+    their expected incremental profit)."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
-    values = profit.to_numpy()
+    columns = np.asarray([*effects.columns, "no_action"], dtype=object)
+    values = np.column_stack([profit.to_numpy(), np.zeros(len(profit))])
     if eligible is not None:
         allowed = np.array([[a in e for a in effects.columns] for e in eligible], dtype=bool)
-        values = np.where(allowed, values, -np.inf)
-    best = values.argmax(axis=1) if values.size else np.array([], int)
-    top = values[np.arange(len(values)), best] if values.size else np.array([])
-    actions = np.where(top > 0, np.asarray(effects.columns, dtype=object)[best], "no_action")
-    return actions, np.where(top > 0, top, 0.0)
+        values[:, :-1] = np.where(allowed, values[:, :-1], -np.inf)
+    score = values.copy()
+    if playbook is not None and playbook_bonus:
+        score += playbook_bonus * (columns[None, :] == np.asarray(playbook, object)[:, None])
+    best = score.argmax(axis=1) if len(score) else np.array([], int)
+    rows = np.arange(len(values))
+    return columns[best], values[rows, best] if len(values) else np.array([])
 
 
 def qini_curve(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> np.ndarray:

@@ -138,22 +138,26 @@ def run_cycle(settings: Settings, cycle: int, board=None) -> CycleResult:
     from valueloop.quality.runner import default_run_id, run_checkpoint
     from valueloop.retraining import decide
 
-    def stage(name: str, detail: str = ""):
-        return board.stage(f"cycle {cycle}: {name}", detail) if board else nullcontext()
+    label = f"loop cycle {cycle}"
+
+    def step(text: str) -> None:
+        if board:
+            board.update(label, text)
 
     campaign_id = latest_campaign(settings)
     run_id = default_run_id() + f"-cycle{cycle}"
-    with stage("market", f"the demo shop answers {campaign_id}"):
+    with board.stage(label, "market") if board else nullcontext():
+        step(f"the demo market answers {campaign_id}")
         window = simulate_campaign(settings, campaign_id)
-    with stage("feedback in", "orders + outcomes: ingest, checks, dbt"):
+        step("orders and outcomes: ingest, checks, dbt")
         jobs.ingest_path(settings, settings.demo_dir, "simulator")
         jobs.ingest_path(settings, settings.feedback_dir, "feedback")
         run_checkpoint(settings, "raw", run_id)
         transform.build(settings, quiet=True)
         run_checkpoint(settings, "marts", run_id)
-    decision = decide(settings)
-    customer = uplift = None
-    with stage("retrain + gate", decision.reason):
+        decision = decide(settings)
+        customer = uplift = None
+        step(f"retraining: {decision.reason}")
         if decision.customer_model:
             snapshot = pipeline.snapshot_training_data(settings, run_id)
             customer = pipeline.train_and_gate(
@@ -161,9 +165,10 @@ def run_cycle(settings: Settings, cycle: int, board=None) -> CycleResult:
             )
         if decision.uplift_model:
             uplift = pipeline.train_uplift(settings, "; ".join(decision.uplift_model))
-    with stage("score + plan"):
+        step("score, publish, plan the next campaign")
         score(settings, run_id)
         plan = campaigns.plan(settings)
+        step(f"{campaign_id} measured; next {plan.campaign_id}")
     return CycleResult(
         cycle,
         campaign_id,

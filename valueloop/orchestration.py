@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAREHOUSE_POOL = "valueloop_warehouse"  # one slot: DuckDB has one writer at a time
-DAG_IDS = ("ingest_and_transform", "train_model", "score_customers")
+DAG_IDS = ("ingest_and_transform", "train_model", "score_customers")  # `valueloop run`'s order
+# Every DAG of the project: the loop's feedback DAG runs on its own schedule.
+ALL_DAG_IDS = (*DAG_IDS, "ingest_feedback")
 ADMIN_USER = "admin"
 
 

@@ -42,45 +42,13 @@ banded as (
     inner join segments on predictions.segment_id = segments.segment_id
 ),
 
-uplift_choice as (
-    select
-        banded.customer_id,
-        uplift.action,
-        uplift.expected_incremental_profit
-    from banded
-    inner join uplift on banded.customer_id = uplift.customer_id
-    inner join catalogue on uplift.action = catalogue.action
-    where
-        uplift.expected_incremental_profit > 0
-        and list_contains(string_split(catalogue.eligible_tiers, '|'), banded.value_tier)
-        and list_contains(
-            string_split(catalogue.eligible_churn_bands, '|'), banded.churn_risk_band
-        )
-    qualify row_number() over (
-        partition by banded.customer_id
-        order by uplift.expected_incremental_profit desc, uplift.action
-    ) = 1
-),
-
-with_actions as (
+playbook as (
     select
         banded.*,
-        case
-            when uplift_policy.action_policy is not null
-                then coalesce(uplift_choice.action, 'no_action')
-            else coalesce(exact.next_best_action, fallback.next_best_action, 'no_action')
-        end as next_best_action,
-        case
-            when uplift_policy.action_policy is not null
-                then coalesce(chosen_cost.cost_per_contact, 0)
-            else coalesce(exact.expected_cost, fallback.expected_cost, 0)
-        end::double as expected_cost,
-        coalesce(uplift_policy.action_policy, 'playbook') as action_policy,
-        uplift_choice.expected_incremental_profit
+        coalesce(exact.next_best_action, fallback.next_best_action, 'no_action')
+            as playbook_action,
+        coalesce(exact.expected_cost, fallback.expected_cost, 0) as playbook_cost
     from banded
-    cross join uplift_policy
-    left join uplift_choice on banded.customer_id = uplift_choice.customer_id
-    left join catalogue as chosen_cost on uplift_choice.action = chosen_cost.action
     left join actions as exact
         on
             banded.value_tier = exact.value_tier
@@ -91,6 +59,71 @@ with_actions as (
             banded.value_tier = fallback.value_tier
             and banded.churn_risk_band = fallback.churn_risk_band
             and fallback.segment_value_level = 'any'
+),
+
+-- The uplift policy: the eligible action with the highest expected incremental profit, or
+-- no action (profit 0). The playbook's own choice gets the dbt var uplift_playbook_bonus on
+-- top, so the policy departs from the playbook only where it expects that much more.
+uplift_options as (
+    select
+        playbook.customer_id,
+        uplift.action,
+        uplift.expected_incremental_profit,
+        uplift.expected_incremental_profit
+        + case
+            when uplift.action = playbook.playbook_action
+                then {{ var('uplift_playbook_bonus') }}
+            else 0
+        end as preference
+    from playbook
+    inner join uplift on playbook.customer_id = uplift.customer_id
+    inner join catalogue on uplift.action = catalogue.action
+    where
+        list_contains(string_split(catalogue.eligible_tiers, '|'), playbook.value_tier)
+        and list_contains(
+            string_split(catalogue.eligible_churn_bands, '|'), playbook.churn_risk_band
+        )
+    union all
+    select
+        customer_id,
+        'no_action' as action,
+        0 as expected_incremental_profit,
+        case
+            when playbook_action = 'no_action' then {{ var('uplift_playbook_bonus') }} else 0
+        end as preference
+    from playbook
+),
+
+uplift_choice as (
+    select *
+    from uplift_options
+    qualify row_number() over (
+        partition by customer_id
+        order by preference desc, action asc
+    ) = 1
+),
+
+with_actions as (
+    select
+        playbook.*,
+        case
+            when uplift_policy.action_policy is not null then uplift_choice.action
+            else playbook.playbook_action
+        end as next_best_action,
+        case
+            when uplift_policy.action_policy is not null
+                then coalesce(chosen_cost.cost_per_contact, 0)
+            else playbook.playbook_cost
+        end::double as expected_cost,
+        coalesce(uplift_policy.action_policy, 'playbook') as action_policy,
+        case
+            when uplift_policy.action_policy is not null
+                then uplift_choice.expected_incremental_profit
+        end as expected_incremental_profit
+    from playbook
+    cross join uplift_policy
+    left join uplift_choice on playbook.customer_id = uplift_choice.customer_id
+    left join catalogue as chosen_cost on uplift_choice.action = chosen_cost.action
 ),
 
 final as (

@@ -27,7 +27,7 @@ grouped as (
         var_samp(revenue) filter (where group_name = 'treatment') as revenue_var_treated,
         var_samp(revenue) filter (where group_name = 'control') as revenue_var_control,
         avg(unsubscribed::int) filter (where group_name = 'treatment') as unsubscribe_rate,
-        sum(expected_cost) filter (where group_name = 'treatment') as cost
+        sum(expected_cost) filter (where group_name = 'treatment') as contact_cost
     from results
     group by grouping sets ((campaign_id, action, segment_name, value_tier), (campaign_id, action))
 ),
@@ -67,10 +67,10 @@ final as (
         (revenue_uplift - {{ z }} * revenue_uplift_se)::double as revenue_uplift_ci_low,
         (revenue_uplift + {{ z }} * revenue_uplift_se)::double as revenue_uplift_ci_high,
         (revenue_uplift * treated)::double as incremental_revenue,
-        coalesce(cost, 0)::double as cost,
-        ({{ var('margin_rate') }} * revenue_uplift * treated - coalesce(cost, 0))::double
+        coalesce(contact_cost, 0)::double as contact_cost,
+        ({{ var('margin_rate') }} * revenue_uplift * treated - coalesce(contact_cost, 0))::double
             as incremental_profit,
-        (revenue_uplift * treated / nullif(cost, 0))::double as return_on_spend,
+        (revenue_uplift * treated / nullif(contact_cost, 0))::double as return_on_spend,
         coalesce(unsubscribe_rate, 0)::double as unsubscribe_rate,
         (
             coalesce(treated, 0) < {{ var('campaign_min_group_size') }}

@@ -1,0 +1,397 @@
+"""The loop: campaigns with control groups, feedback as raw data, uplift, monitoring, triggers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml import uplift
+from valueloop import campaigns, jobs, market, monitoring, orchestration
+from valueloop.config import Settings, load_settings
+from valueloop.ingest import ensure_raw_schema
+from valueloop.quality.runner import run_checkpoint
+from valueloop.simulator import SimulationConfig, generate
+
+TIERS = ("high", "active", "lapsed")
+BANDS = ("low", "medium", "high")
+
+
+def published_scores(settings: Settings, n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """A warehouse with published scores and scoring features, as `valueloop score` leaves it."""
+    rng = np.random.default_rng(seed)
+    tier = rng.choice(TIERS, n, p=[0.1, 0.4, 0.5])
+    scores = pd.DataFrame(
+        {
+            "customer_id": [f"C{i:05d}" for i in range(n)],
+            "as_of": pd.Timestamp("2025-12-30").date(),
+            "value_tier": tier,
+            "churn_risk_band": rng.choice(BANDS, n),
+            "segment_name": rng.choice(["loyal", "at-risk", "new"], n),
+            "next_best_action": rng.choice(["nurture_email", "cross_sell", "no_action"], n),
+            "p_high": rng.random(n),
+            "churn_probability": rng.random(n),
+            "model_version": "1",
+            "scoring_run_id": "run-1",
+        }
+    )
+    features = pd.DataFrame({"customer_id": scores["customer_id"]})
+    for name in campaigns.UPLIFT_FEATURES:
+        if name not in scores:
+            features[name] = rng.random(n) * 10
+    settings.ensure_dirs()
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        ensure_raw_schema(con)
+        con.execute("create schema if not exists marts")
+        con.register("_s", scores)
+        con.register("_f", features)
+        con.execute("create table marts.customer_scores as select * from _s")
+        con.execute("create table marts.scoring_set as select * from _f")
+        con.execute(
+            "insert into raw.customers (customer_id, signed_up_at, _source_file, _row_number,"
+            " _loaded_at, _batch_id) select customer_id, timestamp '2024-01-01', 'f', 1,"
+            " now(), 'b' from _s"
+        )
+    return scores
+
+
+def assignments(settings: Settings, campaign_id: str | None = None) -> pd.DataFrame:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        return con.execute(
+            "select * from marts.campaign_assignments"
+            + (" where campaign_id = ?" if campaign_id else "")
+            + " order by customer_key",
+            [campaign_id] if campaign_id else [],
+        ).df()
+
+
+def test_the_campaign_split_is_reproducible_stratified_and_controls_are_never_exported(
+    settings: Settings,
+) -> None:
+    published_scores(settings)
+    first = campaigns.plan(settings, "cmp-a")
+    again = campaigns.plan(settings, "cmp-a")  # planning again replaces, identically
+    rows = assignments(settings, "cmp-a")
+    assert len(rows) == first.treated + first.control == again.treated + again.control
+    assert rows.equals(assignments(settings, "cmp-a"))
+    share = settings.campaign_control_share
+    for _, stratum in rows.groupby(["action", "segment_name", "value_tier"]):
+        control = (stratum["group_name"] == "control").sum()
+        assert np.floor(len(stratum) * share) <= control <= np.ceil(len(stratum) * share)
+    assert abs((rows["group_name"] == "control").mean() - share) < 0.02
+    # Never more than the budget; exploration gives some customers a random eligible action.
+    assert rows["expected_cost"].sum() <= settings.campaign_budget
+    assert set(rows["policy"]) == {"playbook", "explore"}
+    assert (rows.loc[rows["group_name"] == "control", "expected_cost"] == 0).all()
+    exported = pd.read_csv(first.export_csv)
+    assert list(exported.columns) == list(campaigns.EXPORT_COLUMNS)
+    treated = set(rows.loc[rows["group_name"] == "treatment", "customer_key"])
+    assert set(exported["customer_key"]) == treated
+    assert pd.read_parquet(first.export_parquet).shape[0] == len(treated)
+    # The key is the dbt macro's pseudonym of the id, never the id itself.
+    salt = settings.resolve_pii_salt()
+    ids = [f"C{i:05d}" for i in range(3000)]
+    assert set(exported["customer_key"]) <= {campaigns.customer_key(salt, c) for c in ids}
+    assert not set(exported["customer_key"]) & set(ids)
+    # Another campaign id draws another split.
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute("delete from marts.campaign_assignments")
+        con.execute("delete from marts.campaigns")
+    campaigns.plan(settings, "cmp-b")
+    other = assignments(settings, "cmp-b")
+    common = rows.merge(other, on="customer_key")
+    assert (common["group_name_x"] != common["group_name_y"]).any()
+
+
+def test_customers_in_an_open_campaign_or_unsubscribed_are_left_out(settings: Settings) -> None:
+    published_scores(settings)
+    first = campaigns.plan(settings, "cmp-a")
+    second = campaigns.plan(settings, "cmp-b")  # same day: every cmp-a customer is still open
+    keys_a = set(assignments(settings, "cmp-a")["customer_key"])
+    keys_b = set(assignments(settings, "cmp-b")["customer_key"])
+    assert keys_a and keys_b and not keys_a & keys_b
+    assert second.excluded_open == first.treated + first.control
+
+
+def outcome_rows(settings: Settings) -> tuple[pd.DataFrame, list[tuple[dict, str | None]]]:
+    rows = assignments(settings, "cmp-a")
+    treated = rows[rows["group_name"] == "treatment"]["customer_key"].tolist()
+    control = rows[rows["group_name"] == "control"]["customer_key"].iloc[0]
+    at = "2025-12-31 10:00:00"
+    good = dict(campaign_id="cmp-a", customer_key=treated[0], event="delivered", occurred_at=at)
+    cases = [
+        (good, None),
+        ({**good, "event": "converted", "revenue": "42.50"}, None),
+        ({**good, "customer_key": treated[1], "event": "opened"}, None),
+        ({**good, "campaign_id": "cmp-nope"}, "campaign_id: no campaign cmp-nope"),
+        ({**good, "customer_key": "nobody"}, "customer_key: nobody is not a customer of"),
+        ({**good, "customer_key": control}, "is in the control group of cmp-a"),
+        ({**good, "occurred_at": "2025-12-01 10:00:00"}, "occurred_at: 2025-12-01 10:00:00 is"),
+        (good, "event: duplicate delivered"),
+        ({**good, "event": "opened", "revenue": "5"}, "revenue: 5.0000 on a opened event"),
+        ({**good, "event": "converted", "customer_key": treated[2]}, "revenue: a converted"),
+        ({**good, "event": "bought"}, "event: bought is not one of"),
+        ({**good, "event": "converted", "revenue": "-3"}, "revenue: -3 outside the plausible"),
+        ({**good, "occurred_at": "yesterday"}, "occurred_at: cannot parse yesterday"),
+    ]
+    return pd.DataFrame([c for c, _ in cases]), cases
+
+
+def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_for(
+    tmp_path: Path,
+) -> None:
+    # One of the 13 outcome rows is implausible on purpose; the batch should still pass GX.
+    settings = load_settings(env={"VALUELOOP_IMPLAUSIBLE_SHARE_MAX": "0.1"}, home=tmp_path / "h")
+    published_scores(settings)
+    campaigns.plan(settings, "cmp-a")
+    frame, cases = outcome_rows(settings)
+    outcomes = settings.feedback_dir / "campaign_outcomes" / "cmp-a.csv"
+    outcomes.parent.mkdir(parents=True)
+    frame.to_csv(outcomes, index=False)
+    labels = settings.feedback_dir / "label_feedback" / "corrections.csv"
+    labels.parent.mkdir(parents=True)
+    label_cases = [
+        ("f1", "C00001", "is_churned", "false", "2025-01-01", "", None),
+        ("f2", "C00002", "value_tier", "high", "2025-01-01", "2025-06-30", None),
+        ("f3", "X9", "value_tier", "high", "2025-01-01", "", "customer_id: no customer X9"),
+        ("f4", "C00003", "mood", "happy", "2025-01-01", "", "label: mood is not one of"),
+        ("f5", "C00003", "value_tier", "vip", "2025-01-01", "", "corrected_value: vip is not"),
+        ("f6", "C00003", "is_churned", "true", "2025-06-01", "2025-01-01", "valid_to: 2025-01-01"),
+        ("f1", "C00004", "is_churned", "true", "2025-01-01", "", "feedback_id: f1 was already"),
+    ]
+    pd.DataFrame(
+        [
+            dict(
+                feedback_id=f,
+                customer_id=c,
+                label=lab,
+                corrected_value=v,
+                valid_from=a,
+                valid_to=b,
+                reason="moved to the B2B account",
+                source="account team",
+                submitted_at="2026-01-05 09:00:00",
+            )
+            for f, c, lab, v, a, b, _ in label_cases
+        ]
+    ).to_csv(labels, index=False)
+
+    report = jobs.ingest_path(settings, settings.feedback_dir, "feedback")
+    for result in report.results:
+        assert result.rows_read == result.rows_accepted + result.rows_quarantined
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        quarantined = dict(
+            con.execute(
+                "select entity || ':' || _row_number, reason from raw.quarantine"
+            ).fetchall()
+        )
+        accepted = con.execute("select count(*) from raw.campaign_outcomes").fetchone()[0]
+    for row, (_, reason) in enumerate(cases, start=1):
+        if reason is None:
+            assert f"campaign_outcomes:{row}" not in quarantined, row
+        else:
+            assert reason in quarantined[f"campaign_outcomes:{row}"], (row, quarantined)
+    assert accepted == sum(reason is None for _, reason in cases)
+    for row, case in enumerate(label_cases, start=1):
+        key = f"label_feedback:{row}"
+        if case[-1] is None:
+            assert key not in quarantined, key
+        else:
+            assert case[-1] in quarantined[key], (key, quarantined.get(key))
+    # Loading the same files again adds nothing.
+    again = jobs.ingest_path(settings, settings.feedback_dir, "feedback")
+    assert all(r.skipped for r in again.results)
+    # Great Expectations checks the feedback batches like any other.
+    result = run_checkpoint(settings, "raw", "feedback-test")
+    names = {r.check.name for r in result.results}
+    assert {"campaign_outcomes.row_count", "campaign_outcomes.revenue_without_conversion"} <= names
+    assert "label_feedback.row_count" in names
+
+
+def test_the_uplift_learner_finds_a_planted_effect_and_the_qini_sees_it() -> None:
+    rng = np.random.default_rng(0)
+    n = 6000
+    x = rng.normal(size=n)
+    arms = rng.choice(["control", "offer", "email"], n, p=[0.3, 0.35, 0.35])
+    base = np.exp(-0.5 + 0.3 * x)
+    # The offer brings an extra order only where x > 0; the email does nothing.
+    rate = base + np.where((arms == "offer") & (x > 0), 0.8, 0.0)
+    orders = rng.poisson(rate)
+    value = 20 + 5 * rng.random(n)
+    frame = pd.DataFrame({f: 0.0 for f in uplift.FEATURES}, index=range(n))
+    frame["recency_days"] = x
+    frame = frame.assign(
+        customer_key=[f"k{i}" for i in range(n)],
+        campaign_id="c",
+        action=np.where(arms == "control", "offer", arms),
+        group_name=np.where(arms == "control", "control", "treatment"),
+        orders=orders,
+        revenue=orders * value,
+    )
+    model = uplift.OrdersLearner(0, {"offer": 0.0}).fit(frame)
+    effects = model.effects(frame)
+    assert effects.loc[x > 0.5, "offer"].mean() > 10
+    assert abs(effects.loc[x < -0.5, "offer"].mean()) < 3
+    assert abs(effects["email"].mean()) < 3
+    actions, profit = uplift.choose(effects, {"offer": 2.0, "email": 1.0}, 0.35)
+    assert (actions[x > 0.5] == "offer").mean() > 0.9
+    assert (actions[x < -0.5] == "no_action").mean() > 0.8
+    assert (profit >= 0).all()
+    treated = arms == "offer"
+    chosen = arms != "email"
+    y, t = frame["revenue"].to_numpy()[chosen], treated[chosen]
+    right = uplift.qini_coefficient(y, t, x[chosen])
+    wrong = uplift.qini_coefficient(y, t, -x[chosen])
+    assert right > 0 > wrong
+
+
+def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=5000)
+    assert monitoring.psi(reference, rng.normal(size=5000)) < 0.02
+    assert monitoring.psi(reference, rng.normal(1.0, 1.0, 5000)) > monitoring.DRIFTED
+
+
+def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: Path) -> None:
+    shop = tmp_path / "shop"
+    generate(shop, SimulationConfig(customers=1500, seed=5))
+    truth = pd.read_parquet(shop / "latent" / "customer_truth.parquet")
+    start = datetime(2026, 1, 1)
+    costs = {"win_back_offer": 0.5, "vip_perk": 2.0}
+    profit = market.expected_incremental_profit(
+        shop, truth["customer_id"], list(costs), start, 30, 0.35, costs
+    )
+    by_type = profit.groupby(truth["customer_type"].to_numpy()).mean()
+    # A discount to loyal buyers who buy anyway only costs margin; bargain hunters respond.
+    assert by_type.loc["loyal_high_value", "win_back_offer"] < 0
+    assert by_type.loc["bargain_hunter", "win_back_offer"] > 0
+    assert by_type.loc["loyal_high_value", "vip_perk"] > 0
+    chosen = truth.head(300)
+    plan = pd.DataFrame(
+        {
+            "campaign_id": "cmp-x",
+            "customer_id": chosen["customer_id"],
+            "customer_key": [f"key{i}" for i in range(len(chosen))],
+            "action": "win_back_offer",
+            "group_name": np.where(np.arange(len(chosen)) % 10 == 0, "control", "treatment"),
+        }
+    )
+    window = market.advance(shop, plan, start, 30, tmp_path / "outcomes", 5)
+    events = pd.read_csv(window.outcomes_file)
+    assert set(events["customer_key"]) <= set(
+        plan.loc[plan.group_name == "treatment", "customer_key"]
+    )
+    assert set(events["event"]) <= {"delivered", "opened", "clicked", "converted", "unsubscribed"}
+    lines = pd.read_parquet(shop / "order_lines" / "window-20260101.parquet")
+    assert lines["invoiced_at"].min() >= pd.Timestamp(start)
+    assert lines["invoiced_at"].max() < pd.Timestamp("2026-01-31")
+    assert window.order_lines == len(lines) > 0
+    with pytest.raises(ValueError, match="already played campaign cmp-x"):
+        market.advance(shop, plan, start, 30, tmp_path / "outcomes", 5)
+
+
+def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
+    """`valueloop run` played two cycles: campaigns, outcomes, performance, monitoring."""
+    settings = pipeline_run
+    output = (settings.home / "run-output.txt").read_text()
+    assert "cycle 1: campaign" in output and "cycle 2: campaign" in output
+    assert "retraining:" in output and "uplift" in output
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        planned = con.execute("select count(*) from marts.campaigns").fetchone()[0]
+        measured = con.execute(
+            "select campaign_id, sum(treated), sum(control) from marts.campaign_performance"
+            " where segment_name = 'all' group by 1 order by 1"
+        ).fetchall()
+        assigned = dict(
+            con.execute(
+                "select campaign_id, count(*) from marts.campaign_assignments group by 1"
+            ).fetchall()
+        )
+        batches = con.execute(
+            "select rows_read, rows_accepted, rows_quarantined from raw.ingest_batches"
+            " where entity = 'campaign_outcomes'"
+        ).fetchall()
+        policies = con.execute(
+            "select distinct action_policy from marts.customer_scores"
+        ).fetchall()
+        drift = con.execute("select count(distinct scoring_run_id) from monitoring.feature_drift")
+        drift_runs = drift.fetchone()[0]
+        migration = con.execute("select sum(customers) from monitoring.tier_migration").fetchone()
+        scored = con.execute("select count(*) from marts.customer_scores").fetchone()[0]
+    assert planned == 3  # the first scoring's campaign and one after each cycle
+    assert len(measured) == 2
+    for campaign_id, treated, control in measured:
+        assert treated + control == assigned[campaign_id]
+    assert len(batches) == 2 and all(r == a + q for r, a, q in batches)
+    assert (policies and policies[0][0] in ("playbook",)) or policies[0][0].startswith("uplift-v")
+    assert drift_runs >= 3 and migration[0] >= scored
+    assert list((settings.campaigns_dir).glob("*.csv")) and list(
+        (settings.home / "reports").glob("*_monitoring.html")
+    )
+
+
+def test_a_feedback_batch_past_the_threshold_requests_retraining_through_airflow(
+    pipeline_run: Settings, tmp_path: Path
+) -> None:
+    """`airflow dags test ingest_feedback`: corrections below the threshold request nothing;
+    a batch that takes them past it updates the retrain asset with the reason."""
+    home = tmp_path / "home"
+    shutil.copytree(pipeline_run.home, home, ignore=shutil.ignore_patterns("airflow", "logs"))
+    env = {"VALUELOOP_PII_SALT": "s", "VALUELOOP_RETRAIN_MIN_CORRECTIONS": "4"}
+    env |= {"VALUELOOP_RETRAIN_MIN_OUTCOMES": "1000000", "VALUELOOP_RETRAIN_DRIFT_PSI": "100"}
+    settings = load_settings(env=env, home=home)
+    orchestration.bootstrap(settings)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        customers = [r[0] for r in con.execute("select customer_id from raw.customers limit 6")]
+    folder = settings.feedback_dir / "label_feedback"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def corrections(name: str, ids: list[str]) -> None:
+        pd.DataFrame(
+            {
+                "feedback_id": [f"{name}-{c}" for c in ids],
+                "customer_id": ids,
+                "label": "is_churned",
+                "corrected_value": "false",
+                "valid_from": "2024-01-01",
+                "source": "account team",
+                "submitted_at": "2026-01-05 09:00:00",
+            }
+        ).to_csv(folder / f"{name}.csv", index=False)
+
+    def run_feedback_dag(day: str) -> list[dict]:
+        result = subprocess.run(
+            [orchestration.airflow_cli(), "dags", "test", "ingest_feedback", day],
+            env=orchestration.airflow_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        with sqlite3.connect(settings.airflow_home / "airflow.db") as db:
+            rows = db.execute(
+                "select e.extra from asset_event e join asset a on a.id = e.asset_id"
+                " where a.name = 'valueloop_retrain_request' order by e.id"
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    corrections("first", customers[:2])
+    assert run_feedback_dag("2026-01-05T10:00:00+00:00") == []  # 2 < 4: nothing requested
+    corrections("second", customers[2:5])
+    (event,) = run_feedback_dag("2026-01-05T10:10:00+00:00")  # 5 >= 4
+    assert event["uplift_model"] == []
+    assert event["customer_model"] == ["5 new label corrections (threshold 4)"]
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        sources = con.execute(
+            "select count(*) from marts.customer_labels where label_source like 'feedback:%'"
+        ).fetchone()[0]
+    assert sources > 0  # the corrections reached the label marts through dbt
