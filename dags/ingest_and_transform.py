@@ -94,7 +94,9 @@ def ingest_and_transform():
         return run_checkpoint(load_settings(), "marts", run_id=run_id).summary()
 
     ingested = ingest(land())
-    ingested >> check_raw() >> dbt >> check_marts() >> retraining_tasks()
+    marts_checked = check_marts()
+    ingested >> check_raw() >> dbt >> marts_checked
+    retraining_tasks(after=marts_checked)
 
 
 ingest_and_transform()

@@ -69,7 +69,9 @@ def ingest_feedback():
         return "built everything downstream of the feedback"
 
     totals = ingest(land())
-    anything_new(totals) >> check_raw() >> dbt_feedback() >> retraining_tasks()
+    built = dbt_feedback()
+    anything_new(totals) >> check_raw() >> built
+    retraining_tasks(after=built)
 
 
 ingest_feedback()

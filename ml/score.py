@@ -230,7 +230,7 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
         )
     model, version = champion
     behaviour = [f for f in uplift.FEATURES if f not in predictions.columns]
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+    with connect(settings.warehouse_path) as con:
         features = con.execute(
             f"select customer_id, {', '.join(behaviour)} from marts.scoring_set"
         ).df()

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import duckdb
 import matplotlib
 
 matplotlib.use("Agg")
@@ -44,6 +43,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ml import registry
+from valueloop.warehouse import connect
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ MIN_ARM = 30  # fewest customers an action (or control) needs in training to get
 def load_outcomes(warehouse: Path) -> pd.DataFrame:
     """Matured randomised outcomes with the features frozen at planning time."""
     features = ", ".join(f"features.{f}" for f in FEATURES)
-    with duckdb.connect(str(warehouse), read_only=True) as con:
+    with connect(warehouse) as con:
         return con.execute(
             f"""
             select results.campaign_id, results.customer_key, results.action,

@@ -13,19 +13,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 
 from valueloop import market
 from valueloop.campaigns import ASSIGNMENTS, CAMPAIGNS, customer_key
 from valueloop.config import Settings
+from valueloop.warehouse import connect
 
 log = logging.getLogger(__name__)
 
 
 def latest_campaign(settings: Settings) -> str:
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+    with connect(settings.warehouse_path) as con:
         row = con.execute(
             f"select campaign_id from {CAMPAIGNS} order by assigned_at desc limit 1"
         ).fetchone()
@@ -37,7 +37,7 @@ def latest_campaign(settings: Settings) -> str:
 def simulate_campaign(settings: Settings, campaign_id: str | None = None) -> market.WindowSummary:
     """Play the demo shop's market through a campaign's outcome window (module doc)."""
     campaign_id = campaign_id or latest_campaign(settings)
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+    with connect(settings.warehouse_path) as con:
         meta = con.execute(
             f"select assigned_at, window_days from {CAMPAIGNS} where campaign_id = ?",
             [campaign_id],
@@ -82,7 +82,7 @@ class ActionResult:
 
 def measured(settings: Settings, campaign_id: str) -> list[ActionResult]:
     """What campaign_performance measured for a campaign, per action (all segments)."""
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+    with connect(settings.warehouse_path) as con:
         rows = con.execute(
             "select action, treated, control, uplift, uplift_ci_low, uplift_ci_high,"
             " incremental_revenue, incremental_profit, is_too_small"

@@ -8,9 +8,10 @@ from valueloop.assets import RETRAIN
 from valueloop.orchestration import WAREHOUSE_POOL
 
 
-def retraining_tasks():
-    """decide_retraining >> retraining_needed >> request_retraining (updates the retrain asset
-    with the reasons in its extra, which triggers train_model); nothing when no trigger fired."""
+def retraining_tasks(after) -> None:
+    """``after`` >> decide_retraining >> retraining_needed >> request_retraining (updates the
+    retrain asset with the reasons in its extra, which triggers train_model); nothing is
+    requested when no trigger fired."""
 
     @task(pool=WAREHOUSE_POOL)
     def decide_retraining() -> dict:
@@ -33,6 +34,5 @@ def retraining_tasks():
         return decision["reason"]
 
     decision = decide_retraining()
-    first = retraining_needed(decision)
-    first >> request_retraining(decision)
-    return first
+    after >> decision
+    retraining_needed(decision) >> request_retraining(decision)

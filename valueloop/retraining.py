@@ -21,6 +21,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from valueloop.config import Settings
+from valueloop.warehouse import connect
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
 
     now = now or datetime.now(UTC)
     cfg = TrainConfig.load(settings.train_config)
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+    with connect(settings.warehouse_path) as con:
         outcomes = _count(
             con, "select count(*) from intermediate.int_campaign_results where is_matured"
         )
