@@ -195,7 +195,12 @@ def score_candidates(
     with connect(settings.warehouse_path) as con:
         con.execute("create schema if not exists scoring")
         con.register("_uplift", uplift)
-        con.execute("create or replace table scoring.candidate_uplift as select * from _uplift")
+        con.execute(
+            "create or replace table scoring.candidate_uplift as select"
+            " customer_id::varchar as customer_id, action::varchar as action,"
+            " expected_incremental_profit::double as expected_incremental_profit,"
+            " action_policy::varchar as action_policy from _uplift"
+        )
         con.register("_predictions", predictions)
         con.register("_segments", segments)
         con.execute(

@@ -38,7 +38,17 @@ DRIFT_FEATURES = (
     "avg_rating",
 )
 STABLE, DRIFTED = 0.1, 0.25
-TABLES = ("feature_drift", "score_drift", "tier_migration", "champion_performance")
+DDL = {
+    "feature_drift": "scoring_run_id varchar, computed_at timestamp, feature varchar,"
+    " psi double, reference_mean double, current_mean double, status varchar",
+    "score_drift": "scoring_run_id varchar, previous_run_id varchar, computed_at timestamp,"
+    " score varchar, psi double, current_mean double, previous_mean double, status varchar",
+    "tier_migration": "scoring_run_id varchar, previous_run_id varchar, from_tier varchar,"
+    " to_tier varchar, customers bigint",
+    "champion_performance": "scoring_run_id varchar, scored_run_id varchar,"
+    " model_version varchar, as_of date, customers bigint, churn_rate double,"
+    " churn_roc_auc double, lapsed_accuracy double",
+}
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
@@ -213,9 +223,7 @@ def record(
     con.execute("create schema if not exists monitoring")
     for name, frame in tables.items():
         con.register("_frame", frame)
-        con.execute(
-            f"create table if not exists monitoring.{name} as select * from _frame where false"
-        )
+        con.execute(f"create table if not exists monitoring.{name} ({DDL[name]})")
         con.execute(f"delete from monitoring.{name} where scoring_run_id = ?", [run_id])
         con.execute(f"insert into monitoring.{name} by name select * from _frame")
         con.unregister("_frame")
