@@ -39,13 +39,15 @@ def test_run_without_airflow_goes_from_nothing_to_scores_idempotently(tmp_path: 
         "--seed",
         "5",
         "--no-airflow",
+        "--cycles",
+        "0",  # the pipeline alone: the loop adds data each turn (tested in test_loop.py)
         "--train-config",
         str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
     )
     first = run_cli(*args, home=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     stages = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("✓")]
-    assert stages == ["generate", "ingest", "raw", "dbt", "marts", "train", "score"]
+    assert stages == ["generate", "ingest", "raw", "dbt", "marts", "train", "score", "plan"]
     assert "600 customers" in first.stdout and "0 quarantined" in first.stdout
     assert "(1 new batch(es) this run" not in first.stdout  # four files: four batches
     assert "4 new batch(es) this run" in first.stdout and "champion:" in first.stdout

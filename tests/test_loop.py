@@ -350,7 +350,8 @@ def test_a_feedback_batch_past_the_threshold_requests_retraining_through_airflow
     settings = load_settings(env=env, home=home)
     orchestration.bootstrap(settings)
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
-        customers = [r[0] for r in con.execute("select customer_id from raw.customers limit 6")]
+        rows = con.execute("select customer_id from raw.customers order by 1 limit 6").fetchall()
+        customers = [r[0] for r in rows]
     folder = settings.feedback_dir / "label_feedback"
     folder.mkdir(parents=True, exist_ok=True)
 

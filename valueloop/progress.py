@@ -24,10 +24,15 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
         ("check_raw", "raw checks"),
         ("dbt.", "dbt build"),
         ("check_marts", "marts checks"),
+        ("decide_retraining", "retrain?"),
+        ("retraining_needed", "retrain?"),
+        ("request_retraining", "retrain?"),
     ),
     "train_model": (
+        ("plan", "train + gate"),
         ("snapshot_training_data", "train + gate"),
         ("train", "train + gate"),
+        ("train_uplift", "train + gate"),
         ("promoted", "train + gate"),
         ("announce_champion", "train + gate"),
     ),
@@ -35,6 +40,7 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
         ("score", "score"),
         ("check_scores", "scores checks"),
         ("publish", "publish"),
+        ("plan_campaign", "plan campaign"),
     ),
 }
 

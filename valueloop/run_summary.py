@@ -150,7 +150,12 @@ def collect(settings: Settings, since: datetime) -> RunSummary:
     loaded, checked, tiers = _warehouse_facts(settings, since)
     models, champion = _model_facts(settings)
     reports = sorted(
-        (settings.home / "reports").glob("scoring_*.html"), key=lambda p: p.stat().st_mtime
+        (
+            p
+            for p in (settings.home / "reports").glob("scoring_*.html")
+            if not p.stem.endswith("_monitoring")
+        ),
+        key=lambda p: p.stat().st_mtime,
     )
     return RunSummary(loaded, checked, models, champion, tiers, reports[-1] if reports else None)
 
@@ -224,6 +229,9 @@ def render(console: Console, summary: RunSummary, settings: Settings, logs: Path
     print_(f"           BI tools open {_shown(bi)} (a snapshot: never blocks the pipeline)")
     if summary.report:
         print_(f"           report {_shown(summary.report)}")
+        monitoring = summary.report.with_name(summary.report.stem + "_monitoring.html")
+        if monitoring.exists():
+            print_(f"           drift and migration {_shown(monitoring)}")
     query = (
         f"import duckdb; duckdb.connect('{_shown(bi)}', read_only=True)"
         ".sql('select * from marts.customer_scores limit 5').show()"
