@@ -118,6 +118,8 @@ class CycleResult:
                 + ("  too small to tell" if a.too_small else "")
             )
         out.append(f"  retraining: {self.retrain_reason}")
+        if not self.customer_model and not self.uplift_model:
+            out.append("  champions unchanged (nothing retrained)")
         if self.customer_model:
             out.append(f"  customer model: {self.customer_model['reason']}")
         if self.uplift_model:
