@@ -43,6 +43,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ml import registry
+from valueloop.campaigns import UPLIFT_FEATURES
 from valueloop.warehouse import connect
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,7 @@ UPLIFT_MODEL = "valueloop-uplift-model"
 UPLIFT_EXPERIMENT = "valueloop-uplift"
 CONTROL = "control"
 HOLDOUT_SHARE = 0.2
-FEATURES = (
-    "p_high",
-    "churn_probability",
-    "recency_days",
-    "frequency",
-    "monetary_value",
-    "avg_order_value",
-    "tenure_days",
-    "orders_last_90d",
-    "spend_last_90d",
-    "spend_trend_90d",
-    "return_rate",
-    "avg_rating",
-)
+FEATURES = UPLIFT_FEATURES  # frozen per campaign customer at planning time
 MIN_ARM = 30  # fewest customers an action (or control) needs in training to get a model
 
 
@@ -88,6 +76,18 @@ def load_outcomes(warehouse: Path) -> pd.DataFrame:
 
 def arm(frame: pd.DataFrame) -> np.ndarray:
     return np.where(frame["group_name"] == "control", CONTROL, frame["action"]).astype(object)
+
+
+def arms_to_fit(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Each row's arm, and the arms with at least MIN_ARM customers; too few controls raise."""
+    arms = arm(frame)
+    counts = pd.Series(arms).value_counts()
+    if counts.get(CONTROL, 0) < MIN_ARM:
+        raise ValueError(
+            f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
+            f" an uplift model needs at least {MIN_ARM}"
+        )
+    return arms, sorted(a for a, n in counts.items() if n >= MIN_ARM)
 
 
 def holdout_mask(frame: pd.DataFrame) -> np.ndarray:
@@ -118,12 +118,7 @@ class TLearner:
         return LGBMRegressor(**self.params, random_state=self.seed, verbose=-1, n_jobs=1)
 
     def fit(self, frame: pd.DataFrame) -> TLearner:
-        arms = arm(frame)
-        if (arms == CONTROL).sum() < MIN_ARM:
-            raise ValueError(
-                f"only {(arms == CONTROL).sum()} control customers with matured outcomes;"
-                f" an uplift model needs at least {MIN_ARM}"
-            )
+        arms, _ = arms_to_fit(frame)
         x = frame[list(FEATURES)].astype("float64")
         y = frame["revenue"].astype("float64").to_numpy()
         for name in sorted(set(arms)):
@@ -150,19 +145,12 @@ class SLearner(TLearner):
     every arm's data shapes one model, so effects borrow strength across arms."""
 
     def _design(self, x: pd.DataFrame, arms: np.ndarray) -> pd.DataFrame:
-        design = x.copy()
+        design = x.reset_index(drop=True).copy()
         design["arm"] = pd.Categorical(arms, categories=self.arms)
         return design
 
     def fit(self, frame: pd.DataFrame) -> SLearner:
-        arms = arm(frame)
-        counts = pd.Series(arms).value_counts()
-        if counts.get(CONTROL, 0) < MIN_ARM:
-            raise ValueError(
-                f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
-                f" an uplift model needs at least {MIN_ARM}"
-            )
-        self.arms = sorted(a for a, n in counts.items() if n >= MIN_ARM)
+        arms, self.arms = arms_to_fit(frame)
         keep = np.isin(arms, self.arms)
         x = frame[list(FEATURES)].astype("float64")[keep]
         model = LGBMRegressor(
@@ -220,12 +208,7 @@ class TwoPartLearner(TLearner):
     def fit(self, frame: pd.DataFrame) -> TwoPartLearner:
         from lightgbm import LGBMClassifier
 
-        arms = arm(frame)
-        if (arms == CONTROL).sum() < MIN_ARM:
-            raise ValueError(
-                f"only {(arms == CONTROL).sum()} control customers with matured outcomes;"
-                f" an uplift model needs at least {MIN_ARM}"
-            )
+        arms, _ = arms_to_fit(frame)
         x = frame[list(FEATURES)].astype("float64")
         revenue = frame["revenue"].astype("float64").to_numpy()
         bought = revenue > 0
@@ -263,14 +246,7 @@ class PooledTwoPartLearner(TwoPartLearner):
     def fit(self, frame: pd.DataFrame) -> PooledTwoPartLearner:
         from lightgbm import LGBMClassifier
 
-        arms = arm(frame)
-        counts = pd.Series(arms).value_counts()
-        if counts.get(CONTROL, 0) < MIN_ARM:
-            raise ValueError(
-                f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
-                f" an uplift model needs at least {MIN_ARM}"
-            )
-        self.arms = sorted(a for a, n in counts.items() if n >= MIN_ARM)
+        arms, self.arms = arms_to_fit(frame)
         keep = np.isin(arms, self.arms)
         x = frame[list(FEATURES)].astype("float64")
         revenue = frame["revenue"].astype("float64").to_numpy()
@@ -283,10 +259,7 @@ class PooledTwoPartLearner(TwoPartLearner):
         self.value_model = self._regressor().fit(x[bought], undiscounted[bought])
         return self
 
-    def _design(self, x: pd.DataFrame, arms: np.ndarray) -> pd.DataFrame:
-        design = x.reset_index(drop=True).copy()
-        design["arm"] = pd.Categorical(arms, categories=self.arms)
-        return design
+    _design = SLearner._design
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
@@ -323,14 +296,7 @@ class OrdersLearner(PooledTwoPartLearner):
     }
 
     def fit(self, frame: pd.DataFrame) -> OrdersLearner:
-        arms = arm(frame)
-        counts = pd.Series(arms).value_counts()
-        if counts.get(CONTROL, 0) < MIN_ARM:
-            raise ValueError(
-                f"only {counts.get(CONTROL, 0)} control customers with matured outcomes;"
-                f" an uplift model needs at least {MIN_ARM}"
-            )
-        self.arms = sorted(a for a, n in counts.items() if n >= MIN_ARM)
+        arms, self.arms = arms_to_fit(frame)
         keep = np.isin(arms, self.arms)
         x = frame[list(FEATURES)].astype("float64")
         orders = frame["orders"].astype("float64").to_numpy()
