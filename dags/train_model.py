@@ -48,9 +48,12 @@ def train_model():
         """Which models to retrain and why, from the retrain requests that triggered the run."""
         customer: list[str] = []
         uplift: list[str] = []
-        for event in (triggering_asset_events or {}).get(RETRAIN, []):
-            customer += event.extra.get("customer_model", [])
-            uplift += event.extra.get("uplift_model", [])
+        for key, events in (triggering_asset_events or {}).items():
+            if getattr(key, "name", None) != RETRAIN.name:
+                continue  # keys are assets (or their unique keys) across Airflow versions
+            for event in events:
+                customer += (event.extra or {}).get("customer_model", [])
+                uplift += (event.extra or {}).get("uplift_model", [])
         if not customer and not uplift:
             why = "schedule" if dag_run and dag_run.run_type == "scheduled" else "manual run"
             customer, uplift = [why], [why]
