@@ -294,6 +294,8 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
     assert lines["invoiced_at"].min() >= pd.Timestamp(start)
     assert lines["invoiced_at"].max() < pd.Timestamp("2026-01-31")
     assert window.order_lines == len(lines) > 0
+    truth = pd.read_parquet(shop / "latent" / "campaigns" / "cmp-x.parquet")
+    assert len(truth) == len(plan) and "expected_incremental_revenue_vip_perk" in truth
     with pytest.raises(ValueError, match="already played campaign cmp-x"):
         market.advance(shop, plan, start, 30, tmp_path / "outcomes", 5)
 

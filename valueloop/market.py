@@ -321,6 +321,19 @@ def advance(
     outcomes_file = outcomes_dir / f"{campaign_id}.csv"
     events.to_csv(outcomes_file, index=False)
 
+    # The truth about this campaign, for benchmarks only: each action's expected incremental
+    # revenue on each campaign customer (no margin, no cost), next to what they got.
+    actions = sorted({a for a, _ in TRUE_EFFECTS})
+    truth_effects = expected_incremental_profit(
+        shop, assignments["customer_id"], actions, start, days, 1.0, dict.fromkeys(actions, 0.0)
+    ).add_prefix("expected_incremental_revenue_")
+    truth_dir = shop / "latent" / "campaigns"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat(
+        [assignments[["campaign_id", "customer_key", "action", "group_name"]], truth_effects],
+        axis=1,
+    ).to_parquet(truth_dir / f"{campaign_id}.parquet", index=False)
+
     # The latent state moves on: dropouts in the window, customers won back.
     truth = pq.read_table(shop / "latent" / "customer_truth.parquet").to_pandas()
     dropped_at = pd.Series(
