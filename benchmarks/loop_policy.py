@@ -75,16 +75,13 @@ def draw_revenue(rng, truth_inputs: dict, actions: np.ndarray, treated: np.ndarr
 
 
 def truth_inputs(shop: Path, ids: pd.Series, start: datetime, days: int) -> dict:
-    state = market._state(shop, start).set_index("customer_id").loc[ids.to_numpy()]
-    manifest = json.loads((shop / "manifest.json").read_text())
-    years = (start.date() - datetime.fromisoformat(manifest["start"]).date()).days / 365.25
-    value = market._order_value(market._catalogue(shop), years)[
-        market._type_index(state["customer_type"])
-    ] * (1 + 1.5 * state["spend_multiplier"].to_numpy())
-    season = market._window_rate(start, days, None)
-    active = state["active"].to_numpy()
-    base = np.where(active, state["orders_per_year"].to_numpy() * season * days / 365.25, 0)
-    return {"base": base, "value": value, "active": active, "types": state["customer_type"]}
+    window = market.expectation(shop, ids, start, days)
+    return {
+        "base": window.base_orders,
+        "value": window.order_value,
+        "active": window.active,
+        "types": pd.Series(window.customer_type),
+    }
 
 
 def policy_value(profit: pd.DataFrame, actions: np.ndarray) -> float:

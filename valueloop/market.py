@@ -115,7 +115,7 @@ def _order_value(catalogue: dict[str, np.ndarray], years: float) -> np.ndarray:
     return mean_price * (1.0 - 0.3 * on_sale) * lines
 
 
-def _window_rate(start: datetime, days: int, origin: date) -> float:
+def _window_rate(start: datetime, days: int) -> float:
     """Mean seasonal intensity over the window."""
     day0 = (start.date() - date(start.year, 1, 1)).days
     return float(seasonality(np.arange(day0, day0 + days) % 365.25).mean())
@@ -131,6 +131,42 @@ def _state(shop: Path, start: datetime) -> pd.DataFrame:
     return truth
 
 
+@dataclass(frozen=True)
+class WindowExpectation:
+    """What the market expects of each customer in a window, untreated (the truth)."""
+
+    customer_type: np.ndarray  # latent type names
+    active: np.ndarray  # not dropped out when the window starts
+    base_orders: np.ndarray  # expected orders in the window without a campaign
+    order_value: np.ndarray  # expected merchandise value of one order
+
+    def with_action(self, action: str) -> tuple[np.ndarray, np.ndarray]:
+        """(expected orders, price factor) of each customer if treated with ``action``."""
+        eff = [effect(action, t) for t in self.customer_type]
+        lift = np.array([e.lift for e in eff])
+        revive = np.array([e.revive for e in eff])
+        discount = np.array([e.discount for e in eff])
+        return np.where(self.active, self.base_orders + lift, revive), 1.0 - discount
+
+
+def expectation(
+    shop: Path, customer_ids: pd.Series, start: datetime, days: int
+) -> WindowExpectation:
+    manifest = json.loads((shop / "manifest.json").read_text())
+    origin = date.fromisoformat(manifest["start"])
+    state = _state(shop, start).set_index("customer_id").loc[customer_ids.to_numpy()]
+    years = (start.date() - origin).days / 365.25
+    value = _order_value(_catalogue(shop), years)[_type_index(state["customer_type"])]
+    active = state["active"].to_numpy()
+    rate = state["orders_per_year"].to_numpy() * _window_rate(start, days) * days / 365.25
+    return WindowExpectation(
+        state["customer_type"].to_numpy(object),
+        active,
+        np.where(active, rate, 0.0),
+        value * (1.0 + 1.5 * state["spend_multiplier"].to_numpy()),
+    )
+
+
 def expected_incremental_profit(
     shop: Path,
     customer_ids: pd.Series,
@@ -142,24 +178,11 @@ def expected_incremental_profit(
 ) -> pd.DataFrame:
     """The truth: each customer's expected incremental profit for each action in the window
     starting at ``start`` (rows: customers in the given order; columns: actions)."""
-    manifest = json.loads((shop / "manifest.json").read_text())
-    origin = date.fromisoformat(manifest["start"])
-    state = _state(shop, start).set_index("customer_id").loc[customer_ids.to_numpy()]
-    years = (start.date() - origin).days / 365.25
-    value = _order_value(_catalogue(shop), years)[_type_index(state["customer_type"])]
-    value = value * (1.0 + 1.5 * state["spend_multiplier"].to_numpy())
-    season = _window_rate(start, days, origin)
-    base_orders = np.where(
-        state["active"], state["orders_per_year"].to_numpy() * season * days / 365.25, 0.0
-    )
+    window = expectation(shop, customer_ids, start, days)
     out = {}
     for action in actions:
-        eff = [effect(action, t) for t in state["customer_type"]]
-        lift = np.array([e.lift for e in eff])
-        discount = np.array([e.discount for e in eff])
-        revive = np.array([e.revive for e in eff])
-        treated_orders = np.where(state["active"], base_orders + lift, revive)
-        incremental = value * (treated_orders * (1.0 - discount) - base_orders)
+        orders, price = window.with_action(action)
+        incremental = window.order_value * (orders * price - window.base_orders)
         out[action] = margin * incremental - costs[action]
     return pd.DataFrame(out, index=customer_ids.index)
 
