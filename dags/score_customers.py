@@ -59,10 +59,13 @@ def score_customers():
 
     @task(pool=WAREHOUSE_POOL)
     def plan_campaign() -> str:
-        from valueloop.campaigns import plan
+        from valueloop.campaigns import CampaignSent, plan
         from valueloop.config import load_settings
 
-        return plan(load_settings()).summary()
+        try:
+            return plan(load_settings()).summary()
+        except CampaignSent as sent:  # re-scoring the same data: the campaign stays as sent
+            return str(sent)
 
     stats = score()
     check_scores(stats) >> publish(stats) >> plan_campaign()

@@ -206,6 +206,9 @@ def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_
             assert key not in quarantined, key
         else:
             assert case[-1] in quarantined[key], (key, quarantined.get(key))
+    # Once outcomes came back, the campaign is not planned again.
+    with pytest.raises(campaigns.CampaignSent, match="cmp-a already went out"):
+        campaigns.plan(settings, "cmp-a")
     # Loading the same files again adds nothing.
     again = jobs.ingest_path(settings, settings.feedback_dir, "feedback")
     assert all(r.skipped for r in again.results)

@@ -124,6 +124,10 @@ def unit_hash(*parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+class CampaignSent(Exception):
+    """The campaign already went out (outcomes came back): it is not planned again."""
+
+
 @dataclass(frozen=True)
 class Action:
     name: str
@@ -239,6 +243,14 @@ def plan(settings: Settings, campaign_id: str | None = None) -> CampaignPlan:
             raise ValueError("marts.customer_scores is empty: score customers before planning")
         as_of = pd.Timestamp(scores["as_of"].max()).date()
         campaign_id = campaign_id or f"cmp-{as_of:%Y%m%d}"
+        answered = con.execute(
+            "select count(*) from raw.campaign_outcomes where campaign_id = ?", [campaign_id]
+        ).fetchone()[0]
+        if answered:
+            raise CampaignSent(
+                f"campaign {campaign_id} already went out ({answered:,} outcomes came back); "
+                "it is not planned again (name a new one with --campaign-id)"
+            )
         assigned_at = datetime.combine(as_of + timedelta(days=1), datetime.min.time())
         scores["customer_key"] = [customer_key(salt, c) for c in scores["customer_id"]]
         open_keys = {
