@@ -6,12 +6,14 @@ into actions. Then, cycle after cycle, campaigns go out as the platform plans th
 policy's actions, 20% exploration, 10% stratified control, `valueloop.campaigns`), outcomes
 are drawn from the market's true effects (``valueloop.market.TRUE_EFFECTS``: Poisson orders
 with the effect's extra order or comeback, Gamma order values with the true means, the
-discount taken off), and the uplift T-learner (``ml.uplift``) is refitted on everything
-randomised so far. After each cycle every policy is scored by the **true expected incremental
-profit** of the actions it picks for all eligible customers (``market.expected_incremental
-_profit``): the learned policy, the static playbook, random targeting (a random eligible
-action for as many customers as the playbook targets), no action, and the oracle that knows
-the true effects.
+discount taken off), and the uplift model (``ml.uplift``, ``--learner``) is refitted on
+everything randomised so far. After each cycle every policy is scored by the **true expected
+incremental profit** of the actions it picks for all eligible customers
+(``market.expected_incremental_profit``): the learned policy, the static playbook, random
+targeting (a random eligible action for as many customers as the playbook targets), no
+action, the oracle that knows the true effects, and the *feature ceiling*: a model of the
+uplift features fitted on the true profits, the most any learner of those features could
+earn (:func:`feature_ceiling`).
 
     python benchmarks/loop_policy.py --seeds 1 2 3 --cycles 3 --customers 10000
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+from lightgbm import LGBMRegressor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,8 +42,8 @@ from valueloop.config import load_settings
 
 BAND_MEDIUM, BAND_HIGH = 0.4, 0.7  # the dbt vars churn_band_medium / churn_band_high
 VALUE_CV = 0.8  # spread of one order's value around the type's mean
-LEARNER = "orders"
-PLAYBOOK_BONUS = None  # None: the setting VALUELOOP_UPLIFT_PLAYBOOK_BONUS
+LEARNER = "cells"
+CONFIDENCE_Z = None  # None: the setting VALUELOOP_UPLIFT_CONFIDENCE_Z
 VERBOSE = False
 
 
@@ -90,6 +93,26 @@ def policy_value(profit: pd.DataFrame, actions: np.ndarray) -> float:
         for i, a in zip(profit.index, actions, strict=True)
     ]
     return float(np.sum(values))
+
+
+def feature_ceiling(profit: pd.DataFrame, scores: pd.DataFrame, allowed: np.ndarray) -> np.ndarray:
+    """What the best model of the uplift features could do with perfect knowledge: per action
+    a LightGBM fitted on the *true* incremental profit (two-fold cross-fitted), then the best
+    eligible action. The gap to the oracle is what the features cannot tell (the latent type);
+    the gap from the learned policy to this is what noisy outcomes cost."""
+    x = scores[list(uplift.FEATURES)].astype("float64").reset_index(drop=True)
+    fold = np.arange(len(x)) % 2
+    pred = np.zeros(profit.shape)
+    for j, action in enumerate(profit.columns):
+        y = profit[action].to_numpy()
+        for k in (0, 1):
+            model = LGBMRegressor(n_estimators=300, num_leaves=15, verbose=-1, n_jobs=1)
+            model.fit(x[fold != k], y[fold != k])
+            pred[fold == k, j] = model.predict(x[fold == k])
+    masked = np.where(allowed, pred, -np.inf)
+    return np.where(
+        masked.max(axis=1) > 0, profit.columns.to_numpy()[masked.argmax(axis=1)], "none"
+    )
 
 
 def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
@@ -152,6 +175,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
     inputs = truth_inputs(settings.demo_dir, scores["customer_id"], start, days)
     reference = {
         "oracle": policy_value(profit, oracle),
+        "ceiling": policy_value(profit, feature_ceiling(profit, scores, allowed)),
         "playbook": policy_value(profit, book),
         "random": policy_value(profit, random_actions),
         "no_action": 0.0,
@@ -190,13 +214,15 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
         learner.discounts = {a: x.discount for a, x in actions.items()}
         learner.fit(data)
         effects = learner.effects(scores)
+        errors = learner.std_errors(scores) if hasattr(learner, "std_errors") else None
         learned, _ = uplift.choose(
             effects,
             costs,
             settings.margin_rate,
             eligible,
             book,
-            settings.uplift_playbook_bonus if PLAYBOOK_BONUS is None else PLAYBOOK_BONUS,
+            errors,
+            settings.uplift_confidence_z if CONFIDENCE_Z is None else CONFIDENCE_Z,
         )
         current = learned
         value = policy_value(profit, learned)
@@ -223,19 +249,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--customers", type=int, default=10_000)
-    parser.add_argument("--learner", choices=sorted(uplift.LEARNERS), default="orders")
+    parser.add_argument("--learner", choices=sorted(uplift.LEARNERS), default="cells")
     parser.add_argument("--verbose", action="store_true", help="print oracle vs learned actions")
-    parser.add_argument("--playbook-bonus", type=float, help="default: the platform's setting")
+    parser.add_argument("--confidence-z", type=float, help="default: the platform's setting")
     args = parser.parse_args()
-    global LEARNER, VERBOSE, PLAYBOOK_BONUS
-    LEARNER, VERBOSE, PLAYBOOK_BONUS = args.learner, args.verbose, args.playbook_bonus
+    global LEARNER, VERBOSE, CONFIDENCE_Z
+    LEARNER, VERBOSE, CONFIDENCE_Z = args.learner, args.verbose, args.confidence_z
     rows = []
     with tempfile.TemporaryDirectory(prefix="valueloop-loop-bench-") as tmp:
         for seed in args.seeds:
             rows += run_seed(seed, args.customers, args.cycles, Path(tmp))
     table = pd.DataFrame(rows)
     mean = table.groupby("cycle")[
-        ["learned", "playbook", "random", "oracle", "vs_playbook", "share_of_oracle"]
+        ["learned", "playbook", "random", "ceiling", "oracle", "vs_playbook", "share_of_oracle"]
     ].mean()
     print("\nmean over seeds, expected incremental profit of each policy (true effects):")
     print(mean.round(3).to_string())

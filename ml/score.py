@@ -199,6 +199,7 @@ def score_candidates(
             "create or replace table scoring.candidate_uplift as select"
             " customer_id::varchar as customer_id, action::varchar as action,"
             " expected_incremental_profit::double as expected_incremental_profit,"
+            " profit_std_error::double as profit_std_error,"
             " action_policy::varchar as action_policy from _uplift"
         )
         con.register("_predictions", predictions)
@@ -227,7 +228,13 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     the playbook then decides."""
     from ml import uplift
 
-    columns = ["customer_id", "action", "expected_incremental_profit", "action_policy"]
+    columns = [
+        "customer_id",
+        "action",
+        "expected_incremental_profit",
+        "profit_std_error",
+        "action_policy",
+    ]
     champion = uplift.load_champion(settings.mlflow_tracking_uri)
     if champion is None:
         return pd.DataFrame(
@@ -247,9 +254,18 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     costs = {a.name: a.cost for a in load_actions(settings).values()}
     effects = model.effects(frame)
     profit = settings.margin_rate * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
-    long = profit.assign(customer_id=frame["customer_id"].to_numpy()).melt(
+    ids = frame["customer_id"].to_numpy()
+    long = profit.assign(customer_id=ids).melt(
         id_vars="customer_id", var_name="action", value_name="expected_incremental_profit"
     )
+    if hasattr(model, "std_errors"):
+        errors = (settings.margin_rate * model.std_errors(frame)).assign(customer_id=ids)
+        long = long.merge(
+            errors.melt(id_vars="customer_id", var_name="action", value_name="profit_std_error"),
+            on=["customer_id", "action"],
+        )
+    else:
+        long["profit_std_error"] = 0.0
     return long.assign(action_policy=f"uplift-v{version}")[columns]
 
 

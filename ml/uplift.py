@@ -1,18 +1,24 @@
 """Uplift: which action pays for which customer, learned from the randomised campaigns.
 
-The model in use is :class:`OrdersLearner`, a meta-learner in the S-learner family (Künzel et
-al., 2019, "Metalearners for estimating heterogeneous treatment effects") that splits window
-revenue into orders x value: a Poisson LightGBM of the number of orders with the arm (action
-or control) as a feature, and a regressor of the value of an order with the action's known
-discount taken off. An action's effect on a customer is the difference of the predicted
-revenue with and without it; its expected incremental profit is
-``margin x effect - contact cost``. The policy takes the action with the highest expected
-incremental profit, or none when none pays. The plain T-learner (one revenue regressor per
-arm, causalml's ``BaseTRegressor``), an S-learner and a purchase-probability variant are kept
-for the benchmark (benchmarks/loop_policy.py --learner), which is how this one was chosen:
-revenue is heavy-tailed, and learners on it chased noise. causalml itself cannot be installed
-beside this stack (0.18 requires black>=26, whose pathspec>=1 conflicts with dbt-core 1.11,
-and the older 0.15 pulls xgboost with NCCL's CUDA libraries).
+The model in use is :class:`CellLearner`: window revenue as orders x value. A Poisson
+LightGBM predicts each customer's orders without a campaign; an action's effect on orders is
+measured per cell of customers (quantile bins of churn risk, value and promotion appetite) as
+the mean residual of its treated customers against the same cell's randomised controls, with a
+standard error; a regressor gives the value of an order, with the action's known discount taken
+off. Its expected incremental profit is ``margin x effect - contact cost``. The policy
+(:func:`choose`, and the dbt model ``scored_customers``) keeps the playbook's action unless
+another one gains more than ``VALUELOOP_UPLIFT_CONFIDENCE_Z`` standard errors over it, and
+takes no action when none pays.
+
+The per-customer meta-learners it was chosen against are kept for the benchmark
+(benchmarks/loop_policy.py --learner): :class:`OrdersLearner` (the same orders x value split
+with the arm as a feature of one Poisson LightGBM, an S-learner in the sense of Künzel et al.,
+2019), the plain T-learner (one revenue regressor per arm, causalml's ``BaseTRegressor``), an
+S-learner and purchase-probability variants. On a few thousand noisy outcomes they chased
+noise, and a policy following them lost up to two thirds of the playbook's profit on one seed;
+BENCHMARKS.md has the numbers. causalml itself cannot be installed beside this stack (0.18
+requires black>=26, whose pathspec>=1 conflicts with dbt-core 1.11, and the older 0.15 pulls
+xgboost with NCCL's CUDA libraries).
 
 Training uses matured outcome windows only (``intermediate.int_campaign_results`` with the
 features frozen at planning time, ``marts.campaign_customer_features``). A fixed fifth of the
@@ -114,12 +120,22 @@ class TLearner:
         "reg_lambda": 1.0,
     }
 
+    def _x(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The features this model was fitted on (frozen at fit: FEATURES may grow later; a
+        model pickled before they were recorded says them through its fitted LightGBM)."""
+        if not getattr(self, "features", None):
+            models = getattr(self, "models", None) or {}
+            fitted = getattr(self, "value_model", None) or next(iter(models.values()), None)
+            names = getattr(fitted, "feature_name_", None)
+            self.features = tuple(n for n in names if n != "arm") if names else tuple(FEATURES)
+        return frame[list(self.features)].astype("float64")
+
     def _regressor(self) -> LGBMRegressor:
         return LGBMRegressor(**self.params, random_state=self.seed, verbose=-1, n_jobs=1)
 
     def fit(self, frame: pd.DataFrame) -> TLearner:
         arms, _ = arms_to_fit(frame)
-        x = frame[list(FEATURES)].astype("float64")
+        x = self._x(frame)
         y = frame["revenue"].astype("float64").to_numpy()
         for name in sorted(set(arms)):
             chosen = arms == name
@@ -133,7 +149,7 @@ class TLearner:
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Expected revenue effect of each action on each customer (columns: actions)."""
-        x = frame[list(FEATURES)].astype("float64")
+        x = self._x(frame)
         base = self.models[CONTROL].predict(x)
         return pd.DataFrame(
             {a: self.models[a].predict(x) - base for a in self.actions}, index=frame.index
@@ -152,7 +168,7 @@ class SLearner(TLearner):
     def fit(self, frame: pd.DataFrame) -> SLearner:
         arms, self.arms = arms_to_fit(frame)
         keep = np.isin(arms, self.arms)
-        x = frame[list(FEATURES)].astype("float64")[keep]
+        x = self._x(frame)[keep]
         model = LGBMRegressor(
             n_estimators=300,
             learning_rate=0.03,
@@ -172,7 +188,7 @@ class SLearner(TLearner):
         return self
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
-        x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
+        x = self._x(frame).reset_index(drop=True)
         n = len(x)
         base = self.model.predict(self._design(x, np.full(n, CONTROL, object)))
         return pd.DataFrame(
@@ -209,7 +225,7 @@ class TwoPartLearner(TLearner):
         from lightgbm import LGBMClassifier
 
         arms, _ = arms_to_fit(frame)
-        x = frame[list(FEATURES)].astype("float64")
+        x = self._x(frame)
         revenue = frame["revenue"].astype("float64").to_numpy()
         bought = revenue > 0
         for name in sorted(set(arms)):
@@ -225,7 +241,7 @@ class TwoPartLearner(TLearner):
         return self
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
-        x = frame[list(FEATURES)].astype("float64")
+        x = self._x(frame)
         value = np.clip(self.value_model.predict(x), 0, None)
         base = self.models[CONTROL].predict_proba(x)[:, 1]
         return pd.DataFrame(
@@ -248,7 +264,7 @@ class PooledTwoPartLearner(TwoPartLearner):
 
         arms, self.arms = arms_to_fit(frame)
         keep = np.isin(arms, self.arms)
-        x = frame[list(FEATURES)].astype("float64")
+        x = self._x(frame)
         revenue = frame["revenue"].astype("float64").to_numpy()
         bought = revenue > 0
         self.classifier = LGBMClassifier(
@@ -262,7 +278,7 @@ class PooledTwoPartLearner(TwoPartLearner):
     _design = SLearner._design
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
-        x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
+        x = self._x(frame).reset_index(drop=True)
         n = len(x)
         value = np.clip(self.value_model.predict(x), 0, None)
 
@@ -298,7 +314,7 @@ class OrdersLearner(PooledTwoPartLearner):
     def fit(self, frame: pd.DataFrame) -> OrdersLearner:
         arms, self.arms = arms_to_fit(frame)
         keep = np.isin(arms, self.arms)
-        x = frame[list(FEATURES)].astype("float64")
+        x = self._x(frame)
         orders = frame["orders"].astype("float64").to_numpy()
         revenue = frame["revenue"].astype("float64").to_numpy()
         self.orders_model = LGBMRegressor(
@@ -312,7 +328,7 @@ class OrdersLearner(PooledTwoPartLearner):
         return self
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
-        x = frame[list(FEATURES)].astype("float64").reset_index(drop=True)
+        x = self._x(frame).reset_index(drop=True)
         n = len(x)
         value = np.clip(self.value_model.predict(x), 0, None)
 
@@ -329,7 +345,138 @@ class OrdersLearner(PooledTwoPartLearner):
         )
 
 
+class CellLearner(OrdersLearner):
+    """The model in use: incremental orders per cell of customers, measured against the
+    randomised controls of the same cell, with a standard error the policy can respect.
+
+    * A Poisson LightGBM of window orders on the features (all arms, 5-fold cross-fitted)
+      predicts each customer's orders without a campaign; the residual (orders minus that) is
+      what an action can move, with the customer's predictable variation taken out.
+    * Cells are quantile bins, fitted on the outcomes, of churn risk, value and promotion
+      appetite (``CELL_BINS``: 4 x 3 x 3). An action's effect in a cell is the mean residual
+      of its treated customers minus that of the cell's controls (pooled over actions:
+      randomised, so comparable given the cell), with its standard error; a cell with too few
+      of either falls back to the action's effect over all cells, its error widened by the
+      spread of the cell effects.
+    * Revenue effect = value per order x (orders with the action x (1 - its known discount)
+      - orders without); the value per order as in :class:`OrdersLearner`.
+
+    Coarser than a per-customer model, and that is the point: on the demo market (benchmarks/
+    loop_policy.py) per-customer learners chased noise in a few thousand outcomes and could
+    lose most of the playbook's profit; this one, with the policy departing from the playbook
+    only on a gain larger than its uncertainty (:func:`choose`), does not."""
+
+    CELL_BINS: ClassVar[dict[str, int]] = {
+        "churn_probability": 4,
+        "p_high": 3,
+        "discounted_line_share": 3,
+    }
+    MIN_CELL = 10  # fewest treated and control customers a cell needs for its own estimate
+    FOLDS = 5
+
+    def _cells(self, frame: pd.DataFrame) -> np.ndarray:
+        key = np.zeros(len(frame), dtype=np.int64)
+        for column, edges in self.edges.items():
+            values = frame[column].astype("float64").fillna(self.medians[column]).to_numpy()
+            key = key * 10 + np.digitize(values, edges)
+        return key
+
+    def fit(self, frame: pd.DataFrame) -> CellLearner:
+        arms, self.arms = arms_to_fit(frame)
+        keep = np.isin(arms, self.arms)
+        frame, arms = frame[keep].reset_index(drop=True), arms[keep]
+        x = self._x(frame)
+        orders = frame["orders"].astype("float64").to_numpy()
+        expected = np.zeros(len(frame))
+        fold = np.random.default_rng(self.seed).permutation(len(frame)) % self.FOLDS
+        for k in range(self.FOLDS):
+            model = LGBMRegressor(**self.orders_params, random_state=self.seed, verbose=-1)
+            model.set_params(n_jobs=1)
+            expected[fold == k] = model.fit(x[fold != k], orders[fold != k]).predict(x[fold == k])
+        self.orders_model = LGBMRegressor(
+            **self.orders_params, random_state=self.seed, verbose=-1, n_jobs=1
+        ).fit(x, orders)
+        self.edges = {
+            c: np.unique(np.nanquantile(frame[c].astype("float64"), np.linspace(0, 1, k + 1)[1:-1]))
+            for c, k in self.CELL_BINS.items()
+        }
+        self.medians = {c: float(frame[c].astype("float64").median()) for c in self.CELL_BINS}
+        data = pd.DataFrame({"cell": self._cells(frame), "arm": arms, "r": orders - expected})
+        stats = data.groupby(["arm", "cell"])["r"].agg(["mean", "var", "size"])
+        control = stats.loc[CONTROL]
+        control_all = data.loc[data["arm"] == CONTROL, "r"]
+        self.cell_effects: dict[str, pd.DataFrame] = {}
+        self.overall: dict[str, tuple[float, float]] = {}
+        for action in (a for a in self.arms if a != CONTROL):
+            treated = data.loc[data["arm"] == action, "r"]
+            overall = treated.mean() - control_all.mean()
+            overall_se = np.sqrt(
+                treated.var() / len(treated) + control_all.var() / len(control_all)
+            )
+            cells = stats.loc[action].merge(
+                control, left_index=True, right_index=True, suffixes=("", "_control")
+            )
+            cells = cells[
+                (cells["size"] >= self.MIN_CELL) & (cells["size_control"] >= self.MIN_CELL)
+            ]
+            table = pd.DataFrame(
+                {
+                    "effect": cells["mean"] - cells["mean_control"],
+                    "std_error": np.sqrt(
+                        cells["var"] / cells["size"] + cells["var_control"] / cells["size_control"]
+                    ),
+                }
+            )
+            spread = float(table["effect"].var()) if len(table) > 1 else 0.0
+            self.cell_effects[action] = table
+            self.overall[action] = (float(overall), float(np.sqrt(overall_se**2 + spread)))
+        self.models = {a: self.orders_model for a in self.arms}
+        self._fit_value(frame, arms, orders)
+        return self
+
+    def _fit_value(self, frame: pd.DataFrame, arms: np.ndarray, orders: np.ndarray) -> None:
+        revenue = frame["revenue"].astype("float64").to_numpy()
+        bought = (orders > 0) & (revenue > 0)
+        per_order = revenue / np.maximum(orders, 1)
+        per_order = per_order / (1 - np.array([self.discounts.get(a, 0.0) for a in arms]))
+        self.value_model = self._regressor().fit(self._x(frame)[bought], per_order[bought])
+
+    def _order_effects(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        cells = self._cells(frame)
+        effect, error = {}, {}
+        for action in self.actions:
+            table = self.cell_effects[action].reindex(cells)
+            fallback, fallback_se = self.overall[action]
+            effect[action] = table["effect"].fillna(fallback).to_numpy()
+            error[action] = table["std_error"].fillna(fallback_se).to_numpy()
+        return pd.DataFrame(effect), pd.DataFrame(error)
+
+    def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.reset_index(drop=True)
+        x = self._x(frame)
+        value = np.clip(self.value_model.predict(x), 0, None)
+        base = np.clip(self.orders_model.predict(x), 0, None)
+        delta, _ = self._order_effects(frame)
+        return pd.DataFrame(
+            {
+                a: value * ((base + delta[a]) * (1 - self.discounts.get(a, 0.0)) - base)
+                for a in self.actions
+            }
+        )
+
+    def std_errors(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Standard error of each revenue effect in :meth:`effects` (value x discounted
+        standard error of the cell's incremental orders)."""
+        frame = frame.reset_index(drop=True)
+        value = np.clip(self.value_model.predict(self._x(frame)), 0, None)
+        _, error = self._order_effects(frame)
+        return pd.DataFrame(
+            {a: value * (1 - self.discounts.get(a, 0.0)) * error[a] for a in self.actions}
+        )
+
+
 LEARNERS = {
+    "cells": CellLearner,
     "orders": OrdersLearner,
     "t": TLearner,
     "s": SLearner,
@@ -344,25 +491,45 @@ def choose(
     margin: float,
     eligible: list[list[str]] | None = None,
     playbook: np.ndarray | None = None,
-    playbook_bonus: float = 0.0,
+    std_errors: pd.DataFrame | None = None,
+    confidence_z: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per customer, the eligible action with the highest expected incremental profit, or
-    ``no_action`` (profit 0) when none is positive. With a ``playbook`` (its action per
-    customer, ``no_action`` included), that action gets ``playbook_bonus`` on top: the policy
-    departs from the playbook only where it expects at least that much more. Returns (actions,
-    their expected incremental profit)."""
+    ``no_action`` (profit 0) when none is positive; returns (actions, their expected
+    incremental profit).
+
+    With ``std_errors`` (of the revenue effects) and ``confidence_z``, the policy departs from
+    the baseline (the ``playbook``'s action per customer, else no action) only where the gain
+    over it is more than ``confidence_z`` standard errors (of the two estimates, taken as
+    independent: conservative, as they share the cell's controls). A playbook action the model
+    has no estimate for is kept. The dbt model ``scored_customers`` applies the same rule."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
     columns = np.asarray([*effects.columns, "no_action"], dtype=object)
-    values = np.column_stack([profit.to_numpy(), np.zeros(len(profit))])
+    n = len(profit)
+    values = np.column_stack([profit.to_numpy(), np.zeros(n)])
+    errors = np.zeros_like(values)
+    if std_errors is not None:
+        errors[:, :-1] = margin * std_errors[list(effects.columns)].to_numpy()
     if eligible is not None:
         allowed = np.array([[a in e for a in effects.columns] for e in eligible], dtype=bool)
-        values[:, :-1] = np.where(allowed, values[:, :-1], -np.inf)
-    score = values.copy()
-    if playbook is not None and playbook_bonus:
-        score += playbook_bonus * (columns[None, :] == np.asarray(playbook, object)[:, None])
-    best = score.argmax(axis=1) if len(score) else np.array([], int)
-    rows = np.arange(len(values))
-    return columns[best], values[rows, best] if len(values) else np.array([])
+        values[:, :-1] = np.where(allowed.reshape(n, -1), values[:, :-1], -np.inf)
+    rows = np.arange(n)
+    baseline = np.full(n, len(columns) - 1)
+    if playbook is not None:
+        index = {a: i for i, a in enumerate(columns)}
+        baseline = np.array([index.get(a, -1) for a in playbook], dtype=int)
+    known = baseline >= 0
+    base = np.where(known, baseline, 0)
+    penalty = confidence_z * np.sqrt(errors**2 + errors[rows, base][:, None] ** 2)
+    score = values - penalty
+    score[rows, base] = np.where(known, values[rows, base], score[rows, base])
+    best = np.where(known, score.argmax(axis=1) if n else np.array([], int), -1)
+    if playbook is not None:
+        actions = np.where(best >= 0, columns[np.maximum(best, 0)], np.asarray(playbook, object))
+    else:
+        actions = columns[best]
+    chosen = np.where(best >= 0, values[rows, np.maximum(best, 0)], np.nan) if n else np.array([])
+    return actions, chosen
 
 
 def qini_curve(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -441,7 +608,18 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
         self.model = joblib.load(Path(context.artifacts["model_dir"]) / "tlearner.joblib")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        return self.model.effects(model_input.reset_index(drop=True))
+        return predict_frame(self.model, model_input)
+
+
+def predict_frame(model: TLearner, frame: pd.DataFrame) -> pd.DataFrame:
+    """Each action's revenue effect, and its standard error (``<action>_std_error``) where the
+    learner gives one: what the registered model returns."""
+    frame = frame.reset_index(drop=True)
+    effects = model.effects(frame).reset_index(drop=True)
+    if hasattr(model, "std_errors"):
+        errors = model.std_errors(frame).reset_index(drop=True)
+        effects = pd.concat([effects, errors.add_suffix("_std_error")], axis=1)
+    return effects
 
 
 @dataclass(frozen=True)
@@ -498,7 +676,7 @@ def train(
         )
     held = holdout_mask(frame)
     train_part, holdout = frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
-    model = OrdersLearner(seed, discounts).fit(train_part)
+    model = CellLearner(seed, discounts).fit(train_part)
     metrics = evaluate(model, holdout)
     champion = load_champion(tracking_uri)
     champion_metrics = evaluate(champion[0], holdout) if champion else None
@@ -508,7 +686,8 @@ def train(
         arms = pd.Series(arm(train_part)).value_counts()
         mlflow.log_params(
             {
-                "learner": "orders x value (Poisson LightGBM with the arm as a feature)",
+                "learner": "cells: incremental orders per cell against its controls, x value",
+                "cells": json.dumps({c: len(e) + 1 for c, e in model.edges.items()}),
                 "features": ",".join(FEATURES),
                 "outcomes": len(frame),
                 "campaigns": frame["campaign_id"].nunique(),
@@ -530,7 +709,7 @@ def train(
         model_dir.mkdir()
         joblib.dump(model, model_dir / "tlearner.joblib")
         example = holdout[list(FEATURES)].head(5).astype("float64")
-        signature = infer_signature(example, model.effects(example))
+        signature = infer_signature(example, predict_frame(model, example))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=UpliftPyfunc(),

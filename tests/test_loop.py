@@ -256,6 +256,59 @@ def test_the_uplift_learner_finds_a_planted_effect_and_the_qini_sees_it() -> Non
     assert right > 0 > wrong
 
 
+def _planted(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Randomised outcomes where the offer brings 0.8 extra orders only to customers with
+    churn risk above 0.5, and the email does nothing."""
+    rng = np.random.default_rng(seed)
+    risk = rng.random(n)
+    arms = rng.choice(["control", "offer", "email"], n, p=[0.3, 0.35, 0.35])
+    orders = rng.poisson(
+        np.exp(-0.5 + 0.3 * risk) + np.where((arms == "offer") & (risk > 0.5), 0.8, 0)
+    )
+    frame = pd.DataFrame({f: 0.0 for f in uplift.FEATURES}, index=range(n))
+    frame["churn_probability"] = risk
+    frame = frame.assign(
+        customer_key=[f"k{i}" for i in range(n)],
+        campaign_id="c",
+        action=np.where(arms == "control", "offer", arms),
+        group_name=np.where(arms == "control", "control", "treatment"),
+        orders=orders,
+        revenue=orders * 20.0,
+    )
+    return frame, risk
+
+
+def test_the_cell_learner_measures_an_effect_per_cell_and_the_policy_respects_its_error() -> None:
+    frame, risk = _planted(8000, 3)
+    model = uplift.CellLearner(0, {"offer": 0.0, "email": 0.0}).fit(frame)
+    effects, errors = model.effects(frame), model.std_errors(frame)
+    # 0.8 orders x 20 where the offer works, nothing elsewhere, each within a few errors.
+    works, idle = risk > 0.6, risk < 0.4
+    assert abs(effects.loc[works, "offer"].mean() - 16) < 4 * errors.loc[works, "offer"].mean()
+    assert abs(effects.loc[idle, "offer"].mean()) < 4 * errors.loc[idle, "offer"].mean()
+    assert (errors > 0).all().all()
+    costs = {"offer": 2.0, "email": 0.1}
+    playbook = np.full(len(frame), "email", object)
+    actions, _ = uplift.choose(effects, costs, 0.35, None, playbook, errors, 1.64)
+    assert (actions[works] == "offer").mean() > 0.95  # a clear gain beats the playbook
+    # The email's estimate is noise around zero: where the offer does nothing, the policy does
+    # not trade the playbook's email for no action or the offer on noise alone.
+    assert (actions[idle] != "offer").all()
+    # With a tenth of the evidence, the errors are wider and the playbook is kept more often.
+    small, _ = _planted(800, 4)
+    weak = uplift.CellLearner(0, {"offer": 0.0, "email": 0.0}).fit(small)
+    kept = uplift.choose(
+        weak.effects(small),
+        costs,
+        0.35,
+        None,
+        np.full(len(small), "email", object),
+        weak.std_errors(small),
+        1.64,
+    )[0]
+    assert (kept == "email").mean() > (actions == "email").mean()
+
+
 def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> None:
     rng = np.random.default_rng(1)
     reference = rng.normal(size=5000)

@@ -60,6 +60,7 @@ UPLIFT_FEATURES = (
     "spend_trend_90d",
     "return_rate",
     "avg_rating",
+    "discounted_line_share",
 )
 EXPORT_COLUMNS = ("campaign_id", "customer_key", "action", "assigned_at", "window_days")
 
@@ -111,6 +112,8 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         f"create table if not exists {FEATURES} (campaign_id varchar not null, "
         f"customer_key varchar not null, {features}, primary key (campaign_id, customer_key))"
     )
+    for feature in UPLIFT_FEATURES:  # a warehouse planned by an older version
+        con.execute(f"alter table {FEATURES} add column if not exists {feature} double")
 
 
 def customer_key(salt: str, customer_id: str) -> str:
@@ -398,7 +401,8 @@ def _store(
             con.execute(f"delete from {table} where campaign_id = ?", [campaign_id])
         con.execute(f"insert into {ASSIGNMENTS} select {', '.join(columns)} from _chosen")
         con.execute(
-            f"insert into {FEATURES} select campaign_id, customer_key, "
+            f"insert into {FEATURES} (campaign_id, customer_key, {', '.join(UPLIFT_FEATURES)}) "
+            f"select campaign_id, customer_key, "
             f"{', '.join(f'{f}::double' for f in UPLIFT_FEATURES)} from _chosen"
         )
         treated = chosen["group_name"] == "treatment"

@@ -59,7 +59,7 @@ class Settings:
     campaign_window_days: int  # days after assignment in which outcomes count
     margin_rate: float  # gross margin on revenue: incremental profit = margin x revenue - cost
     uplift_min_outcomes: int  # randomised outcomes needed before uplift replaces the playbook
-    uplift_playbook_bonus: float  # uplift departs from the playbook only for this much more
+    uplift_confidence_z: float  # uplift departs from the playbook only on a gain > z std errors
     retrain_min_outcomes: int  # new campaign outcomes (customers) that trigger retraining
     retrain_min_corrections: int  # new label corrections that trigger retraining
     retrain_drift_psi: float  # feature or score PSI that triggers retraining
@@ -186,7 +186,7 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         campaign_window_days=int(env.get(_env_name("campaign_window_days"), "30")),
         margin_rate=float(env.get(_env_name("margin_rate"), "0.35")),
         uplift_min_outcomes=int(env.get(_env_name("uplift_min_outcomes"), "2000")),
-        uplift_playbook_bonus=float(env.get(_env_name("uplift_playbook_bonus"), "1.0")),
+        uplift_confidence_z=float(env.get(_env_name("uplift_confidence_z"), "1.64")),
         retrain_min_outcomes=int(env.get(_env_name("retrain_min_outcomes"), "1000")),
         retrain_min_corrections=int(env.get(_env_name("retrain_min_corrections"), "50")),
         retrain_drift_psi=float(env.get(_env_name("retrain_drift_psi"), "0.25")),

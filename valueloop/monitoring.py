@@ -34,6 +34,7 @@ DRIFT_FEATURES = (
     "orders_last_90d",
     "spend_last_90d",
     "return_rate",
+    "discounted_line_share",
     "n_distinct_products",
     "avg_rating",
 )

@@ -62,19 +62,34 @@ playbook as (
 ),
 
 -- The uplift policy: the eligible action with the highest expected incremental profit, or
--- no action (profit 0). The playbook's own choice gets the dbt var uplift_playbook_bonus on
--- top, so the policy departs from the playbook only where it expects that much more.
-uplift_options as (
+-- no action (profit 0); but it departs from the playbook's action only where the gain over it
+-- is more than uplift_confidence_z standard errors (of both estimates), and keeps a playbook
+-- action the uplift model has no estimate for.
+playbook_estimate as (
+    select
+        playbook.customer_id,
+        playbook.playbook_action,
+        case
+            when playbook.playbook_action = 'no_action' then 0
+            else uplift.expected_incremental_profit
+        end as playbook_profit,
+        case
+            when playbook.playbook_action = 'no_action' then 0
+            else uplift.profit_std_error
+        end as playbook_std_error
+    from playbook
+    left join uplift
+        on
+            playbook.customer_id = uplift.customer_id
+            and playbook.playbook_action = uplift.action
+),
+
+uplift_candidates as (
     select
         playbook.customer_id,
         uplift.action,
         uplift.expected_incremental_profit,
-        uplift.expected_incremental_profit
-        + case
-            when uplift.action = playbook.playbook_action
-                then {{ var('uplift_playbook_bonus') }}
-            else 0
-        end as preference
+        uplift.profit_std_error
     from playbook
     inner join uplift on playbook.customer_id = uplift.customer_id
     inner join catalogue on uplift.action = catalogue.action
@@ -88,10 +103,37 @@ uplift_options as (
         customer_id,
         'no_action' as action,
         0 as expected_incremental_profit,
-        case
-            when playbook_action = 'no_action' then {{ var('uplift_playbook_bonus') }} else 0
-        end as preference
+        0 as profit_std_error
     from playbook
+),
+
+uplift_options as (
+    select
+        uplift_candidates.customer_id,
+        uplift_candidates.action,
+        uplift_candidates.expected_incremental_profit,
+        case
+            when uplift_candidates.action = playbook_estimate.playbook_action
+                then coalesce(playbook_estimate.playbook_profit, 'infinity'::double)
+            when playbook_estimate.playbook_profit is null then '-infinity'::double
+            else
+                uplift_candidates.expected_incremental_profit
+                - {{ var('uplift_confidence_z') }} * sqrt(
+                    power(coalesce(uplift_candidates.profit_std_error, 0), 2)
+                    + power(coalesce(playbook_estimate.playbook_std_error, 0), 2)
+                )
+        end as preference
+    from uplift_candidates
+    inner join playbook_estimate on uplift_candidates.customer_id = playbook_estimate.customer_id
+    union all
+    -- a playbook action without an estimate (not among the uplift model's actions) is kept
+    select
+        customer_id,
+        playbook_action as action,
+        null as expected_incremental_profit,
+        'infinity'::double as preference
+    from playbook_estimate
+    where playbook_profit is null
 ),
 
 uplift_choice as (

@@ -98,6 +98,30 @@ line_stats as (
     group by customer_id, as_of
 ),
 
+-- A product's usual price up to as_of: the median of what its buyers paid until then.
+usual_prices as (
+    select
+        sku,
+        as_of,
+        median(unit_price) as usual_price
+    from history
+    where is_purchase and unit_price > 0
+    group by sku, as_of
+),
+
+price_stats as (
+    select
+        history.customer_id,
+        history.as_of,
+        avg((history.unit_price < 0.9 * usual_prices.usual_price)::integer)
+            as discounted_line_share
+    from history
+    inner join usual_prices
+        on history.sku = usual_prices.sku and history.as_of = usual_prices.as_of
+    where history.is_purchase and history.unit_price > 0
+    group by history.customer_id, history.as_of
+),
+
 category_spend as (
     select
         customer_id,
@@ -155,6 +179,7 @@ final as (
         (line_stats.cancelled_amount / nullif(order_stats.gross_spend, 0))::double
             as cancellation_rate,
         (line_stats.returned_amount / nullif(order_stats.gross_spend, 0))::double as return_rate,
+        price_stats.discounted_line_share::double as discounted_line_share,
         gap_stats.ipt_mean_days::double as ipt_mean_days,
         gap_stats.ipt_std_days::double as ipt_std_days,
         gap_stats.ipt_max_days::double as ipt_max_days,
@@ -198,6 +223,10 @@ final as (
         on
             customer_cutoffs.customer_id = line_stats.customer_id
             and customer_cutoffs.as_of = line_stats.as_of
+    left join price_stats
+        on
+            customer_cutoffs.customer_id = price_stats.customer_id
+            and customer_cutoffs.as_of = price_stats.as_of
     left join top_category
         on
             customer_cutoffs.customer_id = top_category.customer_id
