@@ -22,15 +22,22 @@ class LightGBMBaseline:
 
     name = "lightgbm"
 
-    def __init__(self, numeric: list[str], seed: int) -> None:
+    def __init__(
+        self,
+        numeric: list[str],
+        seed: int,
+        categorical: tuple[str, ...] = CATEGORICAL_COLUMNS,
+        name: str = "lightgbm",
+    ) -> None:
         self.numeric, self.seed = numeric, seed
+        self.categorical, self.name = tuple(categorical), name
         self.categories: dict[str, list[str]] = {}
         self.tier_model: lgb.LGBMClassifier | None = None
         self.churn_model: lgb.LGBMClassifier | None = None
 
     def _matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
         matrix = frame[self.numeric].astype("float64").copy()
-        for column in CATEGORICAL_COLUMNS:
+        for column in getattr(self, "categorical", CATEGORICAL_COLUMNS):
             matrix[column] = pd.Categorical(
                 frame[column].astype("string"), categories=self.categories[column]
             )
@@ -38,7 +45,7 @@ class LightGBMBaseline:
 
     def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> LightGBMBaseline:
         self.categories = {
-            c: sorted(train[c].dropna().astype(str).unique()) for c in CATEGORICAL_COLUMNS
+            c: sorted(train[c].dropna().astype(str).unique()) for c in self.categorical
         }
         x_train, x_val = self._matrix(train), self._matrix(validation)
         common = {

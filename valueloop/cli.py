@@ -245,7 +245,8 @@ def _add_uplift(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "uplift",
         help="train and gate the uplift model on the randomised campaign outcomes",
-        description="A T-learner on LightGBM per action, evaluated by Qini/AUUC on a fixed "
+        description="Incremental orders per cell of customers against their randomised "
+        "controls (with standard errors), evaluated by Qini/AUUC on a fixed "
         "holdout, logged to MLflow (experiment valueloop-uplift) and promoted to champion "
         "only if it beats the champion there.",
     )
@@ -263,6 +264,48 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cycles", type=int, default=1)
     p.set_defaults(func=_cmd_loop)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="rolling-origin backtest of every model over several cutoffs",
+        description="Train and evaluate every model at each of the latest labelled cutoffs of "
+        "marts.training_set, each trained only on cutoffs whose labels were known by then; "
+        "metrics per cutoff and averaged, with bootstrap 95%% intervals and paired "
+        "differences against the best baseline; logged to MLflow (experiment "
+        "valueloop-backtest) and written to reports/backtest/.",
+    )
+    p.add_argument(
+        "--backtest",
+        action="store_true",
+        required=True,
+        help="roll the evaluation over cutoffs (the only mode for now)",
+    )
+    p.add_argument("--cutoffs", type=int, default=4, help="evaluation cutoffs (default 4)")
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples per cutoff")
+    p.add_argument("--models", nargs="+", help="default: lightgbm lightgbm_rfm bg_nbd rfm_rule")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ml import backtest
+
+    settings = load_settings()
+    result = backtest.run(
+        settings.warehouse_path,
+        settings.mlflow_tracking_uri,
+        settings.mlflow_artifacts_dir,
+        n_cutoffs=args.cutoffs,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        models=tuple(args.models) if args.models else None,
+        out_dir=settings.home / "reports" / "backtest",
+    )
+    print(result.summary())
+    print(f"tables and plot: {settings.home / 'reports' / 'backtest'}")
+    return 0
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:
@@ -325,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_campaign(sub)
     _add_uplift(sub)
     _add_loop(sub)
+    _add_evaluate(sub)
     _add_airflow(sub)
     return parser
 

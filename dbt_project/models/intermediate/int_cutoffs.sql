@@ -1,7 +1,10 @@
 -- The as_of dates of the ML marts and their role: labelled cutoffs split by time into
 -- train / validation / test (latest labelled = test), and the last day of data to score.
+-- Derived cutoffs go back cutoff_step_days at a time, as far as n_training_cutoffs and the
+-- min_history_days of data each needs before it allow.
 {%- set explicit = var('as_of_dates') %}
 {%- set horizon = var('horizon_days') %}
+{%- set min_history = 0 if explicit else var('min_history_days') %}
 
 with
 
@@ -41,7 +44,12 @@ labelled as (
         candidates.as_of + to_days({{ horizon }}) <= data_window.last_day as is_labelled
     from candidates
     cross join data_window
-    where candidates.as_of > data_window.first_day
+    where
+        candidates.as_of > data_window.first_day
+        and (
+            candidates.as_of = data_window.last_day
+            or candidates.as_of >= data_window.first_day + to_days({{ min_history }})
+        )
 ),
 
 ranked as (

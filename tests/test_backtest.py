@@ -1,0 +1,145 @@
+"""The rolling-origin backtest: no cutoff learns from labels it could not have known, and the
+command runs through the real marts and a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml import backtest
+from ml.data import horizon_days, read_mart
+from valueloop.config import Settings
+
+
+def _frame(days: list[str], customers: int = 50) -> pd.DataFrame:
+    rows = [
+        {"customer_id": f"c{i}", "as_of": pd.Timestamp(day), "is_labelled": True}
+        for day in days
+        for i in range(customers)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _assert_no_leak(origins: list[backtest.Origin], horizon: int) -> None:
+    for origin in origins:
+        known = pd.concat([origin.train, origin.validation])
+        assert (known["as_of"] + pd.Timedelta(days=horizon) <= origin.cutoff).all()
+        assert (origin.test["as_of"] == origin.cutoff).all()
+        assert len(origin.train) and len(origin.validation) and len(origin.test)
+
+
+def test_each_cutoff_trains_only_on_labels_known_by_then() -> None:
+    days = [str(d.date()) for d in pd.date_range("2025-01-01", periods=9, freq="30D")]
+    origins = backtest.origins(_frame(days), n_cutoffs=4, horizon=90)
+    assert [str(o.cutoff.date()) for o in origins] == days[-4:]
+    _assert_no_leak(origins, 90)
+    # The latest cutoff learns from the six before its label window; the newest of them
+    # validates.
+    latest = origins[-1]
+    assert latest.training_cutoffs == days[:6]
+    assert set(latest.validation["as_of"]) == {pd.Timestamp(days[5])}
+
+
+def test_with_one_known_cutoff_a_fifth_of_its_customers_validates() -> None:
+    origins = backtest.origins(_frame(["2025-01-01", "2025-04-15"], 200), n_cutoffs=4, horizon=90)
+    assert len(origins) == 1
+    origin = origins[0]
+    _assert_no_leak(origins, 90)
+    assert not set(origin.train["customer_id"]) & set(origin.validation["customer_id"])
+    assert 0.1 < len(origin.validation) / 200 < 0.3
+
+
+def test_too_little_history_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="n_training_cutoffs"):
+        backtest.origins(_frame(["2025-01-01", "2025-02-01"]), n_cutoffs=4, horizon=90)
+
+
+def test_paired_intervals_separate_a_real_win_from_noise() -> None:
+    rng = np.random.default_rng(0)
+    n = 2000
+    churn = rng.random(n) < 0.4
+    test = pd.DataFrame(
+        {
+            "is_churned": churn,
+            "future_spend": np.where(churn, 0, rng.gamma(2, 50, n)),
+            "value_tier": np.where(churn, "lapsed", "active"),
+        }
+    )
+    signal = churn + rng.normal(0, 1.0, n)
+
+    def predictions(noise: float, seed: int) -> backtest.Predictions:
+        p = 1 / (1 + np.exp(-(signal + np.random.default_rng(seed).normal(0, noise, n))))
+        return backtest.Predictions(p, None, -p)
+
+    samples = rng.integers(0, n, size=(200, n))
+
+    def diff(a, b) -> np.ndarray:
+        values = [
+            backtest.metric_values(test, a, s)["churn_roc_auc"]
+            - backtest.metric_values(test, b, s)["churn_roc_auc"]
+            for s in samples
+        ]
+        return np.array(values)
+
+    good, worse, twin = predictions(0.1, 1), predictions(2.0, 2), predictions(0.1, 3)
+    low, high = backtest._interval(diff(good, worse))
+    assert low > 0  # a clearly better model: the interval excludes zero
+    low, high = backtest._interval(diff(good, twin))
+    assert low < 0 < high  # the same model with other noise: within the noise
+
+
+def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
+    pipeline_run: Settings,
+) -> None:
+    settings = pipeline_run
+    warehouse = settings.warehouse_path
+    horizon = horizon_days(warehouse)
+    _assert_no_leak(backtest.origins(read_mart(warehouse, "training_set"), 2, horizon), horizon)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
+    env.update({"VALUELOOP_HOME": str(settings.home), "VALUELOOP_PII_SALT": "s"})
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("valueloop")),
+            "evaluate",
+            "--backtest",
+            "--cutoffs",
+            "2",
+            "--bootstrap",
+            "30",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "rolling-origin backtest over 2 cutoffs" in result.stdout
+    assert "paired difference in mean churn ROC-AUC against" in result.stdout
+    folder = settings.home / "reports" / "backtest"
+    table = pd.read_csv(folder / "backtest_metrics.csv")
+    assert set(table["model"]) == {"lightgbm", "lightgbm_rfm", "bg_nbd", "rfm_rule"}
+    assert table["cutoff"].nunique() == 3  # two cutoffs and their mean
+    auc = table[(table.metric == "churn_roc_auc") & (table.cutoff == "mean")]
+    assert ((auc["low"] <= auc["value"]) & (auc["value"] <= auc["high"])).all()
+    assert (folder / "backtest_metrics.png").stat().st_size > 0
+
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(backtest.EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("valueloop.kind") == "backtest"]
+    children = [r for r in runs if r.data.tags.get("valueloop.kind") == "backtest-cutoff"]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert "lightgbm_churn_roc_auc" in children[0].data.metrics
+    assert "bg_nbd_churn_roc_auc" in parents[0].data.metrics
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")]
+    assert artifacts == ["plots/backtest_metrics.png"]
