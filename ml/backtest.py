@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ml import registry
 from ml.baselines import BGNBDBaseline, LightGBMBaseline, RFMRuleBaseline
 from ml.data import TIERS, horizon_days, numeric_columns, read_mart, tier_index
+from ml.ensemble import AveragedEnsemble
 from ml.evaluate import Predictions
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,12 @@ def _models(numeric: list[str], seed: int, horizon: int) -> dict:
         "lightgbm_rfm": lambda: LightGBMBaseline(list(RFM_FEATURES), seed, (), "lightgbm_rfm"),
         "bg_nbd": lambda: BGNBDBaseline(horizon),
         "rfm_rule": lambda: RFMRuleBaseline(),
+        "ensemble": lambda: AveragedEnsemble(numeric, seed, horizon),
     }
 
 
 def _fit(name: str, model, origin: Origin):
-    if name.startswith("lightgbm"):
+    if name.startswith("lightgbm") or name == "ensemble":
         return model.fit(origin.train, origin.validation)
     # One-shot models learn from every labelled row before the cutoff.
     return model.fit(pd.concat([origin.train, origin.validation]))

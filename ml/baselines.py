@@ -91,13 +91,22 @@ class LightGBMBaseline:
 
 
 class BGNBDBaseline:
-    """BG/NBD on (frequency, recency, T): churn = P(no purchase within the horizon)."""
+    """BG/NBD on (frequency, recency, T): churn = P(no purchase within the horizon).
+
+    Fitted with pymc-marketing's ``BetaGeoModel`` (MAP); predictions use the fitted r, alpha,
+    a, b in closed form, exactly as pymc-marketing 0.18 computes them
+    (``expected_probability_no_purchase``: Hardie's note 039, eq. 34; ``expected_purchases``:
+    Fader, Hardie & Lee, 2005, eq. 10), so a fitted model is four numbers that pickle and
+    score without pymc. Noticed and kept, to stay the library's baseline: for customers with
+    no repeat purchase pymc-marketing applies the x > 0 form of eq. 34 (the textbook gives
+    ((alpha + T) / (alpha + T + t))^r there); on Online Retail its form ranks churn slightly
+    better (mean backtest ROC-AUC 0.746 against 0.744)."""
 
     name = "bg_nbd"
 
     def __init__(self, horizon_days: int) -> None:
         self.horizon_days = horizon_days
-        self.model = None
+        self.params: dict[str, float] = {}
 
     @staticmethod
     def rfm(frame: pd.DataFrame) -> pd.DataFrame:
@@ -116,18 +125,46 @@ class BGNBDBaseline:
     def fit(self, train: pd.DataFrame) -> BGNBDBaseline:
         from pymc_marketing.clv import BetaGeoModel
 
-        self.model = BetaGeoModel(data=self.rfm(train))
-        self.model.fit(method="map", progressbar=False)
+        model = BetaGeoModel(data=self.rfm(train))
+        model.fit(method="map", progressbar=False)
+        posterior = model.idata.posterior
+        self.params = {k: float(posterior[k].mean()) for k in ("r", "alpha", "a", "b")}
         return self
 
+    def _alive(self, x: np.ndarray, t_x: np.ndarray, big_t: np.ndarray) -> np.ndarray:
+        r, alpha, a, b = (self.params[k] for k in ("r", "alpha", "a", "b"))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            odds = (a / (b + x - 1)) * ((alpha + big_t) / (alpha + t_x)) ** (r + x)
+        return np.where(x > 0, 1.0 / (1.0 + np.where(x > 0, odds, 0.0)), 1.0)
+
     def predict(self, frame: pd.DataFrame) -> Predictions:
+        from scipy.special import betaln, hyp2f1
+
         data = self.rfm(frame)
-        no_purchase = self.model.expected_probability_no_purchase(data=data, t=self.horizon_days)
-        purchases = self.model.expected_purchases(data=data, future_t=self.horizon_days)
-        churn = np.asarray(no_purchase.mean(("chain", "draw")).values, dtype="float64")
-        expected = np.asarray(purchases.mean(("chain", "draw")).values, dtype="float64")
+        x, t_x, big_t = (data[c].to_numpy() for c in ("frequency", "recency", "T"))
+        r, alpha, a, b = (self.params[k] for k in ("r", "alpha", "a", "b"))
+        t = float(self.horizon_days)
+        alive = self._alive(x, t_x, big_t)
+        stay = ((alpha + big_t) / (alpha + big_t + t)) ** (r + x)
+        # eq. 34 as pymc-marketing evaluates it, in log space.
+        k_e = betaln(a + 1, b + x - 1) - (r + x) * np.log(alpha + t_x)
+        k_f = betaln(a, b + x) - (r + x) * np.log(alpha + big_t + t)
+        k_m = betaln(a, b + x) - (r + x) * np.log(alpha + big_t)
+        k1, k2 = np.maximum(k_e, k_f), np.maximum(k_e, k_m)
+        churn = (
+            np.exp(k1 - k2)
+            * (np.exp(k_e - k1) + np.exp(k_f - k1))
+            / (np.exp(k_e - k2) + np.exp(k_m - k2))
+        )
+        # Expected purchases in (T, T + t], given alive or not (eq. 10 of Fader et al.).
+        expected = (
+            (a + b + x - 1)
+            / (a - 1)
+            * (1 - stay * hyp2f1(r + x, b + x, a + b + x - 1, t / (alpha + big_t + t)))
+            * alive
+        )
         value = expected * frame["avg_order_value"].fillna(0).to_numpy(dtype="float64")
-        return Predictions(np.clip(churn, 0.0, 1.0), None, value)
+        return Predictions(np.clip(churn, 0.0, 1.0), None, np.nan_to_num(value))
 
 
 class RFMRuleBaseline:

@@ -126,7 +126,7 @@ def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     assert "paired difference in mean churn ROC-AUC against" in result.stdout
     folder = settings.home / "reports" / "backtest"
     table = pd.read_csv(folder / "backtest_metrics.csv")
-    assert set(table["model"]) == {"lightgbm", "lightgbm_rfm", "bg_nbd", "rfm_rule"}
+    assert set(table["model"]) == {"lightgbm", "lightgbm_rfm", "bg_nbd", "rfm_rule", "ensemble"}
     assert table["cutoff"].nunique() == 3  # two cutoffs and their mean
     auc = table[(table.metric == "churn_roc_auc") & (table.cutoff == "mean")]
     assert ((auc["low"] <= auc["value"]) & (auc["value"] <= auc["high"])).all()

@@ -284,7 +284,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cutoffs", type=int, default=4, help="evaluation cutoffs (default 4)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples per cutoff")
-    p.add_argument("--models", nargs="+", help="default: lightgbm lightgbm_rfm bg_nbd rfm_rule")
+    p.add_argument(
+        "--models", nargs="+", help="default: lightgbm lightgbm_rfm bg_nbd rfm_rule ensemble"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_cmd_evaluate)
 
