@@ -1,9 +1,11 @@
 """Train: baselines and the transformer on the same splits, tracked in MLflow, then the gate.
 
-One parent run per training job, with a nested run per model (LightGBM, BG/NBD, RFM rule,
-transformer), so the MLflow UI shows them side by side. Every model is scored on the same
-frozen holdout; the transformer becomes `challenger` and is promoted to `champion` only if it
-beats the incumbent (the champion, or on the first run the LightGBM baseline).
+One parent run per training job, with a nested run per model (LightGBM, BG/NBD, RFM rule, the
+LightGBM + BG/NBD ensemble, transformer), so the MLflow UI shows them side by side. Every model
+is scored on the same frozen holdout; the transformer becomes `challenger` and is promoted to
+`champion` only if it beats the incumbent (the champion, or on the first run the better of
+LightGBM and the ensemble, which otherwise becomes champion with the reason in its registry
+description).
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ from ml.data import (
     to_model_input,
 )
 from ml.data import fingerprint as dataset_fingerprint
+from ml.ensemble import AveragedEnsemble
 from ml.evaluate import Predictions, compute_metrics, plot_all
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import as_predictions, predict_net
 
 log = logging.getLogger(__name__)
+# The classic champion candidates, by model name.
+CLASSIC_LABELS = {"lightgbm": "LightGBM baseline", "ensemble": "LightGBM + BG/NBD ensemble"}
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,12 @@ def train(
             (lightgbm, lightgbm.predict),
             (bgnbd := BGNBDBaseline(horizon).fit(frames["train"]), bgnbd.predict),
             (rfm := RFMRuleBaseline().fit(frames["train"]), rfm.predict),
+            (
+                ensemble := AveragedEnsemble(numeric, cfg.seed, horizon).fit(
+                    frames["train"], frames["validation"]
+                ),
+                ensemble.predict,
+            ),
         ]
         for baseline, predict in baselines:
             with mlflow.start_run(run_name=baseline.name, nested=True):
@@ -260,8 +271,9 @@ def train(
             )
             registry.set_alias(cfg.registered_model, registry.CHALLENGER, version)
 
+            classic = max((lightgbm, ensemble), key=lambda m: metrics[m.name][cfg.primary_metric])
             decision, champion = _gate(
-                cfg, client, holdout, metrics, version, lightgbm, scaler, example, work, info
+                cfg, client, holdout, metrics, version, classic, scaler, example, work, info
             )
             mlflow.log_text(decision.to_json(), "gate_decision.json")
             mlflow.set_tags(
@@ -290,7 +302,7 @@ def _gate(
     holdout: pd.DataFrame,
     metrics: dict[str, dict[str, float]],
     version: str,
-    lightgbm: LightGBMBaseline,
+    classic: LightGBMBaseline | AveragedEnsemble,
     scaler: FeatureScaler,
     example: pd.DataFrame,
     work: Path,
@@ -315,11 +327,13 @@ def _gate(
             registry.set_alias(name, registry.CHAMPION, version)
         return decision, version if decision.promote else incumbent_version
 
-    # First model: it must beat the LightGBM baseline, else that baseline becomes champion.
+    # First model: it must beat the better classic candidate on the holdout (LightGBM or the
+    # LightGBM + BG/NBD ensemble), else that one becomes champion.
+    label = CLASSIC_LABELS[classic.name]
     decision = registry.decide(
         metrics["transformer"],
-        metrics["lightgbm"],
-        "LightGBM baseline",
+        metrics[classic.name],
+        label,
         cfg.primary_metric,
         cfg.promotion_margin,
         cfg.calibration_tolerance,
@@ -327,16 +341,28 @@ def _gate(
     if decision.promote:
         registry.set_alias(name, registry.CHAMPION, version)
         return decision, version
-    with mlflow.start_run(run_name="lightgbm-champion", nested=True):
-        mlflow.set_tags({"valueloop.model": "lightgbm", "valueloop.kind": "fallback-champion"})
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics["lightgbm"].items()})
-        model_dir = registry.save_baseline_artifacts(work / "lightgbm", lightgbm, scaler)
+    others = {m: metrics[m][cfg.primary_metric] for m in CLASSIC_LABELS if m in metrics}
+    why = (
+        f"{label} ({cfg.primary_metric} "
+        + ", ".join(f"{m} {v:.4f}" for m, v in others.items())
+        + f") is champion: the transformer did not beat it ({decision.reason})"
+    )
+    with mlflow.start_run(run_name=f"{classic.name}-champion", nested=True):
+        mlflow.set_tags(
+            {
+                "valueloop.model": classic.name,
+                "valueloop.kind": "fallback-champion",
+                "valueloop.champion_reason": why,
+            }
+        )
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics[classic.name].items()})
+        model_dir = registry.save_baseline_artifacts(work / classic.name, classic, scaler)
         baseline_version = registry.log_pyfunc(
             registry.BaselinePyfunc(),
             model_dir,
             example,
             name,
-            f"LightGBM baseline trained on {info['sha256'][:12]} (first-run fallback)",
+            f"{label} trained on {info['sha256'][:12]} (first-run fallback): {why}",
         )
     registry.set_alias(name, registry.CHAMPION, baseline_version)
     return decision, baseline_version

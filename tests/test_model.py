@@ -107,8 +107,8 @@ def test_every_model_is_tracked_side_by_side(warehouse: Settings, trained) -> No
         filter_string=f"tags.mlflow.parentRunId = '{trained.parent_run_id}'",
     )
     by_model = {r.data.tags["valueloop.model"]: r for r in children}
-    assert {"lightgbm", "bg_nbd", "rfm_rule", "transformer"} <= set(by_model)
-    for name in ("lightgbm", "bg_nbd", "rfm_rule", "transformer"):
+    assert {"lightgbm", "bg_nbd", "rfm_rule", "ensemble", "transformer"} <= set(by_model)
+    for name in ("lightgbm", "bg_nbd", "rfm_rule", "ensemble", "transformer"):
         run = by_model[name]
         assert {"test_churn_roc_auc", "test_churn_brier", "test_churn_pr_auc"} <= set(
             run.data.metrics
@@ -125,7 +125,7 @@ def test_every_model_is_tracked_side_by_side(warehouse: Settings, trained) -> No
     }
 
 
-def test_the_first_champion_is_the_better_of_transformer_and_lightgbm(
+def test_the_first_champion_is_the_best_of_transformer_lightgbm_and_the_ensemble(
     warehouse: Settings, trained
 ) -> None:
     client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
@@ -133,10 +133,18 @@ def test_the_first_champion_is_the_better_of_transformer_and_lightgbm(
     champion = client.get_model_version_by_alias(name, registry.CHAMPION)
     challenger = client.get_model_version_by_alias(name, registry.CHALLENGER)
     assert str(challenger.version) == trained.challenger_version
+    scores = {m: trained.metrics[m]["customer_score"] for m in ("lightgbm", "ensemble")}
+    classic = max(scores, key=scores.get)
     beat = trained.metrics["transformer"]["customer_score"] >= (
-        trained.metrics["lightgbm"]["customer_score"] + TrainConfig().promotion_margin
+        scores[classic] + TrainConfig().promotion_margin
     )
     assert (str(champion.version) == str(challenger.version)) == (beat and trained.decision.promote)
+    if str(champion.version) != str(challenger.version):
+        # The registry says which classic model is champion, and why.
+        assert champion.description.startswith(
+            "LightGBM baseline" if classic == "lightgbm" else "LightGBM + BG/NBD ensemble"
+        )
+        assert "is champion: the transformer did not beat it" in champion.description
     # Whichever it is, the champion scores a DataFrame through the one interface.
     holdout = to_model_input(read_mart(warehouse.warehouse_path, "scoring_set").head(20))
     mlflow.set_tracking_uri(warehouse.mlflow_tracking_uri)
