@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ml import registry
+from ml import reasons, registry
 from ml.config import TrainConfig
 from ml.data import to_model_input
 from ml.report import segment_map, write_report
@@ -88,6 +88,7 @@ def _stream_predictions(
             batch_rows
         )
         parts, embeddings, done = [], None, 0
+        explained = getattr(model.unwrap_python_model(), "baseline", None)
         with tqdm(total=total, desc="score", unit="customer") as bar:
             for batch in reader:
                 chunk = to_model_input(batch.to_pandas())
@@ -103,6 +104,11 @@ def _stream_predictions(
                         shape=(total, emb.shape[1]),
                     )
                 embeddings[done : done + len(chunk)] = emb
+                why = reasons.explain(explained, chunk) if explained is not None else None
+                if why is None:
+                    why = pd.DataFrame(
+                        {c: [None] * len(chunk) for c in ("churn_reasons", "tier_reasons")}
+                    )
                 parts.append(
                     pd.concat(
                         [
@@ -110,6 +116,7 @@ def _stream_predictions(
                             out.drop(columns=out.filter(like="embedding_").columns).reset_index(
                                 drop=True
                             ),
+                            why.reset_index(drop=True).astype(object),
                         ],
                         axis=1,
                     )

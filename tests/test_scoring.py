@@ -96,6 +96,20 @@ def test_every_customer_is_scored_segmented_and_published(scored) -> None:
         settings, "select count(distinct model_version) from marts.customer_scores"
     )
     assert versions == 1
+    # Reason codes come with a champion built on LightGBM, for every customer.
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    champion = client.get_model_version_by_alias(NAME, registry.CHAMPION)
+    kind = client.get_run(champion.run_id).data.tags["valueloop.model"]
+    [(explained, tiered, sample)] = query(
+        settings,
+        "select count(churn_reasons), count(tier_reasons), min(churn_reasons)"
+        " from marts.customer_scores",
+    )
+    if kind in ("lightgbm", "ensemble"):
+        assert explained == tiered == scored_rows
+        assert sample.count(" risk)") == 3
+    else:
+        assert explained == 0
 
 
 def test_bi_reads_the_published_tables_read_only(scored) -> None:

@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MODELS = ("transformer", "lightgbm", "bg_nbd", "rfm_rule")
+MODELS = ("transformer", "lightgbm", "bg_nbd", "rfm_rule", "ensemble")
 TIMEOUT_MS = 60_000
 
 pytestmark = [

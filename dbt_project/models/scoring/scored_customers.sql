@@ -184,6 +184,8 @@ final as (
         expected_cost,
         action_policy::varchar as action_policy,
         expected_incremental_profit::double as expected_incremental_profit,
+        churn_reasons::varchar as churn_reasons,
+        tier_reasons::varchar as tier_reasons,
         model_name,
         model_version,
         model_run_id,

@@ -1,0 +1,139 @@
+"""Reason codes: why a customer got their churn risk and their tier, in plain words.
+
+For a champion built on LightGBM (the LightGBM baseline, or the ensemble's LightGBM half) the
+drivers are exact TreeSHAP values (Lundberg et al., 2020, "From local explanations to global
+understanding with explainable AI for trees": the algorithm the shap library's TreeExplainer
+runs), computed by LightGBM itself (``pred_contrib=True``) so scoring needs nothing more:
+
+* ``churn_reasons``: the three features that move the customer's churn log-odds most, each
+  with its direction ("raises risk" / "lowers risk");
+* ``tier_reasons``: the three features that most support the predicted tier.
+
+Each feature is written as a sentence about the customer ("no order in 120 days, usually buys
+every 30"; "spend down 60% over 90 days"), with a plain fallback for features without one.
+The same model and customer always give the same reasons. A transformer champion gets none
+yet (attributions through the text encoder are still to come).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ml.data import TIERS
+
+TOP = 3
+
+
+def _num(row: dict, name: str) -> float | None:
+    value = row.get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _recency(row: dict, value: float) -> str:
+    usual = _num(row, "ipt_mean_days")
+    text = f"no order in {value:.0f} days"
+    return text + (f", usually buys every {usual:.0f}" if usual else "")
+
+
+def _trend(row: dict, value: float) -> str:
+    last, prior = _num(row, "spend_last_90d"), _num(row, "spend_prior_90d")
+    if last is not None and prior:
+        change = (last - prior) / prior
+        return f"spend {'down' if change < 0 else 'up'} {abs(change):.0%} over 90 days"
+    return "no spend in the 90 days before the last 90" if value > 0 else "no recent spend"
+
+
+PHRASES = {
+    "recency_days": _recency,
+    "spend_trend_90d": _trend,
+    "ipt_mean_days": lambda r, v: f"buys every {v:.0f} days on average",
+    "ipt_max_days": lambda r, v: f"longest gap between orders {v:.0f} days",
+    "ipt_std_days": lambda r, v: f"irregular buyer (gaps vary by {v:.0f} days)",
+    "frequency": lambda r, v: f"{v:.0f} orders so far",
+    "monetary_value": lambda r, v: f"spent {v:,.0f} in total",
+    "gross_spend": lambda r, v: f"spent {v:,.0f} before returns",
+    "avg_order_value": lambda r, v: f"orders average {v:,.0f}",
+    "tenure_days": lambda r, v: f"customer for {v:.0f} days",
+    "first_order_days_ago": lambda r, v: f"first order {v:.0f} days ago",
+    "orders_last_30d": lambda r, v: f"{v:.0f} orders in the last 30 days",
+    "orders_last_90d": lambda r, v: f"{v:.0f} orders in the last 90 days",
+    "orders_last_180d": lambda r, v: f"{v:.0f} orders in the last 180 days",
+    "spend_last_30d": lambda r, v: f"spent {v:,.0f} in the last 30 days",
+    "spend_last_90d": lambda r, v: f"spent {v:,.0f} in the last 90 days",
+    "spend_last_180d": lambda r, v: f"spent {v:,.0f} in the last 180 days",
+    "spend_prior_90d": lambda r, v: f"spent {v:,.0f} in the 90 days before that",
+    "spend_rate_vs_before_180d": lambda r, v: f"spending at {v:.1f}x their earlier rate",
+    "return_rate": lambda r, v: f"returns {v:.0%} of spend",
+    "cancellation_rate": lambda r, v: f"cancels {v:.0%} of spend",
+    "discounted_line_share": lambda r, v: f"buys {v:.0%} of items on promotion",
+    "n_distinct_products": lambda r, v: f"bought {v:.0f} different products",
+    "n_distinct_categories": lambda r, v: f"buys in {v:.0f} categories",
+    "top_category_share": lambda r, v: f"{v:.0%} of spend in one category",
+    "n_reviews": lambda r, v: f"{v:.0f} reviews written",
+    "avg_rating": lambda r, v: f"rates products {v:.1f}/5 on average",
+    "min_rating": lambda r, v: f"lowest rating given {v:.0f}/5",
+}
+
+
+def phrase(feature: str, row: dict) -> str:
+    """One feature of one customer, in words."""
+    raw = row.get(feature)
+    value = _num(row, feature)
+    if feature in PHRASES and value is not None:
+        return PHRASES[feature](row, value)
+    label = feature.replace("_", " ")
+    if value is None:
+        return f"{label} unknown" if raw is None or raw != raw else f"{label} {raw}"
+    return f"{label} {value:.3g}"
+
+
+def lightgbm_of(model) -> object | None:
+    """The LightGBM baseline inside a champion (itself, or the ensemble's half), if any."""
+    if hasattr(model, "churn_model") and hasattr(model, "tier_model"):
+        return model
+    inner = getattr(model, "lightgbm", None)
+    return inner if inner is not None and hasattr(inner, "churn_model") else None
+
+
+def explain(model, frame: pd.DataFrame) -> pd.DataFrame | None:
+    """``churn_reasons`` and ``tier_reasons`` per row of ``frame`` (same index), or None when
+    the model has no LightGBM to explain."""
+    trees = lightgbm_of(model)
+    if trees is None:
+        return None
+    x = trees._matrix(frame)
+    names = list(x.columns)
+    churn = trees.churn_model.predict(x, pred_contrib=True)[:, : len(names)]
+    tier_all = trees.tier_model.predict(x, pred_contrib=True)
+    tiers = trees.tier_model.predict_proba(x).argmax(axis=1)
+    width = len(names) + 1
+    rows = np.arange(len(frame))
+    churn_top = np.argsort(-np.abs(churn), axis=1, kind="stable")[:, :TOP]
+    tier_contrib = tier_all.reshape(len(frame), len(TIERS), width)[rows, tiers, : len(names)]
+    tier_top = np.argsort(-tier_contrib, axis=1, kind="stable")[:, :TOP]
+    churn_text, tier_text = [], []
+    for i, row in enumerate(frame.to_dict("records")):
+        churn_text.append(
+            "; ".join(
+                f"{phrase(names[j], row)} ({'raises' if churn[i, j] > 0 else 'lowers'} risk)"
+                for j in churn_top[i]
+                if churn[i, j] != 0
+            )
+        )
+        tier = TIERS[tiers[i]]
+        tier_text.append(
+            "; ".join(
+                f"{phrase(names[j], row)} (supports {tier})"
+                for j in tier_top[i]
+                if tier_contrib[i, j] > 0
+            )
+        )
+    return pd.DataFrame({"churn_reasons": churn_text, "tier_reasons": tier_text}, index=frame.index)
