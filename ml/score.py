@@ -78,7 +78,7 @@ def _champion(tracking_uri: str, name: str):
 
 
 def _stream_predictions(
-    model, warehouse: Path, batch_rows: int, work: Path, batch_size: int
+    model, warehouse: Path, batch_rows: int, work: Path, batch_size: int, explain: bool = True
 ) -> tuple[pd.DataFrame, np.memmap]:
     with duckdb.connect(str(warehouse), read_only=True) as con:
         total = con.execute("select count(*) from marts.scoring_set").fetchall()[0][0]
@@ -88,7 +88,7 @@ def _stream_predictions(
             batch_rows
         )
         parts, embeddings, done = [], None, 0
-        explained = getattr(model.unwrap_python_model(), "baseline", None)
+        explained = getattr(model.unwrap_python_model(), "baseline", None) if explain else None
         with tqdm(total=total, desc="score", unit="customer") as bar:
             for batch in reader:
                 chunk = to_model_input(batch.to_pandas())
@@ -168,7 +168,12 @@ def score_candidates(
     stem = _report_stem(run_id)
     with tempfile.TemporaryDirectory(prefix="valueloop-score-") as tmp:
         predictions, embeddings = _stream_predictions(
-            model, settings.warehouse_path, batch_rows, Path(tmp), batch_size
+            model,
+            settings.warehouse_path,
+            batch_rows,
+            Path(tmp),
+            batch_size,
+            settings.score_reasons,
         )
         segmentation = fit_segments(np.asarray(embeddings), *k_range, seed)
         segment = segmentation.assign(embeddings)

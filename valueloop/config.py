@@ -64,6 +64,9 @@ class Settings:
     retrain_min_corrections: int  # new label corrections that trigger retraining
     retrain_drift_psi: float  # feature or score PSI that triggers retraining
     retrain_every_days: int  # retrain at least this often
+    # Reason codes per scored customer (ml/reasons.py): exact TreeSHAP, the costliest part of
+    # scoring a LightGBM champion; off for very large scoring runs.
+    score_reasons: bool
 
     @property
     def logs_dir(self) -> Path:
@@ -191,4 +194,6 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         retrain_min_corrections=int(env.get(_env_name("retrain_min_corrections"), "50")),
         retrain_drift_psi=float(env.get(_env_name("retrain_drift_psi"), "0.25")),
         retrain_every_days=int(env.get(_env_name("retrain_every_days"), "7")),
+        score_reasons=env.get(_env_name("score_reasons"), "true").strip().lower()
+        in ("1", "true", "yes", "on"),
     )
