@@ -6,8 +6,9 @@ The evaluation cutoffs are the latest ``n_cutoffs`` labelled cutoffs of ``marts.
 a model trains on the labelled cutoffs whose whole label window had passed by ``c``
 (``as_of + horizon_days <= c``): the latest of them validates (early stopping), the rest train;
 with a single one, a hashed fifth of its customers validates. It is then scored on every
-customer labelled at ``c``. Nothing at or after ``c`` reaches its training rows
-(:func:`origins`, tested through the real marts).
+customer labelled at ``c``. Models: LightGBM on all features, LightGBM on nine RFM features,
+BG/NBD, the RFM rule and the LightGBM + BG/NBD ensemble (``ml.ensemble``). Nothing at or
+after ``c`` reaches its training rows (:func:`origins`, tested through the real marts).
 
 Per cutoff and averaged over cutoffs: churn ROC-AUC, PR-AUC and Brier score, tier macro-F1,
 top-decile revenue capture, each with a bootstrap 95% interval (customers resampled within a
