@@ -28,13 +28,11 @@ TOP = 3
 
 
 def _num(row: dict, name: str) -> float | None:
+    """The feature's number, or None when it is missing or not a number (a category)."""
     value = row.get(name)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+    return None if math.isnan(value) else float(value)
 
 
 def _recency(row: dict, value: float) -> str:

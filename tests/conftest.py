@@ -109,6 +109,21 @@ def airflow_api_server(settings: Settings) -> Iterator[str]:
         yield base
 
 
+def run_valueloop(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """The `valueloop` command in its own process, on ``home``, with none of this process's
+    VALUELOOP_/AIRFLOW settings leaking in (the PII salt of the test homes: "s")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
+    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s"})
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("valueloop")), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """`valueloop run` through Airflow on a tiny shop with a tiny model, once per session.
@@ -116,22 +131,14 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     Its terminal output is kept beside the home as ``run-output.txt``.
     """
     home = tmp_path_factory.mktemp("pipeline")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
-    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s"})
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("valueloop")),
-            "run",
-            "--customers",
-            "800",
-            "--train-config",
-            str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_valueloop(
+        "run",
+        "--customers",
+        "800",
+        "--train-config",
+        str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+        home=home,
         timeout=1500,
-        check=False,
     )
     assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-6000:])
     (home / "run-output.txt").write_text(result.stdout)

@@ -3,11 +3,6 @@ command runs through the real marts and a real MLflow store."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import mlflow
 import numpy as np
 import pandas as pd
@@ -15,6 +10,7 @@ import pytest
 
 from ml import backtest
 from ml.data import horizon_days, read_mart
+from tests.conftest import run_valueloop
 from valueloop.config import Settings
 
 
@@ -103,23 +99,8 @@ def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     horizon = horizon_days(warehouse)
     _assert_no_leak(backtest.origins(read_mart(warehouse, "training_set"), 2, horizon), horizon)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
-    env.update({"VALUELOOP_HOME": str(settings.home), "VALUELOOP_PII_SALT": "s"})
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("valueloop")),
-            "evaluate",
-            "--backtest",
-            "--cutoffs",
-            "2",
-            "--bootstrap",
-            "30",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    result = run_valueloop(
+        "evaluate", "--backtest", "--cutoffs", "2", "--bootstrap", "30", home=settings.home
     )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "rolling-origin backtest over 2 cutoffs" in result.stdout

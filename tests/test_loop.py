@@ -219,6 +219,24 @@ def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_
     assert "label_feedback.row_count" in names
 
 
+def _outcomes(
+    feature: str, values: np.ndarray, arms: np.ndarray, orders: np.ndarray, revenue: np.ndarray
+) -> pd.DataFrame:
+    """Randomised campaign outcomes as the uplift model reads them: one feature varies, the
+    others are 0; controls are held out of the offer."""
+    n = len(values)
+    frame = pd.DataFrame({f: 0.0 for f in uplift.FEATURES}, index=range(n))
+    frame[feature] = values
+    return frame.assign(
+        customer_key=[f"k{i}" for i in range(n)],
+        campaign_id="c",
+        action=np.where(arms == "control", "offer", arms),
+        group_name=np.where(arms == "control", "control", "treatment"),
+        orders=orders,
+        revenue=revenue,
+    )
+
+
 def test_the_uplift_learner_finds_a_planted_effect_and_the_qini_sees_it() -> None:
     rng = np.random.default_rng(0)
     n = 6000
@@ -229,16 +247,7 @@ def test_the_uplift_learner_finds_a_planted_effect_and_the_qini_sees_it() -> Non
     rate = base + np.where((arms == "offer") & (x > 0), 0.8, 0.0)
     orders = rng.poisson(rate)
     value = 20 + 5 * rng.random(n)
-    frame = pd.DataFrame({f: 0.0 for f in uplift.FEATURES}, index=range(n))
-    frame["recency_days"] = x
-    frame = frame.assign(
-        customer_key=[f"k{i}" for i in range(n)],
-        campaign_id="c",
-        action=np.where(arms == "control", "offer", arms),
-        group_name=np.where(arms == "control", "control", "treatment"),
-        orders=orders,
-        revenue=orders * value,
-    )
+    frame = _outcomes("recency_days", x, arms, orders, orders * value)
     model = uplift.OrdersLearner(0, {"offer": 0.0}).fit(frame)
     effects = model.effects(frame)
     assert effects.loc[x > 0.5, "offer"].mean() > 10
@@ -265,17 +274,7 @@ def _planted(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     orders = rng.poisson(
         np.exp(-0.5 + 0.3 * risk) + np.where((arms == "offer") & (risk > 0.5), 0.8, 0)
     )
-    frame = pd.DataFrame({f: 0.0 for f in uplift.FEATURES}, index=range(n))
-    frame["churn_probability"] = risk
-    frame = frame.assign(
-        customer_key=[f"k{i}" for i in range(n)],
-        campaign_id="c",
-        action=np.where(arms == "control", "offer", arms),
-        group_name=np.where(arms == "control", "control", "treatment"),
-        orders=orders,
-        revenue=orders * 20.0,
-    )
-    return frame, risk
+    return _outcomes("churn_probability", risk, arms, orders, orders * 20.0), risk
 
 
 def test_the_cell_learner_measures_an_effect_per_cell_and_the_policy_respects_its_error() -> None:
