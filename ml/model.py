@@ -110,29 +110,12 @@ class CustomerNet(nn.Module):
         }
 
 
-class CustomerModel(pl.LightningModule):
-    """Owns the net, the losses (class-weighted tier CE + churn BCE) and the optimiser."""
+class TwoHeadModule(pl.LightningModule):
+    """The losses (class-weighted tier CE + churn BCE), metrics and steps both customer models
+    share; subclasses own the net (``forward``) and the optimiser."""
 
-    def __init__(
-        self,
-        encoder: str,
-        vocab_size: int,
-        n_numeric: int,
-        fused_dim: int,
-        dropout: float,
-        trainable_layers: int | None,
-        encoder_lr: float,
-        head_lr: float,
-        weight_decay: float,
-        churn_loss_weight: float,
-        tier_weights: list[float],
-    ) -> None:
+    def __init__(self, tier_weights: list[float]) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.net = CustomerNet(
-            load_encoder(encoder, vocab_size), n_numeric, fused_dim, dropout, trainable_layers
-        )
-        self.net.train()  # from_pretrained returns the encoder in eval mode (dropout off)
         self.register_buffer("tier_weights", torch.tensor(tier_weights, dtype=torch.float32))
         self.metrics = nn.ModuleDict(
             {
@@ -144,28 +127,6 @@ class CustomerModel(pl.LightningModule):
                 )
             }
         )
-
-    @classmethod
-    def from_config(
-        cls, cfg, vocab_size: int, n_numeric: int, tier_weights: list[float] | None = None
-    ) -> CustomerModel:
-        """Build from a TrainConfig (tier weights default to equal)."""
-        return cls(
-            encoder=cfg.encoder,
-            vocab_size=vocab_size,
-            n_numeric=n_numeric,
-            fused_dim=cfg.fused_dim,
-            dropout=cfg.dropout,
-            trainable_layers=cfg.trainable_layers,
-            encoder_lr=cfg.encoder_lr,
-            head_lr=cfg.head_lr,
-            weight_decay=cfg.weight_decay,
-            churn_loss_weight=cfg.churn_loss_weight,
-            tier_weights=tier_weights or [1.0] * len(TIERS),
-        )
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.net(batch["input_ids"], batch["attention_mask"], batch["numeric"])
 
     def compute_loss(self, batch: dict[str, torch.Tensor]):
         """Class-weighted tier cross-entropy plus weighted churn BCE, and the outputs."""
@@ -218,6 +179,53 @@ class CustomerModel(pl.LightningModule):
             "churn_prob": torch.sigmoid(out["churn_logit"].float()),
             "embedding": out["embedding"].float(),
         }
+
+
+class CustomerModel(TwoHeadModule):
+    """The document model: the pretrained text encoder fused with the numeric tower."""
+
+    def __init__(
+        self,
+        encoder: str,
+        vocab_size: int,
+        n_numeric: int,
+        fused_dim: int,
+        dropout: float,
+        trainable_layers: int | None,
+        encoder_lr: float,
+        head_lr: float,
+        weight_decay: float,
+        churn_loss_weight: float,
+        tier_weights: list[float],
+    ) -> None:
+        super().__init__(tier_weights)
+        self.save_hyperparameters()
+        self.net = CustomerNet(
+            load_encoder(encoder, vocab_size), n_numeric, fused_dim, dropout, trainable_layers
+        )
+        self.net.train()  # from_pretrained returns the encoder in eval mode (dropout off)
+
+    @classmethod
+    def from_config(
+        cls, cfg, vocab_size: int, n_numeric: int, tier_weights: list[float] | None = None
+    ) -> CustomerModel:
+        """Build from a TrainConfig (tier weights default to equal)."""
+        return cls(
+            encoder=cfg.encoder,
+            vocab_size=vocab_size,
+            n_numeric=n_numeric,
+            fused_dim=cfg.fused_dim,
+            dropout=cfg.dropout,
+            trainable_layers=cfg.trainable_layers,
+            encoder_lr=cfg.encoder_lr,
+            head_lr=cfg.head_lr,
+            weight_decay=cfg.weight_decay,
+            churn_loss_weight=cfg.churn_loss_weight,
+            tier_weights=tier_weights or [1.0] * len(TIERS),
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.net(batch["input_ids"], batch["attention_mask"], batch["numeric"])
 
     def configure_optimizers(self):
         encoder_params = [p for p in self.net.encoder.parameters() if p.requires_grad]

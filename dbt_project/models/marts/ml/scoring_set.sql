@@ -9,6 +9,10 @@ documents as (
     select * from {{ ref('customer_documents') }}
 ),
 
+sequences as (
+    select * from {{ ref('customer_event_sequences') }}
+),
+
 cutoffs as (
     select * from {{ ref('int_cutoffs') }}
     where split = 'score'
@@ -17,10 +21,12 @@ cutoffs as (
 joined as (
     select
         features.*,
-        documents.document
+        documents.document,
+        coalesce(sequences.event_sequence, '{}') as event_sequence
     from features
     inner join cutoffs on features.as_of = cutoffs.as_of
     inner join documents on features.customer_cutoff_id = documents.customer_cutoff_id
+    left join sequences on features.customer_cutoff_id = sequences.customer_cutoff_id
 )
 
 select * from joined

@@ -9,6 +9,10 @@ documents as (
     select * from {{ ref('customer_documents') }}
 ),
 
+sequences as (
+    select * from {{ ref('customer_event_sequences') }}
+),
+
 labels as (
     select * from {{ ref('customer_labels') }}
 ),
@@ -17,6 +21,7 @@ joined as (
     select
         features.*,
         documents.document,
+        coalesce(sequences.event_sequence, '{}') as event_sequence,
         labels.split,
         labels.future_orders,
         labels.future_spend,
@@ -25,6 +30,7 @@ joined as (
     from features
     inner join labels on features.customer_cutoff_id = labels.customer_cutoff_id
     inner join documents on features.customer_cutoff_id = documents.customer_cutoff_id
+    left join sequences on features.customer_cutoff_id = sequences.customer_cutoff_id
 )
 
 select * from joined
