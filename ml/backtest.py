@@ -7,8 +7,10 @@ a model trains on the labelled cutoffs whose whole label window had passed by ``
 (``as_of + horizon_days <= c``): the latest of them validates (early stopping), the rest train;
 with a single one, a hashed fifth of its customers validates. It is then scored on every
 customer labelled at ``c``. Models: LightGBM on all features, LightGBM on nine RFM features,
-BG/NBD, the RFM rule and the LightGBM + BG/NBD ensemble (``ml.ensemble``). Nothing at or
-after ``c`` reaches its training rows (:func:`origins`, tested through the real marts).
+BG/NBD, the RFM rule, the LightGBM + BG/NBD ensemble (``ml.ensemble``), the behaviour-sequence
+transformer (``ml.sequence``, CoLES-pretrained on every customer's sequence at the validation
+cutoff) and the stack of the transformer with LightGBM and BG/NBD. Nothing at or after ``c``
+reaches its training rows (:func:`origins`, tested through the real marts).
 
 Per cutoff and averaged over cutoffs: churn ROC-AUC, PR-AUC and Brier score, tier macro-F1,
 top-decile revenue capture, each with a bootstrap 95% interval (customers resampled within a
@@ -41,9 +43,11 @@ from tqdm.auto import tqdm
 
 from ml import registry
 from ml.baselines import BGNBDBaseline, LightGBMBaseline, RFMRuleBaseline
+from ml.config import TrainConfig
 from ml.data import TIERS, horizon_days, numeric_columns, read_mart, tier_index
-from ml.ensemble import AveragedEnsemble
+from ml.ensemble import AveragedEnsemble, MeanEnsemble
 from ml.evaluate import Predictions
+from ml.sequence import SequenceClassifier, read_texts
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +189,43 @@ class BacktestResult:
         return "\n".join(lines)
 
 
-def _models(numeric: list[str], seed: int, horizon: int) -> dict:
+# The stack: the sequence transformer averaged with the classic models (ml.ensemble.MeanEnsemble).
+STACK_MEMBERS = ("transformer", "lightgbm", "bg_nbd")
+
+
+def _models(numeric: list[str], seed: int, horizon: int, cfg, warehouse: Path, cache_dir) -> dict:
+    texts = None
+
+    def transformer():
+        nonlocal texts
+        texts = read_texts(warehouse) if texts is None else texts
+        return SequenceClassifier(cfg, texts, cache_dir)
+
     return {
         "lightgbm": lambda: LightGBMBaseline(numeric, seed),
         "lightgbm_rfm": lambda: LightGBMBaseline(list(RFM_FEATURES), seed, (), "lightgbm_rfm"),
         "bg_nbd": lambda: BGNBDBaseline(horizon),
         "rfm_rule": lambda: RFMRuleBaseline(),
         "ensemble": lambda: AveragedEnsemble(numeric, seed, horizon),
+        "transformer": transformer,
+        "stack": None,  # built from the fitted members (_fit_all)
     }
 
 
+def _fit_all(names: list[str], builders: dict, origin: Origin) -> dict:
+    """Every model fitted on the origin; the stack reuses its members' fits."""
+    fitted: dict = {}
+    for name in names:
+        if name == "stack":
+            members = [fitted.get(m) or _fit(m, builders[m](), origin) for m in STACK_MEMBERS]
+            fitted[name] = MeanEnsemble(members, "stack").calibrate(origin.validation)
+        else:
+            fitted[name] = _fit(name, builders[name](), origin)
+    return fitted
+
+
 def _fit(name: str, model, origin: Origin):
-    if name.startswith("lightgbm") or name == "ensemble":
+    if name.startswith("lightgbm") or name in ("ensemble", "transformer"):
         return model.fit(origin.train, origin.validation)
     # One-shot models learn from every labelled row before the cutoff.
     return model.fit(pd.concat([origin.train, origin.validation]))
@@ -211,12 +240,18 @@ def run(
     seed: int = 42,
     models: tuple[str, ...] | None = None,
     out_dir: Path | None = None,
+    cfg: TrainConfig | None = None,
+    cache_dir: Path | None = None,
 ) -> BacktestResult:
-    """Train and evaluate every model at each cutoff; log to MLflow when ``tracking_uri``."""
+    """Train and evaluate every model at each cutoff; log to MLflow when ``tracking_uri``.
+    ``cfg`` sizes the sequence transformer (default ml/configs/default.yaml); its text
+    embeddings and pretrained encoders are cached in ``cache_dir``."""
     frame = read_mart(warehouse, "training_set")
     horizon = horizon_days(warehouse)
     numeric = numeric_columns(frame)
-    builders = _models(numeric, seed, horizon)
+    cfg = cfg or TrainConfig.load()
+    cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="valueloop-backtest-cache-"))
+    builders = _models(numeric, seed, horizon, cfg, warehouse, cache_dir)
     names = list(models or builders)
     unknown = set(names) - set(builders)
     if unknown:
@@ -229,9 +264,9 @@ def run(
         test = origin.test.reset_index(drop=True)
         samples = rng.integers(0, len(test), size=(n_bootstrap, len(test)))
         everyone = np.arange(len(test))
+        fitted = _fit_all(names, builders, origin)
         for name in names:
-            model = _fit(name, builders[name](), origin)
-            predictions = model.predict(test)
+            predictions = fitted[name].predict(test)
             point = metric_values(test, predictions, everyone)
             boot = pd.DataFrame([metric_values(test, predictions, s) for s in samples])
             replicates[(cutoff, name)] = boot

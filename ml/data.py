@@ -21,6 +21,8 @@ CATEGORICAL_COLUMNS = ("country", "acquisition_channel", "top_category")
 SNAPSHOT_META = "snapshot.json"
 LABEL_COLUMNS = ("split", "future_orders", "future_spend", "value_tier", "is_churned")
 TEXT_COLUMN = "document"
+# Each customer's latest events as JSON (marts.customer_event_sequences), the sequence model's.
+SEQUENCE_COLUMN = "event_sequence"
 
 
 def read_mart(source: Path, table: str) -> pd.DataFrame:
@@ -68,6 +70,9 @@ def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
     target = (partial / "training_set.parquet").as_posix()
     with duckdb.connect(str(warehouse), read_only=True) as con:
         con.execute(f"copy marts.training_set to '{target}' (format parquet)")
+        # The sequence model's texts, embedded (and cached) at training time.
+        texts = (partial / "event_texts.parquet").as_posix()
+        con.execute(f"copy marts.event_texts to '{texts}' (format parquet)")
     meta = {
         "horizon_days": horizon_days(warehouse),
         "warehouse": str(warehouse),
@@ -81,7 +86,7 @@ def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
     """Every numeric feature of customer_features (labels and ids excluded)."""
-    skip = set(ID_COLUMNS) | set(CATEGORICAL_COLUMNS) | set(LABEL_COLUMNS) | {TEXT_COLUMN}
+    skip = {*ID_COLUMNS, *CATEGORICAL_COLUMNS, *LABEL_COLUMNS, TEXT_COLUMN, SEQUENCE_COLUMN}
     return [
         c
         for c in frame.columns
@@ -96,7 +101,15 @@ def to_model_input(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.drop(columns=[c for c in LABEL_COLUMNS if c in frame.columns])
     for column in numeric_columns(out):
         out[column] = out[column].astype("float64")
-    for column in (*CATEGORICAL_COLUMNS, TEXT_COLUMN, "customer_cutoff_id", "customer_id"):
+    if SEQUENCE_COLUMN not in out:
+        out[SEQUENCE_COLUMN] = "{}"  # a mart built before sequences: no events known
+    for column in (
+        *CATEGORICAL_COLUMNS,
+        TEXT_COLUMN,
+        SEQUENCE_COLUMN,
+        "customer_cutoff_id",
+        "customer_id",
+    ):
         out[column] = out[column].astype(object).where(out[column].notna(), None)
     out["as_of"] = pd.to_datetime(out["as_of"])
     return out

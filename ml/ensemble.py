@@ -60,3 +60,32 @@ class AveragedEnsemble:
         calibrated = self.calibration.predict_proba(_logit(churn)[:, None])[:, 1]
         value = (rankdata(trees.value_score) + rankdata(btyd.value_score)) / (2 * len(frame))
         return Predictions(calibrated, trees.tier_probs, value)
+
+
+class MeanEnsemble:
+    """Fitted models averaged the same way: churn probabilities averaged then calibrated on
+    the validation cutoff (Platt), tier probabilities averaged over the members that have
+    tiers, value ranks averaged. The stack of the sequence transformer with LightGBM and
+    BG/NBD is one (``stack`` in the backtest): fitted on out-of-time validation predictions
+    only, never on the rows it is evaluated on."""
+
+    def __init__(self, members: list, name: str) -> None:
+        self.members, self.name = members, name
+
+    def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[Predictions]]:
+        outputs = [m.predict(frame) for m in self.members]
+        return np.mean([o.churn_prob for o in outputs], axis=0), outputs
+
+    def calibrate(self, validation: pd.DataFrame) -> MeanEnsemble:
+        churn, _ = self._raw(validation)
+        self.calibration = LogisticRegression().fit(
+            _logit(churn)[:, None], validation["is_churned"].astype(int)
+        )
+        return self
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        churn, outputs = self._raw(frame)
+        calibrated = self.calibration.predict_proba(_logit(churn)[:, None])[:, 1]
+        tiers = [o.tier_probs for o in outputs if o.tier_probs is not None]
+        value = np.mean([rankdata(o.value_score) for o in outputs], axis=0) / len(frame)
+        return Predictions(calibrated, np.mean(tiers, axis=0) if tiers else None, value)

@@ -1,10 +1,11 @@
 """Registry: models as MLflow pyfuncs with one interface, and the champion/challenger gate.
 
-Both the transformer and the LightGBM fallback load with ``mlflow.pyfunc.load_model`` and
-score a DataFrame of ``customer_features`` columns plus ``document`` into
-``p_high, p_active, p_lapsed, churn_probability, value_tier`` (and ``embedding_*`` with
-``params={"return_embedding": True}``). Scoring loads ``models:/<name>@champion``; only the
-gate (or ``valueloop promote`` for a rollback) moves that alias.
+The sequence and document transformers and the classic fallbacks all load with
+``mlflow.pyfunc.load_model`` and score a DataFrame of ``customer_features`` columns plus
+``document`` and ``event_sequence`` into ``p_high, p_active, p_lapsed, churn_probability,
+value_tier`` (and ``embedding_*`` with ``params={"return_embedding": True}``). Scoring loads
+``models:/<name>@champion``; only the gate (or ``valueloop promote`` for a rollback) moves
+that alias.
 """
 
 from __future__ import annotations
@@ -89,6 +90,40 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
         )
 
 
+class SequencePyfunc(mlflow.pyfunc.PythonModel):
+    """The behaviour-sequence transformer (ml.sequence): reads ``event_sequence`` plus the
+    features; its text vectors travel inside the net's weights (texts unknown at training
+    count as no text)."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from ml.sequence import SequenceNet, SequenceSpec, SequenceVocab
+
+        folder = Path(context.artifacts["model_dir"])
+        self.meta = json.loads((folder / "config.json").read_text())
+        self.scaler = FeatureScaler.from_json((folder / "scaler.json").read_text())
+        self.vocab = SequenceVocab.from_json((folder / "vocab.json").read_text())
+        spec = SequenceSpec(**self.meta["spec"])
+        self.net = SequenceNet(spec, len(self.scaler.columns), self.meta["fused_dim"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.to(device).eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from ml.predict import output_frame
+        from ml.sequence import predict_sequence_net
+
+        params = {**PREDICT_PARAMS, **(params or {})}
+        tiers, churn, embeddings = predict_sequence_net(
+            self.net, self.vocab, self.scaler, model_input, int(params["batch_size"])
+        )
+        return output_frame(
+            tiers, churn, embeddings if params["return_embedding"] else None, model_input.index
+        )
+
+
 class BaselinePyfunc(mlflow.pyfunc.PythonModel):
     """LightGBM with the same interface; its embedding is the standardised feature vector."""
 
@@ -121,6 +156,18 @@ def save_transformer_artifacts(
     tokenizer.save_pretrained(str(folder / "tokenizer"))
     (folder / "scaler.json").write_text(scaler.to_json())
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def save_sequence_artifacts(folder: Path, net, vocab, scaler: FeatureScaler, meta: dict) -> Path:
+    import torch
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "net.pt")
+    (folder / "vocab.json").write_text(vocab.to_json())
+    (folder / "scaler.json").write_text(scaler.to_json())
+    (folder / "config.json").write_text(json.dumps({**meta, "spec": asdict(net.spec)}, indent=2))
     return folder
 
 

@@ -38,12 +38,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ml.data import TIERS, FeatureScaler, tier_index
+from ml.data import SEQUENCE_COLUMN, TIERS, FeatureScaler, tier_index
 from ml.model import TINY_RANDOM, TwoHeadModule, packaged_minilm
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_COLUMN = "event_sequence"
 KINDS = ("order", "return", "cancellation", "review")  # index 0 is padding
 EVENT_NUMBERS = ("days_before", "gap_days", "amount", "quantity", "lines", "rating")
 TEXTS_PER_EVENT = 3
@@ -392,7 +391,7 @@ def random_slices(
     """One random contiguous slice of each sequence (at least ``min_share`` of it, one event),
     re-padded so that the slice's newest event sits at position 0; gaps are recomputed from
     days so the slice's oldest event has none."""
-    n, width = events.kinds.shape
+    n = len(events.kinds)
     numbers = np.zeros_like(events.numbers)
     kinds = np.zeros_like(events.kinds)
     categories = np.zeros_like(events.categories)
@@ -429,7 +428,8 @@ class CoLESModule(pl.LightningModule):
         second = F.normalize(self.projection(self.encoder(batch["second"])), dim=-1)
         logits = first @ second.T / self.hparams.temperature
         target = torch.arange(len(first), device=logits.device)
-        return (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.T.float(), target)) / 2
+        forward = F.cross_entropy(logits.float(), target)
+        return (forward + F.cross_entropy(logits.T.float(), target)) / 2
 
     def training_step(self, batch, batch_idx):
         loss = self.contrastive_loss(batch)
@@ -555,7 +555,8 @@ def predict_sequence_net(
 
     net.eval()
     device = next(net.parameters()).device
-    dataset = SequenceDataset(parse_sequences(frame[SEQUENCE_COLUMN], vocab), scaler.transform(frame))
+    events = parse_sequences(frame[SEQUENCE_COLUMN], vocab)
+    dataset = SequenceDataset(events, scaler.transform(frame))
     order = np.argsort(dataset.events.lengths, kind="stable")
     n = len(dataset)
     tiers = np.zeros((n, len(TIERS)), dtype="float32")
@@ -574,6 +575,15 @@ def predict_sequence_net(
             churn[rows] = torch.sigmoid(out["churn_logit"].float()).cpu().numpy()
             embeddings[rows] = out["embedding"].float().cpu().numpy()
     return tiers, churn, embeddings
+
+
+def pretraining_sequences(frame: pd.DataFrame, cap: int | None, seed: int) -> pd.Series:
+    """Every customer's sequence at the latest training cutoff (the validation split: labelled
+    or not, every customer who had bought by then), a seeded sample of ``cap`` of them."""
+    rows = frame[frame["split"] == "validation"]
+    if cap is not None and len(rows) > cap:
+        rows = rows.sample(n=cap, random_state=seed)
+    return rows[SEQUENCE_COLUMN]
 
 
 def sequence_digest(sequences: pd.Series, extra: str) -> str:
@@ -705,3 +715,47 @@ def fit_sequence_model(
         int((events.lengths >= 2).sum()),
         trainer.current_epoch,
     )
+
+
+class SequenceClassifier:
+    """The sequence transformer behind the classic models' interface (fit on train with
+    validation for early stopping, predict to Predictions), for the backtest and the stack."""
+
+    name = "transformer"
+
+    def __init__(self, cfg, texts: pd.DataFrame, cache_dir: Path) -> None:
+        self.cfg, self.texts, self.cache_dir = cfg, texts, cache_dir
+
+    def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> SequenceClassifier:
+        from ml.data import numeric_columns
+        from ml.train import _class_weights, make_trainer
+
+        cfg = self.cfg
+        if cfg.max_train_rows is not None and len(train) > cfg.max_train_rows:
+            train = train.sample(n=cfg.max_train_rows, random_state=cfg.seed)
+        self.scaler = FeatureScaler.fit(train, numeric_columns(train))
+        cap = cfg.pretrain_max_customers
+        every = (
+            validation
+            if cap is None or len(validation) <= cap
+            else validation.sample(n=cap, random_state=cfg.seed)
+        )
+        self.fitted = fit_sequence_model(
+            cfg,
+            {"train": train, "validation": validation},
+            self.scaler,
+            every[SEQUENCE_COLUMN],
+            self.texts,
+            self.cache_dir,
+            lambda folder: make_trainer(cfg, False, folder),
+            _class_weights(train),
+        )
+        return self
+
+    def predict(self, frame: pd.DataFrame):
+        from ml.predict import as_predictions
+
+        tiers, churn, _ = predict_sequence_net(
+            self.fitted.net, self.fitted.vocab, self.scaler, frame, self.cfg.eval_batch_size
+        )
+        return as_predictions(tiers, churn)

@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from ml import registry
+from ml import registry, sequence
 from ml.baselines import BGNBDBaseline, LightGBMBaseline, RFMRuleBaseline
 from ml.config import TrainConfig
 from ml.data import (
@@ -33,7 +33,9 @@ from ml.data import (
     FeatureScaler,
     horizon_days,
     label_corrections,
-    load_splits,
+    numeric_columns,
+    read_mart,
+    split_by_time,
     tier_index,
     to_model_input,
 )
@@ -177,7 +179,11 @@ def train(
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    frames, scaler = load_splits(cfg, warehouse)
+    frame = read_mart(warehouse, "training_set")
+    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
+    scaler = FeatureScaler.fit(frames["train"], numeric_columns(frame))
+    pretrain_rows = sequence.pretraining_sequences(frame, cfg.pretrain_max_customers, cfg.seed)
+    del frame
     numeric = scaler.columns
     holdout = frames["test"]
     horizon = horizon_days(warehouse)
@@ -230,45 +236,49 @@ def train(
                 )
 
         with mlflow.start_run(run_name="transformer", nested=True) as child:
+            encoder = "sequence" if cfg.model == "sequence" else cfg.encoder
             mlflow.set_tags(
                 {
                     "valueloop.model": "transformer",
                     "valueloop.kind": "challenger",
-                    "encoder": cfg.encoder,
+                    "encoder": encoder,
                 }
             )
             mlflow.log_params({"data_sha256": info["sha256"]})
-            net, tokenizer, trainer = train_transformer(
-                cfg, frames, scaler, cache_dir, work, tracking_uri, child.info.run_id
-            )
-            tiers, churn, _ = predict_net(
-                net, tokenizer, scaler, holdout, cfg.max_length, cfg.eval_batch_size, progress=True
-            )
-            metrics["transformer"] = _log_evaluation(
-                "transformer", holdout, as_predictions(tiers, churn), work / "plots"
-            )
-            mlflow.log_metric("epochs_trained", trainer.current_epoch)
-            model_dir = registry.save_transformer_artifacts(
-                work / "transformer",
-                net,
-                tokenizer,
-                scaler,
-                {
-                    "encoder": cfg.encoder,
-                    "fused_dim": cfg.fused_dim,
-                    "dropout": cfg.dropout,
-                    "max_length": cfg.max_length,
-                    "data_sha256": info["sha256"],
-                },
-            )
             example = to_model_input(holdout.head(5))
-            version = registry.log_pyfunc(
-                registry.TransformerPyfunc(),
-                model_dir,
-                example,
-                cfg.registered_model,
-                f"transformer ({cfg.encoder}) trained on {info['sha256'][:12]}",
-            )
+            if cfg.model == "sequence":
+                version, epochs = _train_sequence(
+                    cfg,
+                    frames,
+                    scaler,
+                    pretrain_rows,
+                    warehouse,
+                    cache_dir,
+                    work,
+                    tracking_uri,
+                    child.info.run_id,
+                    holdout,
+                    metrics,
+                    example,
+                    info,
+                )
+            elif cfg.model == "document":
+                version, epochs = _train_document(
+                    cfg,
+                    frames,
+                    scaler,
+                    cache_dir,
+                    work,
+                    tracking_uri,
+                    child.info.run_id,
+                    holdout,
+                    metrics,
+                    example,
+                    info,
+                )
+            else:
+                raise ValueError(f"model: {cfg.model!r} is neither 'sequence' nor 'document'")
+            mlflow.log_metric("epochs_trained", epochs)
             registry.set_alias(cfg.registered_model, registry.CHALLENGER, version)
 
             classic = max((lightgbm, ensemble), key=lambda m: metrics[m.name][cfg.primary_metric])
@@ -294,6 +304,106 @@ def train(
             )
         mlflow.log_dict(metrics, "holdout_metrics.json")
         return TrainReport(parent.info.run_id, metrics, version, champion, decision)
+
+
+def _train_document(
+    cfg, frames, scaler, cache_dir, work, tracking_uri, run_id, holdout, metrics, example, info
+) -> tuple[str, int]:
+    """The document transformer: fine-tune, evaluate on the holdout, register."""
+    net, tokenizer, trainer = train_transformer(
+        cfg, frames, scaler, cache_dir, work, tracking_uri, run_id
+    )
+    tiers, churn, _ = predict_net(
+        net, tokenizer, scaler, holdout, cfg.max_length, cfg.eval_batch_size, progress=True
+    )
+    metrics["transformer"] = _log_evaluation(
+        "transformer", holdout, as_predictions(tiers, churn), work / "plots"
+    )
+    model_dir = registry.save_transformer_artifacts(
+        work / "transformer",
+        net,
+        tokenizer,
+        scaler,
+        {
+            "encoder": cfg.encoder,
+            "fused_dim": cfg.fused_dim,
+            "dropout": cfg.dropout,
+            "max_length": cfg.max_length,
+            "data_sha256": info["sha256"],
+        },
+    )
+    version = registry.log_pyfunc(
+        registry.TransformerPyfunc(),
+        model_dir,
+        example,
+        cfg.registered_model,
+        f"transformer ({cfg.encoder}) trained on {info['sha256'][:12]}",
+    )
+    return version, trainer.current_epoch
+
+
+def _train_sequence(
+    cfg,
+    frames,
+    scaler,
+    pretrain_rows,
+    warehouse,
+    cache_dir,
+    work,
+    tracking_uri,
+    run_id,
+    holdout,
+    metrics,
+    example,
+    info,
+) -> tuple[str, int]:
+    """The behaviour-sequence transformer: CoLES pretraining (logged as a nested run, reused
+    when the same sequences were pretrained before), fine-tuning, evaluation, registration."""
+    mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
+    with mlflow.start_run(run_name="pretrain-coles", nested=True):
+        mlflow.set_tags({"valueloop.kind": "pretraining", "objective": "CoLES"})
+        fitted = sequence.fit_sequence_model(
+            cfg,
+            frames,
+            scaler,
+            pretrain_rows,
+            sequence.read_texts(warehouse),
+            cache_dir,
+            lambda folder: make_trainer(cfg, mlflow_logger, folder),
+            _class_weights(frames["train"]),
+        )
+        mlflow.log_params(
+            {
+                "pretrain_sequences": fitted.pretrain_sequences,
+                "pretrain_reused": fitted.pretrain_reused,
+                "texts_embedded": len(fitted.vocab.text_keys),
+                "text_encoder": cfg.text_encoder,
+            }
+        )
+        for epoch, loss in enumerate(fitted.pretrain_losses):
+            mlflow.log_metric("pretrain_loss", loss, step=epoch)
+    tiers, churn, _ = sequence.predict_sequence_net(
+        fitted.net, fitted.vocab, scaler, holdout, cfg.eval_batch_size, progress=True
+    )
+    metrics["transformer"] = _log_evaluation(
+        "transformer", holdout, as_predictions(tiers, churn), work / "plots"
+    )
+    model_dir = registry.save_sequence_artifacts(
+        work / "transformer",
+        fitted.net,
+        fitted.vocab,
+        scaler,
+        {"fused_dim": cfg.fused_dim, "data_sha256": info["sha256"]},
+    )
+    version = registry.log_pyfunc(
+        registry.SequencePyfunc(),
+        model_dir,
+        example,
+        cfg.registered_model,
+        f"behaviour-sequence transformer ({cfg.seq_layers} layers, {cfg.seq_hidden} wide, "
+        f"CoLES-pretrained) trained on {info['sha256'][:12]}",
+    )
+    return version, fitted.epochs_trained
 
 
 def _gate(

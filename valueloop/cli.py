@@ -123,6 +123,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="YAML training config (default "
         "ml/configs/default.yaml; ml/configs/tiny.yaml trains in seconds)",
     )
+    p.add_argument(
+        "--model",
+        choices=("sequence", "document"),
+        help="the challenger: the behaviour-sequence transformer or the document transformer",
+    )
     p.add_argument("--encoder", help="minilm, tiny-random, or a local checkpoint path")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-steps", type=int)
@@ -285,14 +290,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoffs", type=int, default=4, help="evaluation cutoffs (default 4)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples per cutoff")
     p.add_argument(
-        "--models", nargs="+", help="default: lightgbm lightgbm_rfm bg_nbd rfm_rule ensemble"
+        "--models",
+        nargs="+",
+        help="default: lightgbm lightgbm_rfm bg_nbd rfm_rule ensemble transformer stack",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="training config that sizes the transformer (default ml/configs/default.yaml)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ml import backtest
+    from ml.config import TrainConfig
 
     settings = load_settings()
     result = backtest.run(
@@ -304,6 +317,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         models=tuple(args.models) if args.models else None,
         out_dir=settings.home / "reports" / "backtest",
+        cfg=TrainConfig.load(args.config or settings.train_config),
+        cache_dir=settings.home / "cache",
     )
     print(result.summary())
     print(f"tables and plot: {settings.home / 'reports' / 'backtest'}")
@@ -440,6 +455,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = load_settings()
     config = TrainConfig.load(
         args.config,
+        model=args.model,
         encoder=args.encoder,
         max_epochs=args.max_epochs,
         max_steps=args.max_steps,
