@@ -66,6 +66,9 @@ class TrainConfig:
     registered_model: str = "valueloop-customer-model"
     primary_metric: str = "customer_score"
     promotion_margin: float = 0.005
+    # The gate's paired bootstrap on the holdout: a challenger is promoted only when the lower
+    # end of the 95% interval of its lead is above zero (0 turns the test off).
+    gate_bootstrap: int = 500
     calibration_tolerance: float = 0.01
 
     @classmethod

@@ -240,9 +240,12 @@ def decide(
     primary: str,
     margin: float,
     calibration_tolerance: float,
+    interval: tuple[float, float] | None = None,
 ) -> GateDecision:
-    """Promote only if the challenger beats the incumbent by `margin` on the primary metric
-    without losing calibration (churn Brier score worse by more than the tolerance)."""
+    """Promote only if the challenger beats the incumbent by ``margin`` on the primary metric,
+    by more than the noise (``interval``: the paired bootstrap 95% interval of the lead, whose
+    lower end must be above zero), without losing calibration (churn Brier score or expected
+    calibration error worse by more than the tolerance)."""
     if incumbent is None:
         return GateDecision(
             True,
@@ -253,25 +256,47 @@ def decide(
             None,
             incumbent_name,
         )
-    better = challenger[primary] >= incumbent[primary] + margin
-    calibrated = challenger["churn_brier"] <= incumbent["churn_brier"] + calibration_tolerance
-    if better and calibrated:
-        reason = (
-            f"{primary} {challenger[primary]:.4f} beats {incumbent_name}'s "
-            f"{incumbent[primary]:.4f} by at least {margin}"
-        )
-    elif not better:
+    lead = challenger[primary] - incumbent[primary]
+    better = lead >= margin
+    beyond_noise = interval is None or interval[0] > 0
+    worse_ece = (
+        "churn_ece" in challenger
+        and "churn_ece" in incumbent
+        and challenger["churn_ece"] > incumbent["churn_ece"] + calibration_tolerance
+    )
+    calibrated = (
+        challenger["churn_brier"] <= incumbent["churn_brier"] + calibration_tolerance
+        and not worse_ece
+    )
+    noise = f" (paired 95% interval [{interval[0]:+.4f}, {interval[1]:+.4f}])" if interval else ""
+    if not better:
         reason = (
             f"{primary} {challenger[primary]:.4f} does not beat {incumbent_name}'s "
-            f"{incumbent[primary]:.4f} by {margin}"
+            f"{incumbent[primary]:.4f} by {margin}{noise}"
+        )
+    elif not beyond_noise:
+        reason = (
+            f"{primary} {challenger[primary]:.4f} leads {incumbent_name}'s "
+            f"{incumbent[primary]:.4f} by {lead:+.4f}, within the noise{noise}"
+        )
+    elif not calibrated:
+        reason = (
+            f"calibration lost: churn Brier {challenger['churn_brier']:.4f} vs "
+            f"{incumbent['churn_brier']:.4f}"
+            + (
+                f", ECE {challenger['churn_ece']:.4f} vs {incumbent['churn_ece']:.4f}"
+                if "churn_ece" in challenger and "churn_ece" in incumbent
+                else ""
+            )
+            + f" (tolerance {calibration_tolerance})"
         )
     else:
         reason = (
-            f"calibration lost: churn Brier {challenger['churn_brier']:.4f} vs "
-            f"{incumbent['churn_brier']:.4f} (tolerance {calibration_tolerance})"
+            f"{primary} {challenger[primary]:.4f} beats {incumbent_name}'s "
+            f"{incumbent[primary]:.4f} by at least {margin}{noise}"
         )
     return GateDecision(
-        better and calibrated,
+        better and beyond_noise and calibrated,
         reason,
         challenger[primary],
         incumbent[primary],

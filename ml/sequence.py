@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 KINDS = ("order", "return", "cancellation", "review")  # index 0 is padding
 EVENT_NUMBERS = ("days_before", "gap_days", "amount", "quantity", "lines", "rating")
 TEXTS_PER_EVENT = 3
+# Bumped whenever the encoder or the pretraining changes, so that no cached encoder pretrained
+# by older code is reused.
+PRETRAIN_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +241,8 @@ class SequenceSpec:
 
 
 class EventEncoder(nn.Module):
-    """Event vectors into a BERT encoder (``inputs_embeds``); returns the summary token."""
+    """Event vectors into a BERT encoder (``inputs_embeds``) behind a learned summary token;
+    returns the mean of the outputs over the summary token and the events."""
 
     def __init__(self, spec: SequenceSpec, text_vectors: np.ndarray | None = None) -> None:
         super().__init__()
@@ -284,7 +288,12 @@ class EventEncoder(nn.Module):
         mask = torch.cat(
             [torch.ones(size, 1, dtype=torch.long, device=events.device), batch["mask"]], 1
         )
-        return self.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, 0]
+        hidden = self.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # Mean over the summary token and the events: every event's own residual stream
+        # reaches the representation from the first step (the summary token alone starts out
+        # nearly the same for everyone, which stalls contrastive pretraining).
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1)
 
 
 class SequenceNet(nn.Module):
@@ -308,6 +317,10 @@ class SequenceNet(nn.Module):
         )
         self.tier_head = nn.Linear(fused_dim, len(TIERS))
         self.churn_head = nn.Linear(fused_dim, 1)
+        # Platt scaling of the churn logit, fitted on the validation cutoff after fine-tuning
+        # (:func:`calibrate_churn`); the identity until then.
+        self.register_buffer("churn_scale", torch.ones(()))
+        self.register_buffer("churn_shift", torch.zeros(()))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         summary = self.encoder(batch)
@@ -315,9 +328,32 @@ class SequenceNet(nn.Module):
         fused = self.fusion(torch.cat([summary, numeric], -1))
         return {
             "tier_logits": self.tier_head(fused),
-            "churn_logit": self.churn_head(fused).squeeze(-1),
+            "churn_logit": self.churn_head(fused).squeeze(-1) * self.churn_scale + self.churn_shift,
             "embedding": fused,
         }
+
+
+def calibrate_churn(
+    net: SequenceNet, vocab: SequenceVocab, scaler: FeatureScaler, validation: pd.DataFrame
+) -> tuple[float, float]:
+    """Platt scaling on the validation cutoff: the churn logit's scale and shift that make
+    "0.3" read as three in ten. Returns the validation ECE before and after."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ml.evaluate import expected_calibration_error
+
+    _, churn, _ = predict_sequence_net(net, vocab, scaler, validation)
+    labels = validation["is_churned"].to_numpy(dtype=int)
+    before = expected_calibration_error(labels, churn)
+    p = np.clip(churn.astype("float64"), 1e-6, 1 - 1e-6)
+    logit = np.log(p / (1 - p))
+    platt = LogisticRegression(C=1e6).fit(logit[:, None], labels)
+    a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    with torch.no_grad():
+        net.churn_shift.copy_(net.churn_shift * a + b)
+        net.churn_scale.mul_(a)
+    _, churn, _ = predict_sequence_net(net, vocab, scaler, validation)
+    return before, expected_calibration_error(labels, churn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,6 +642,7 @@ class FittedSequenceModel:
     pretrain_reused: bool
     pretrain_sequences: int
     epochs_trained: int
+    validation_ece: tuple[float, float]  # before and after calibration
 
 
 def spec_for(cfg, vocab: SequenceVocab, text_dim: int) -> SequenceSpec:
@@ -656,6 +693,7 @@ def fit_sequence_model(
             "spec": asdict(spec),
             "vocab": hashlib.sha256(vocab.to_json().encode()).hexdigest(),
             "text_encoder": cfg.text_encoder,
+            "version": PRETRAIN_VERSION,
             **{k: getattr(cfg, k) for k in ("pretrain_epochs", "pretrain_lr", "seed")},
             **{k: getattr(cfg, k) for k in ("pretrain_batch_size", "pretrain_temperature")},
         },
@@ -706,14 +744,18 @@ def fit_sequence_model(
         module = SequenceModel.load_from_checkpoint(best, map_location="cpu")
         Path(best).unlink(missing_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = module.net.to(device).eval()
+    ece = calibrate_churn(net, vocab, scaler, frames["validation"])
+    log.info("churn calibration on the validation cutoff: ECE %.4f -> %.4f", *ece)
     return FittedSequenceModel(
-        module.net.to(device).eval(),
+        net,
         vocab,
         spec,
         losses,
         reused,
         int((events.lengths >= 2).sum()),
         trainer.current_epoch,
+        ece,
     )
 
 

@@ -41,7 +41,7 @@ from ml.data import (
 )
 from ml.data import fingerprint as dataset_fingerprint
 from ml.ensemble import AveragedEnsemble
-from ml.evaluate import Predictions, compute_metrics, plot_all
+from ml.evaluate import Predictions, compute_metrics, paired_bootstrap, plot_all
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import as_predictions, predict_net
 
@@ -190,6 +190,7 @@ def train(
     registry.configure(tracking_uri, artifacts_dir, cfg.experiment)
     client = mlflow.MlflowClient(tracking_uri)
     metrics: dict[str, dict[str, float]] = {}
+    predictions: dict[str, Predictions] = {}
 
     with (
         tempfile.TemporaryDirectory(prefix="valueloop-train-") as tmp,
@@ -231,8 +232,9 @@ def train(
             with mlflow.start_run(run_name=baseline.name, nested=True):
                 mlflow.set_tags({"valueloop.model": baseline.name, "valueloop.kind": "baseline"})
                 mlflow.log_params({"data_sha256": info["sha256"]})
+                predictions[baseline.name] = predict(holdout)
                 metrics[baseline.name] = _log_evaluation(
-                    baseline.name, holdout, predict(holdout), work / "plots"
+                    baseline.name, holdout, predictions[baseline.name], work / "plots"
                 )
 
         with mlflow.start_run(run_name="transformer", nested=True) as child:
@@ -247,7 +249,7 @@ def train(
             mlflow.log_params({"data_sha256": info["sha256"]})
             example = to_model_input(holdout.head(5))
             if cfg.model == "sequence":
-                version, epochs = _train_sequence(
+                version, epochs, predictions["transformer"] = _train_sequence(
                     cfg,
                     frames,
                     scaler,
@@ -263,7 +265,7 @@ def train(
                     info,
                 )
             elif cfg.model == "document":
-                version, epochs = _train_document(
+                version, epochs, predictions["transformer"] = _train_document(
                     cfg,
                     frames,
                     scaler,
@@ -308,7 +310,7 @@ def train(
 
 def _train_document(
     cfg, frames, scaler, cache_dir, work, tracking_uri, run_id, holdout, metrics, example, info
-) -> tuple[str, int]:
+) -> tuple[str, int, Predictions]:
     """The document transformer: fine-tune, evaluate on the holdout, register."""
     net, tokenizer, trainer = train_transformer(
         cfg, frames, scaler, cache_dir, work, tracking_uri, run_id
@@ -316,8 +318,9 @@ def _train_document(
     tiers, churn, _ = predict_net(
         net, tokenizer, scaler, holdout, cfg.max_length, cfg.eval_batch_size, progress=True
     )
+    holdout_predictions = as_predictions(tiers, churn)
     metrics["transformer"] = _log_evaluation(
-        "transformer", holdout, as_predictions(tiers, churn), work / "plots"
+        "transformer", holdout, holdout_predictions, work / "plots"
     )
     model_dir = registry.save_transformer_artifacts(
         work / "transformer",
@@ -339,7 +342,7 @@ def _train_document(
         cfg.registered_model,
         f"transformer ({cfg.encoder}) trained on {info['sha256'][:12]}",
     )
-    return version, trainer.current_epoch
+    return version, trainer.current_epoch, holdout_predictions
 
 
 def _train_sequence(
@@ -356,7 +359,7 @@ def _train_sequence(
     metrics,
     example,
     info,
-) -> tuple[str, int]:
+) -> tuple[str, int, Predictions]:
     """The behaviour-sequence transformer: CoLES pretraining (logged as a nested run, reused
     when the same sequences were pretrained before), fine-tuning, evaluation, registration."""
     mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
@@ -380,13 +383,20 @@ def _train_sequence(
                 "text_encoder": cfg.text_encoder,
             }
         )
+        mlflow.log_metrics(
+            {
+                "validation_churn_ece_uncalibrated": fitted.validation_ece[0],
+                "validation_churn_ece_calibrated": fitted.validation_ece[1],
+            }
+        )
         for epoch, loss in enumerate(fitted.pretrain_losses):
             mlflow.log_metric("pretrain_loss", loss, step=epoch)
     tiers, churn, _ = sequence.predict_sequence_net(
         fitted.net, fitted.vocab, scaler, holdout, cfg.eval_batch_size, progress=True
     )
+    holdout_predictions = as_predictions(tiers, churn)
     metrics["transformer"] = _log_evaluation(
-        "transformer", holdout, as_predictions(tiers, churn), work / "plots"
+        "transformer", holdout, holdout_predictions, work / "plots"
     )
     model_dir = registry.save_sequence_artifacts(
         work / "transformer",
@@ -403,7 +413,27 @@ def _train_sequence(
         f"behaviour-sequence transformer ({cfg.seq_layers} layers, {cfg.seq_hidden} wide, "
         f"CoLES-pretrained) trained on {info['sha256'][:12]}",
     )
-    return version, fitted.epochs_trained
+    return version, fitted.epochs_trained, holdout_predictions
+
+
+def _lead_interval(
+    cfg: TrainConfig, holdout: pd.DataFrame, challenger: Predictions, incumbent: Predictions
+) -> tuple[float, float] | None:
+    """The paired bootstrap interval of the challenger's lead on the holdout (None: off)."""
+    if cfg.gate_bootstrap <= 0:
+        return None
+    tiers, churn, spend = _labels(holdout)
+    _, low, high = paired_bootstrap(
+        tiers,
+        churn,
+        spend,
+        challenger,
+        incumbent,
+        cfg.primary_metric,
+        cfg.gate_bootstrap,
+        cfg.seed,
+    )
+    return low, high
 
 
 def _gate(
@@ -411,6 +441,7 @@ def _gate(
     client: mlflow.MlflowClient,
     holdout: pd.DataFrame,
     metrics: dict[str, dict[str, float]],
+    predictions: dict[str, Predictions],
     version: str,
     classic: LightGBMBaseline | AveragedEnsemble,
     scaler: FeatureScaler,
@@ -422,9 +453,9 @@ def _gate(
     incumbent_version = registry.champion_version(client, name)
     if incumbent_version is not None:
         # The champion scores the very same holdout rows through its registered pyfunc.
-        predictions = registry.holdout_scores(f"models:/{name}@{registry.CHAMPION}", holdout)
+        scored = registry.holdout_scores(f"models:/{name}@{registry.CHAMPION}", holdout)
         tiers, churn, spend = _labels(holdout)
-        incumbent = compute_metrics(tiers, churn, spend, predictions)
+        incumbent = compute_metrics(tiers, churn, spend, scored)
         decision = registry.decide(
             metrics["transformer"],
             incumbent,
@@ -432,6 +463,7 @@ def _gate(
             cfg.primary_metric,
             cfg.promotion_margin,
             cfg.calibration_tolerance,
+            _lead_interval(cfg, holdout, predictions["transformer"], scored),
         )
         if decision.promote:
             registry.set_alias(name, registry.CHAMPION, version)
@@ -447,6 +479,7 @@ def _gate(
         cfg.primary_metric,
         cfg.promotion_margin,
         cfg.calibration_tolerance,
+        _lead_interval(cfg, holdout, predictions["transformer"], predictions[classic.name]),
     )
     if decision.promote:
         registry.set_alias(name, registry.CHAMPION, version)

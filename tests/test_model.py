@@ -23,6 +23,7 @@ from ml.data import (
     read_mart,
     to_model_input,
 )
+from ml.evaluate import Predictions, paired_bootstrap
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import OUTPUT_COLUMNS, predict_net
 from ml.train import train
@@ -207,7 +208,15 @@ def test_the_gate_refuses_a_deliberately_worse_model(warehouse: Settings, traine
         with pytest.raises(duckdb.IOException, match="lock"):
             read_mart(warehouse.warehouse_path, "training_set")
         # Frozen at initialisation: a model that learned nothing.
-        worse = run_training(warehouse, snapshot, max_steps=1, encoder_lr=1e-12, head_lr=1e-12)
+        worse = run_training(
+            warehouse,
+            snapshot,
+            max_steps=1,
+            encoder_lr=1e-12,
+            sequence_lr=1e-12,
+            head_lr=1e-12,
+            pretrain_epochs=0,
+        )
     finally:
         holder.communicate("done\n", timeout=60)
     assert read_mart(snapshot, "training_set").equals(
@@ -244,11 +253,46 @@ def test_promote_rolls_back_and_refuses_unknown_versions(warehouse: Settings, tr
         ({"s": 0.80, "churn_brier": 0.15}, {"s": 0.79, "churn_brier": 0.15}, True, "beats"),
         ({"s": 0.792, "churn_brier": 0.15}, {"s": 0.79, "churn_brier": 0.15}, False, "does not"),
         ({"s": 0.85, "churn_brier": 0.20}, {"s": 0.79, "churn_brier": 0.15}, False, "calibration"),
+        (
+            {"s": 0.85, "churn_brier": 0.15, "churn_ece": 0.09},
+            {"s": 0.79, "churn_brier": 0.15, "churn_ece": 0.03},
+            False,
+            "ECE",
+        ),
     ],
 )
 def test_gate_rules(challenger, incumbent, promote, why) -> None:
     decision = registry.decide(challenger, incumbent, "champion v1", "s", 0.005, 0.01)
     assert decision.promote is promote and why in decision.reason
+
+
+def test_the_gate_refuses_a_lead_within_the_noise() -> None:
+    challenger, incumbent = {"s": 0.80, "churn_brier": 0.15}, {"s": 0.79, "churn_brier": 0.15}
+    noisy = registry.decide(challenger, incumbent, "v1", "s", 0.005, 0.01, (-0.004, 0.024))
+    assert not noisy.promote and "within the noise" in noisy.reason
+    clear = registry.decide(challenger, incumbent, "v1", "s", 0.005, 0.01, (0.002, 0.018))
+    assert clear.promote and "[+0.0020, +0.0180]" in clear.reason
+
+
+def test_paired_bootstrap_separates_a_real_lead_from_a_tie() -> None:
+    rng = np.random.default_rng(0)
+    n = 2000
+    churn = rng.integers(0, 2, n)
+    tiers = rng.integers(0, 3, n)
+    spend = rng.exponential(10, n)
+    onehot = np.eye(3)[tiers]
+
+    def model(signal: float, seed: int) -> Predictions:
+        noise = np.random.default_rng(seed)
+        p = np.clip(0.5 + signal * (churn - 0.5) + noise.normal(0, 0.25, n), 0.01, 0.99)
+        t = signal * onehot + noise.random((n, 3))
+        return Predictions(p, t / t.sum(1, keepdims=True), spend + noise.normal(0, 5, n))
+
+    strong, weak, twin = model(0.5, 1), model(0.2, 2), model(0.5, 3)
+    point, low, high = paired_bootstrap(tiers, churn, spend, strong, weak, n_resamples=200)
+    assert point > 0 and low > 0
+    point, low, high = paired_bootstrap(tiers, churn, spend, strong, twin, n_resamples=200)
+    assert low < 0 < high
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

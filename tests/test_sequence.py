@@ -1,0 +1,182 @@
+"""The behaviour-sequence transformer: its input never sees past its cutoff (through the real
+marts), its pretraining objective learns, it trains, registers and scores through Lightning
+and MLflow, and what it computes once (text embeddings, the pretrained encoder) is reused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import duckdb
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ml import registry, sequence
+from ml.config import DEFAULT_CONFIG, TrainConfig
+from ml.data import SEQUENCE_COLUMN, read_mart, split_by_time, to_model_input
+from ml.model import TINY_RANDOM
+from tests.conftest import REPO_ROOT
+from valueloop.config import Settings
+
+TINY = Path(DEFAULT_CONFIG).with_name("tiny.yaml")
+MAX_EVENTS = yaml.safe_load((REPO_ROOT / "dbt_project" / "dbt_project.yml").read_text())["vars"][
+    "max_events"
+]
+
+
+def test_no_event_after_a_cutoff_reaches_its_sequence(pipeline_run: Settings) -> None:
+    """Every training and scoring row holds exactly its customer's latest events on or before
+    its cutoff (checked against marts.customer_events), none after."""
+    with duckdb.connect(str(pipeline_run.warehouse_path), read_only=True) as con:
+        rows = con.execute(
+            f"select customer_id, as_of, {SEQUENCE_COLUMN} from marts.training_set union all "
+            f"select customer_id, as_of, {SEQUENCE_COLUMN} from marts.scoring_set"
+        ).df()
+        events = con.execute("select customer_id, event_on from marts.customer_events").df()
+    assert len(rows) > 1000
+    by_customer = {
+        c: pd.to_datetime(g["event_on"]).to_numpy() for c, g in events.groupby("customer_id")
+    }
+    cutoffs_seen = set()
+    for row in rows.itertuples(index=False):
+        days = json.loads(row.event_sequence)["days_before"]
+        as_of = np.datetime64(pd.Timestamp(row.as_of))
+        on = by_customer[row.customer_id]
+        known = np.sort(((as_of - on[on <= as_of]) / np.timedelta64(1, "D")).astype(int))
+        assert min(days) >= 0, row
+        assert len(days) == min(MAX_EVENTS, len(known)), row
+        assert sorted(days) == known[: len(days)].tolist(), row
+        cutoffs_seen.add(row.as_of)
+    assert len(cutoffs_seen) > 2  # every cutoff of the training set, and the scoring day
+
+
+def _toy_events(n: int = 256, length: int = 12) -> sequence.EventArrays:
+    """Customers whose events share a category and an amount level of their own."""
+    rng = np.random.default_rng(0)
+    numbers = np.zeros((n, length, len(sequence.EVENT_NUMBERS)), dtype="float32")
+    categories = np.zeros((n, length), dtype="int64")
+    for i in range(n):
+        categories[i] = 2 + i % 8
+        numbers[i, :, 2] = rng.normal(i % 5, 0.1, length)
+        numbers[i, :, 0] = np.log1p(np.arange(length) * (1 + i % 3))
+    return sequence.EventArrays(
+        numbers,
+        np.ones((n, length), dtype="int64"),
+        categories,
+        np.zeros((n, length, sequence.TEXTS_PER_EVENT), dtype="int64"),
+        np.full(n, length),
+    )
+
+
+def test_coles_pretraining_objective_decreases_on_a_toy_set() -> None:
+    spec = sequence.SequenceSpec(hidden=16, layers=1, heads=2, max_events=12, n_categories=8)
+    cfg = SimpleNamespace(
+        pretrain_lr=3e-3,
+        pretrain_temperature=0.1,
+        pretrain_batch_size=64,
+        pretrain_epochs=6,
+        seed=0,
+    )
+    trainer = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False}
+    state, losses = sequence.pretrain(
+        _toy_events(), spec, np.zeros((0, spec.text_dim), "float32"), cfg, trainer
+    )
+    assert len(losses) == 6
+    # Chance is log(64) = 4.16 for a batch of 64; the slices of one customer find each other.
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert any(name.startswith("bert.encoder.layer.0") for name in state)
+
+
+def test_random_slices_are_contiguous_and_keep_the_newest_first() -> None:
+    events = _toy_events(8, 10)
+    events.numbers[:, :, 3] = np.arange(10)  # a position marker
+    sliced = sequence.random_slices(events, np.random.default_rng(1))
+    for row in range(8):
+        size = int(sliced.lengths[row])
+        assert 4 <= size <= 10
+        marker = sliced.numbers[row, :size, 3]
+        assert np.all(np.diff(marker) == 1)  # contiguous, in the original order
+        assert not sliced.kinds[row, size:].any()  # padded after the slice
+        assert sliced.numbers[row, size - 1, 1] == 0  # the slice's oldest has no gap
+
+
+def test_texts_are_embedded_once_and_reused(tmp_path: Path) -> None:
+    texts = pd.DataFrame({"text_key": ["a1", "b2"], "text": ["red mug", "blue lamp"]})
+    keys, vectors = sequence.embed_texts(texts, TINY_RANDOM, tmp_path)
+    cache = next(tmp_path.glob("text-embeddings-*.parquet"))
+    stamp = cache.stat().st_mtime_ns
+    again_keys, again = sequence.embed_texts(texts, TINY_RANDOM, tmp_path)
+    assert again_keys == keys and np.array_equal(again, vectors)
+    assert cache.stat().st_mtime_ns == stamp  # nothing new: the cache was not rewritten
+    more = pd.concat([texts, pd.DataFrame({"text_key": ["c3"], "text": ["green vase"]})])
+    more_keys, more_vectors = sequence.embed_texts(more, TINY_RANDOM, tmp_path)
+    assert more_keys[:2] == keys and np.array_equal(more_vectors[:2], vectors)
+    assert np.allclose(np.linalg.norm(more_vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fitted(pipeline_run: Settings, tmp_path_factory: pytest.TempPathFactory):
+    cfg = replace(TrainConfig.load(TINY), max_epochs=1)
+    frame = read_mart(pipeline_run.warehouse_path, "training_set")
+    frames = split_by_time(frame, 600, 300, 300, cfg.seed)
+    cache = tmp_path_factory.mktemp("sequence-cache")
+    texts = sequence.read_texts(pipeline_run.warehouse_path)
+    first = sequence.SequenceClassifier(cfg, texts, cache).fit(
+        frames["train"], frames["validation"]
+    )
+    return cfg, frames, cache, texts, first
+
+
+def test_the_pretrained_encoder_is_reused_when_the_sequences_have_not_changed(fitted) -> None:
+    cfg, frames, cache, texts, first = fitted
+    assert not first.fitted.pretrain_reused and first.fitted.pretrain_losses
+    second = sequence.SequenceClassifier(cfg, texts, cache).fit(
+        frames["train"], frames["validation"]
+    )
+    assert second.fitted.pretrain_reused
+    assert second.fitted.pretrain_losses == first.fitted.pretrain_losses
+    # Different sequences (another seed's sample): pretrained afresh.
+    other = sequence.SequenceClassifier(replace(cfg, seed=7), texts, cache).fit(
+        frames["train"].sample(frac=0.5, random_state=1), frames["validation"].iloc[::2]
+    )
+    assert not other.fitted.pretrain_reused
+
+
+def test_sequence_pyfunc_round_trip_gives_the_same_predictions(
+    fitted, pipeline_run: Settings, tmp_path: Path
+) -> None:
+    cfg, frames, _, _, model = fitted
+    frame = to_model_input(frames["test"].head(60))
+    tiers, churn, embeddings = sequence.predict_sequence_net(
+        model.fitted.net, model.fitted.vocab, model.scaler, frame
+    )
+    model_dir = registry.save_sequence_artifacts(
+        tmp_path / "artifacts",
+        model.fitted.net,
+        model.fitted.vocab,
+        model.scaler,
+        {"fused_dim": cfg.fused_dim},
+    )
+    assert json.loads((model_dir / "config.json").read_text())["spec"] == asdict(model.fitted.spec)
+    registry.configure(
+        pipeline_run.mlflow_tracking_uri, pipeline_run.mlflow_artifacts_dir, "sequence-roundtrip"
+    )
+    with mlflow.start_run():
+        version = registry.log_pyfunc(
+            registry.SequencePyfunc(), model_dir, frame.head(3), "sequence-roundtrip", "test"
+        )
+    loaded = mlflow.pyfunc.load_model(f"models:/sequence-roundtrip/{version}")
+    out = loaded.predict(frame, params={"return_embedding": True})
+    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].to_numpy(), tiers, atol=1e-5)
+    assert np.allclose(out["churn_probability"].to_numpy(), churn, atol=1e-5)
+    assert np.allclose(out.filter(like="embedding_").to_numpy(), embeddings, atol=1e-5)
+    assert SEQUENCE_COLUMN in loaded.metadata.get_input_schema().input_names()
+    # A customer's events change its scores: the model reads the sequence.
+    emptied = frame.assign(**{SEQUENCE_COLUMN: "{}"})
+    changed = loaded.predict(emptied)["churn_probability"].to_numpy()
+    assert not np.allclose(changed, churn, atol=1e-4)
