@@ -285,7 +285,17 @@ def train(
 
             classic = max((lightgbm, ensemble), key=lambda m: metrics[m.name][cfg.primary_metric])
             decision, champion = _gate(
-                cfg, client, holdout, metrics, version, classic, scaler, example, work, info
+                cfg,
+                client,
+                holdout,
+                metrics,
+                predictions,
+                version,
+                classic,
+                scaler,
+                example,
+                work,
+                info,
             )
             mlflow.log_text(decision.to_json(), "gate_decision.json")
             mlflow.set_tags(
