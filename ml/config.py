@@ -38,6 +38,9 @@ class TrainConfig:
     pretrain_lr: float = 1.0e-3
     pretrain_temperature: float = 0.1
     pretrain_max_customers: int | None = 20000
+    # Also build the stack (the sequence transformer, LightGBM and BG/NBD averaged, calibrated
+    # on the validation cutoff); it is the challenger when it beats the transformer there.
+    stack: bool = True
     dropout: float = 0.1
     batch_size: int = 32
     eval_batch_size: int = 128

@@ -72,6 +72,11 @@ class MeanEnsemble:
     def __init__(self, members: list, name: str) -> None:
         self.members, self.name = members, name
 
+    @property
+    def lightgbm(self) -> LightGBMBaseline | None:
+        """The LightGBM member (reason codes explain it)."""
+        return next((m for m in self.members if isinstance(m, LightGBMBaseline)), None)
+
     def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[Predictions]]:
         outputs = [m.predict(frame) for m in self.members]
         return np.mean([o.churn_prob for o in outputs], axis=0), outputs

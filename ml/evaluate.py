@@ -98,6 +98,18 @@ def paired_bootstrap(
     from sklearn.utils import resample
 
     def score(predictions: Predictions, rows: np.ndarray) -> float:
+        if metric in ("customer_score", "churn_roc_auc"):  # the gate's metrics, computed alone
+            auc = roc_auc_score(churn[rows], predictions.churn_prob[rows])
+            if metric == "churn_roc_auc":
+                return float(auc)
+            f1 = f1_score(
+                tiers[rows],
+                predictions.tier_probs[rows].argmax(1),
+                average="macro",
+                labels=list(range(len(TIERS))),
+                zero_division=0,
+            )
+            return float((auc + f1) / 2)
         part = Predictions(
             predictions.churn_prob[rows],
             None if predictions.tier_probs is None else predictions.tier_probs[rows],

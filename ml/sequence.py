@@ -765,8 +765,22 @@ class SequenceClassifier:
 
     name = "transformer"
 
-    def __init__(self, cfg, texts: pd.DataFrame, cache_dir: Path) -> None:
+    def __init__(self, cfg, texts: pd.DataFrame | None, cache_dir: Path | None) -> None:
         self.cfg, self.texts, self.cache_dir = cfg, texts, cache_dir
+
+    @classmethod
+    def from_fitted(
+        cls, cfg, fitted: FittedSequenceModel, scaler: FeatureScaler
+    ) -> SequenceClassifier:
+        """A model fitted by :func:`fit_sequence_model` (train), e.g. as a member of the stack."""
+        model = cls(cfg, None, None)
+        model.fitted, model.scaler = fitted, scaler
+        return model
+
+    def __getstate__(self) -> dict:
+        # Pickled inside the stack's registered model: the net and what it reads, not the
+        # training inputs.
+        return {**self.__dict__, "texts": None, "cache_dir": None}
 
     def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> SequenceClassifier:
         from ml.data import numeric_columns

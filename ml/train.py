@@ -40,7 +40,7 @@ from ml.data import (
     to_model_input,
 )
 from ml.data import fingerprint as dataset_fingerprint
-from ml.ensemble import AveragedEnsemble
+from ml.ensemble import AveragedEnsemble, MeanEnsemble
 from ml.evaluate import Predictions, compute_metrics, paired_bootstrap, plot_all
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import as_predictions, predict_net
@@ -57,6 +57,7 @@ class TrainReport:
     challenger_version: str
     champion_version: str
     decision: registry.GateDecision
+    challenger_name: str = "transformer"  # or "stack"
 
     def summary(self) -> str:
         names = list(self.metrics)
@@ -78,7 +79,7 @@ class TrainReport:
             )
         verdict = "promoted to champion" if self.decision.promote else "not promoted"
         lines.append(
-            f"transformer v{self.challenger_version} is challenger, {verdict}: "
+            f"{self.challenger_name} v{self.challenger_version} is challenger, {verdict}: "
             f"{self.decision.reason}; champion is v{self.champion_version}"
         )
         lines.append(f"MLflow parent run {self.parent_run_id}")
@@ -249,7 +250,7 @@ def train(
             mlflow.log_params({"data_sha256": info["sha256"]})
             example = to_model_input(holdout.head(5))
             if cfg.model == "sequence":
-                version, epochs, predictions["transformer"] = _train_sequence(
+                version, challenger, epochs = _train_sequence(
                     cfg,
                     frames,
                     scaler,
@@ -261,10 +262,13 @@ def train(
                     child.info.run_id,
                     holdout,
                     metrics,
+                    predictions,
+                    (lightgbm, bgnbd),
                     example,
                     info,
                 )
             elif cfg.model == "document":
+                challenger = "transformer"
                 version, epochs, predictions["transformer"] = _train_document(
                     cfg,
                     frames,
@@ -290,6 +294,7 @@ def train(
                 holdout,
                 metrics,
                 predictions,
+                challenger,
                 version,
                 classic,
                 scaler,
@@ -315,7 +320,7 @@ def train(
                 }
             )
         mlflow.log_dict(metrics, "holdout_metrics.json")
-        return TrainReport(parent.info.run_id, metrics, version, champion, decision)
+        return TrainReport(parent.info.run_id, metrics, version, champion, decision, challenger)
 
 
 def _train_document(
@@ -367,11 +372,15 @@ def _train_sequence(
     run_id,
     holdout,
     metrics,
+    predictions,
+    classics,
     example,
     info,
-) -> tuple[str, int, Predictions]:
+) -> tuple[str, str, int]:
     """The behaviour-sequence transformer: CoLES pretraining (logged as a nested run, reused
-    when the same sequences were pretrained before), fine-tuning, evaluation, registration."""
+    when the same sequences were pretrained before), fine-tuning, evaluation; then the stack
+    of it with the classic models. The one of the two that scores better on the validation
+    cutoff (never the holdout the gate reads) is registered. Returns (version, name, epochs)."""
     mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     with mlflow.start_run(run_name="pretrain-coles", nested=True):
         mlflow.set_tags({"valueloop.kind": "pretraining", "objective": "CoLES"})
@@ -404,10 +413,48 @@ def _train_sequence(
     tiers, churn, _ = sequence.predict_sequence_net(
         fitted.net, fitted.vocab, scaler, holdout, cfg.eval_batch_size, progress=True
     )
-    holdout_predictions = as_predictions(tiers, churn)
+    predictions["transformer"] = as_predictions(tiers, churn)
     metrics["transformer"] = _log_evaluation(
-        "transformer", holdout, holdout_predictions, work / "plots"
+        "transformer", holdout, predictions["transformer"], work / "plots"
     )
+    described = (
+        f"behaviour-sequence transformer ({cfg.seq_layers} layers, {cfg.seq_hidden} wide, "
+        f"CoLES-pretrained) trained on {info['sha256'][:12]}"
+    )
+    member = sequence.SequenceClassifier.from_fitted(cfg, fitted, scaler)
+    if cfg.stack:
+        stack = MeanEnsemble([member, *classics], "stack").calibrate(frames["validation"])
+        validation = frames["validation"]
+        on_validation = {
+            name: compute_metrics(*_labels(validation), model.predict(validation))[
+                cfg.primary_metric
+            ]
+            for name, model in (("transformer", member), ("stack", stack))
+        }
+        with mlflow.start_run(run_name="stack", nested=True):
+            mlflow.set_tags({"valueloop.model": "stack", "valueloop.kind": "candidate"})
+            mlflow.log_params(
+                {"data_sha256": info["sha256"], "members": "transformer,lightgbm,bg_nbd"}
+            )
+            predictions["stack"] = stack.predict(holdout)
+            metrics["stack"] = _log_evaluation(
+                "stack", holdout, predictions["stack"], work / "plots"
+            )
+            mlflow.log_metrics(
+                {f"validation_{k}_{cfg.primary_metric}": v for k, v in on_validation.items()}
+            )
+        if on_validation["stack"] > on_validation["transformer"]:
+            why = (
+                f"stack of the {described}, LightGBM and BG/NBD (averaged, calibrated on the "
+                f"validation cutoff): {cfg.primary_metric} on the validation cutoff "
+                f"{on_validation['stack']:.4f}, the transformer alone "
+                f"{on_validation['transformer']:.4f}"
+            )
+            model_dir = registry.save_baseline_artifacts(work / "stack", stack, scaler)
+            version = registry.log_pyfunc(
+                registry.BaselinePyfunc(), model_dir, example, cfg.registered_model, why
+            )
+            return version, "stack", fitted.epochs_trained
     model_dir = registry.save_sequence_artifacts(
         work / "transformer",
         fitted.net,
@@ -416,14 +463,9 @@ def _train_sequence(
         {"fused_dim": cfg.fused_dim, "data_sha256": info["sha256"]},
     )
     version = registry.log_pyfunc(
-        registry.SequencePyfunc(),
-        model_dir,
-        example,
-        cfg.registered_model,
-        f"behaviour-sequence transformer ({cfg.seq_layers} layers, {cfg.seq_hidden} wide, "
-        f"CoLES-pretrained) trained on {info['sha256'][:12]}",
+        registry.SequencePyfunc(), model_dir, example, cfg.registered_model, described
     )
-    return version, fitted.epochs_trained, holdout_predictions
+    return version, "transformer", fitted.epochs_trained
 
 
 def _lead_interval(
@@ -452,6 +494,7 @@ def _gate(
     holdout: pd.DataFrame,
     metrics: dict[str, dict[str, float]],
     predictions: dict[str, Predictions],
+    challenger: str,
     version: str,
     classic: LightGBMBaseline | AveragedEnsemble,
     scaler: FeatureScaler,
@@ -467,13 +510,13 @@ def _gate(
         tiers, churn, spend = _labels(holdout)
         incumbent = compute_metrics(tiers, churn, spend, scored)
         decision = registry.decide(
-            metrics["transformer"],
+            metrics[challenger],
             incumbent,
             f"champion v{incumbent_version}",
             cfg.primary_metric,
             cfg.promotion_margin,
             cfg.calibration_tolerance,
-            _lead_interval(cfg, holdout, predictions["transformer"], scored),
+            _lead_interval(cfg, holdout, predictions[challenger], scored),
         )
         if decision.promote:
             registry.set_alias(name, registry.CHAMPION, version)
@@ -483,13 +526,13 @@ def _gate(
     # LightGBM + BG/NBD ensemble), else that one becomes champion.
     label = CLASSIC_LABELS[classic.name]
     decision = registry.decide(
-        metrics["transformer"],
+        metrics[challenger],
         metrics[classic.name],
         label,
         cfg.primary_metric,
         cfg.promotion_margin,
         cfg.calibration_tolerance,
-        _lead_interval(cfg, holdout, predictions["transformer"], predictions[classic.name]),
+        _lead_interval(cfg, holdout, predictions[challenger], predictions[classic.name]),
     )
     if decision.promote:
         registry.set_alias(name, registry.CHAMPION, version)
@@ -498,7 +541,7 @@ def _gate(
     why = (
         f"{label} ({cfg.primary_metric} "
         + ", ".join(f"{m} {v:.4f}" for m, v in others.items())
-        + f") is champion: the transformer did not beat it ({decision.reason})"
+        + f") is champion: the {challenger} did not beat it ({decision.reason})"
     )
     with mlflow.start_run(run_name=f"{classic.name}-champion", nested=True):
         mlflow.set_tags(

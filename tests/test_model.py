@@ -126,6 +126,29 @@ def test_every_model_is_tracked_side_by_side(warehouse: Settings, trained) -> No
     }
 
 
+def test_the_stack_is_tracked_and_chosen_on_the_validation_cutoff(
+    warehouse: Settings, trained
+) -> None:
+    client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
+    experiment = client.get_run(trained.parent_run_id).info.experiment_id
+    [stack] = client.search_runs([experiment], filter_string="tags.`valueloop.model` = 'stack'")
+    on_validation = {
+        m: stack.data.metrics[f"validation_{m}_customer_score"] for m in ("transformer", "stack")
+    }
+    expected = "stack" if on_validation["stack"] > on_validation["transformer"] else "transformer"
+    assert trained.challenger_name == expected
+    assert "test_churn_roc_auc" in stack.data.metrics
+    [pretraining] = client.search_runs(
+        [experiment], filter_string="tags.`valueloop.kind` = 'pretraining'"
+    )
+    assert pretraining.data.metrics["pretrain_loss"] > 0
+    assert pretraining.data.params["pretrain_reused"] == "False"
+    version = client.get_model_version(TrainConfig().registered_model, trained.challenger_version)
+    assert version.description.startswith(
+        "stack of the behaviour-sequence" if expected == "stack" else "behaviour-sequence"
+    )
+
+
 def test_the_first_champion_is_the_best_of_transformer_lightgbm_and_the_ensemble(
     warehouse: Settings, trained
 ) -> None:
@@ -136,7 +159,9 @@ def test_the_first_champion_is_the_best_of_transformer_lightgbm_and_the_ensemble
     assert str(challenger.version) == trained.challenger_version
     scores = {m: trained.metrics[m]["customer_score"] for m in ("lightgbm", "ensemble")}
     classic = max(scores, key=scores.get)
-    beat = trained.metrics["transformer"]["customer_score"] >= (
+    chosen = trained.challenger_name  # the transformer, or its stack with the classics
+    assert chosen in ("transformer", "stack")
+    beat = trained.metrics[chosen]["customer_score"] >= (
         scores[classic] + TrainConfig().promotion_margin
     )
     assert (str(champion.version) == str(challenger.version)) == (beat and trained.decision.promote)
@@ -145,7 +170,7 @@ def test_the_first_champion_is_the_best_of_transformer_lightgbm_and_the_ensemble
         assert champion.description.startswith(
             "LightGBM baseline" if classic == "lightgbm" else "LightGBM + BG/NBD ensemble"
         )
-        assert "is champion: the transformer did not beat it" in champion.description
+        assert f"is champion: the {chosen} did not beat it" in champion.description
     # Whichever it is, the champion scores a DataFrame through the one interface.
     holdout = to_model_input(read_mart(warehouse.warehouse_path, "scoring_set").head(20))
     mlflow.set_tracking_uri(warehouse.mlflow_tracking_uri)
@@ -216,6 +241,7 @@ def test_the_gate_refuses_a_deliberately_worse_model(warehouse: Settings, traine
             sequence_lr=1e-12,
             head_lr=1e-12,
             pretrain_epochs=0,
+            stack=False,
         )
     finally:
         holder.communicate("done\n", timeout=60)

@@ -180,3 +180,38 @@ def test_sequence_pyfunc_round_trip_gives_the_same_predictions(
     emptied = frame.assign(**{SEQUENCE_COLUMN: "{}"})
     changed = loaded.predict(emptied)["churn_probability"].to_numpy()
     assert not np.allclose(changed, churn, atol=1e-4)
+
+
+def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
+    pipeline_run: Settings, tmp_path: Path
+) -> None:
+    """On a copy of the pipeline's home: the sequence transformer made champion, then the real
+    `valueloop score` (streamed scoring set, dbt scoring models, checks, publication)."""
+    import shutil
+
+    from tests.conftest import run_valueloop
+
+    home = tmp_path / "home"
+    shutil.copytree(
+        pipeline_run.home,
+        home,
+        ignore=shutil.ignore_patterns("airflow", "logs", "landing", "mlartifacts"),
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    name = TrainConfig().registered_model
+    versions = client.search_model_versions(f"name = '{name}'")
+    chosen = max(
+        (v for v in versions if (v.description or "").startswith("behaviour-sequence")),
+        key=lambda v: int(v.version),
+    )
+    client.set_registered_model_alias(name, registry.CHAMPION, chosen.version)
+    result = run_valueloop("score", home=home, timeout=900)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
+        customers = con.execute("select count(*) from marts.scoring_set").fetchone()[0]
+        scores = con.execute(
+            "select count(*), min(model_version), max(model_version), "
+            "count(*) filter (where churn_probability between 0 and 1) "
+            "from marts.customer_scores"
+        ).fetchone()
+    assert scores == (customers, chosen.version, chosen.version, customers)
