@@ -137,7 +137,7 @@ def metric_values(test: pd.DataFrame, predictions: Predictions, rows: np.ndarray
         tiers = tier_index(test["value_tier"])[rows]
         out["tier_macro_f1"] = f1_score(
             tiers,
-            predictions.tier_probs[rows].argmax(1),
+            predictions.predicted_tiers(rows),
             average="macro",
             labels=list(range(len(TIERS))),
             zero_division=0,

@@ -22,7 +22,8 @@ from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
 from ml.baselines import BGNBDBaseline, LightGBMBaseline
-from ml.evaluate import Predictions
+from ml.data import tier_index
+from ml.evaluate import Predictions, fit_tier_weights
 
 EPS = 1e-4
 
@@ -65,7 +66,8 @@ class AveragedEnsemble:
 class MeanEnsemble:
     """Fitted models averaged the same way: churn probabilities averaged then calibrated on
     the validation cutoff (Platt), tier probabilities averaged over the members that have
-    tiers, value ranks averaged. The stack of the sequence transformer with LightGBM and
+    tiers (the tier chosen with decision weights fitted there for macro-F1), value ranks
+    averaged. The stack of the sequence transformer with LightGBM and
     BG/NBD is one (``stack`` in the backtest): fitted on out-of-time validation predictions
     only, never on the rows it is evaluated on."""
 
@@ -82,15 +84,23 @@ class MeanEnsemble:
         return np.mean([o.churn_prob for o in outputs], axis=0), outputs
 
     def calibrate(self, validation: pd.DataFrame) -> MeanEnsemble:
-        churn, _ = self._raw(validation)
+        churn, outputs = self._raw(validation)
         self.calibration = LogisticRegression().fit(
             _logit(churn)[:, None], validation["is_churned"].astype(int)
         )
+        tiers = self._tiers(outputs)
+        self.tier_weights = (
+            None if tiers is None else fit_tier_weights(tiers, tier_index(validation["value_tier"]))
+        )
         return self
+
+    @staticmethod
+    def _tiers(outputs: list[Predictions]) -> np.ndarray | None:
+        tiers = [o.tier_probs for o in outputs if o.tier_probs is not None]
+        return np.mean(tiers, axis=0) if tiers else None
 
     def predict(self, frame: pd.DataFrame) -> Predictions:
         churn, outputs = self._raw(frame)
         calibrated = self.calibration.predict_proba(_logit(churn)[:, None])[:, 1]
-        tiers = [o.tier_probs for o in outputs if o.tier_probs is not None]
         value = np.mean([rankdata(o.value_score) for o in outputs], axis=0) / len(frame)
-        return Predictions(calibrated, np.mean(tiers, axis=0) if tiers else None, value)
+        return Predictions(calibrated, self._tiers(outputs), value, self.tier_weights)

@@ -33,6 +33,43 @@ class Predictions:
     churn_prob: np.ndarray
     tier_probs: np.ndarray | None
     value_score: np.ndarray  # ranks customers by expected future value (for lift)
+    # Decision weights on the tier probabilities (fitted for macro-F1, :func:`fit_tier_weights`);
+    # the probabilities stay probabilities, only the chosen tier moves.
+    tier_weights: np.ndarray | None = None
+
+    def predicted_tiers(self, rows: np.ndarray | None = None) -> np.ndarray:
+        probs = self.tier_probs if rows is None else self.tier_probs[rows]
+        return decide_tiers(probs, self.tier_weights)
+
+
+def decide_tiers(tier_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The tier index per row: the argmax of the probabilities times the decision weights."""
+    return (tier_probs if weights is None else tier_probs * np.asarray(weights)).argmax(1)
+
+
+def fit_tier_weights(tier_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Weights on the high and lapsed probabilities (active fixed at 1) that maximise macro-F1
+    on these rows (the validation cutoff): argmax of calibrated probabilities is the rule for
+    accuracy, not for macro-F1 over unbalanced tiers. Grid 0.5 to 2.5; ties go to the weights
+    nearest to 1."""
+    grid = np.round(np.arange(0.5, 2.51, 0.1), 2)
+    best, chosen = -1.0, np.ones(len(TIERS))
+    for high in grid:
+        for lapsed in grid:
+            weights = np.array([high, 1.0, lapsed])
+            f1 = f1_score(
+                labels,
+                decide_tiers(tier_probs, weights),
+                average="macro",
+                labels=list(range(len(TIERS))),
+                zero_division=0,
+            )
+            distance = abs(np.log(high)) + abs(np.log(lapsed))
+            if f1 > best + 1e-12 or (
+                abs(f1 - best) <= 1e-12 and distance < np.abs(np.log(chosen)).sum()
+            ):
+                best, chosen = f1, weights
+    return chosen
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -67,7 +104,7 @@ def compute_metrics(
         "top_decile_revenue_capture": top_decile_capture(future_spend, predictions.value_score),
     }
     if predictions.tier_probs is not None:
-        predicted = predictions.tier_probs.argmax(1)
+        predicted = predictions.predicted_tiers()
         labels = list(range(len(TIERS)))
         metrics["tier_macro_f1"] = float(
             f1_score(tiers, predicted, average="macro", labels=labels, zero_division=0)
@@ -104,7 +141,7 @@ def paired_bootstrap(
                 return float(auc)
             f1 = f1_score(
                 tiers[rows],
-                predictions.tier_probs[rows].argmax(1),
+                predictions.predicted_tiers(rows),
                 average="macro",
                 labels=list(range(len(TIERS))),
                 zero_division=0,
@@ -151,7 +188,7 @@ def plot_all(
 
     if predictions.tier_probs is not None:
         matrix = confusion_matrix(
-            tiers, predictions.tier_probs.argmax(1), labels=list(range(len(TIERS)))
+            tiers, predictions.predicted_tiers(), labels=list(range(len(TIERS)))
         )
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.imshow(matrix, cmap="Blues")

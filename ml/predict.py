@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ml.data import TEXT_COLUMN, TIERS, FeatureScaler, collate, tokenize
-from ml.evaluate import Predictions
+from ml.evaluate import Predictions, decide_tiers
 from ml.model import CustomerNet
 
 OUTPUT_COLUMNS = ["p_high", "p_active", "p_lapsed", "churn_probability", "value_tier"]
@@ -70,25 +70,33 @@ def predict_net(
     return tiers, churn, embeddings
 
 
-def as_predictions(tiers: np.ndarray, churn: np.ndarray) -> Predictions:
+def as_predictions(
+    tiers: np.ndarray, churn: np.ndarray, tier_weights: np.ndarray | None = None
+) -> Predictions:
     return Predictions(
         churn.astype("float64"),
         tiers.astype("float64"),
         tiers[:, TIERS.index("high")].astype("float64"),
+        tier_weights,
     )
 
 
 def output_frame(
-    tiers: np.ndarray, churn: np.ndarray, embeddings: np.ndarray | None, index: pd.Index
+    tiers: np.ndarray,
+    churn: np.ndarray,
+    embeddings: np.ndarray | None,
+    index: pd.Index,
+    tier_weights: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The pyfunc's documented output: tier probabilities, churn, tier, optional embedding."""
+    """The pyfunc's documented output: tier probabilities, churn, tier (the argmax of the
+    probabilities times the model's tier decision weights, if it has them), embedding."""
     out = pd.DataFrame(
         {
             "p_high": tiers[:, 0].astype("float64"),
             "p_active": tiers[:, 1].astype("float64"),
             "p_lapsed": tiers[:, 2].astype("float64"),
             "churn_probability": churn.astype("float64"),
-            "value_tier": np.array(TIERS, dtype=object)[tiers.argmax(1)],
+            "value_tier": np.array(TIERS, dtype=object)[decide_tiers(tiers, tier_weights)],
         },
         index=index,
     )

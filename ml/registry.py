@@ -120,7 +120,11 @@ class SequencePyfunc(mlflow.pyfunc.PythonModel):
             self.net, self.vocab, self.scaler, model_input, int(params["batch_size"])
         )
         return output_frame(
-            tiers, churn, embeddings if params["return_embedding"] else None, model_input.index
+            tiers,
+            churn,
+            embeddings if params["return_embedding"] else None,
+            model_input.index,
+            self.net.tier_decision.cpu().numpy(),
         )
 
 
@@ -140,7 +144,11 @@ class BaselinePyfunc(mlflow.pyfunc.PythonModel):
         predictions: Predictions = self.baseline.predict(model_input)
         embeddings = self.scaler.transform(model_input) if params["return_embedding"] else None
         return output_frame(
-            predictions.tier_probs, predictions.churn_prob, embeddings, model_input.index
+            predictions.tier_probs,
+            predictions.churn_prob,
+            embeddings,
+            model_input.index,
+            getattr(predictions, "tier_weights", None),
         )
 
 

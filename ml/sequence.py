@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ml.data import SEQUENCE_COLUMN, TIERS, FeatureScaler, tier_index
+from ml.evaluate import fit_tier_weights
 from ml.model import TINY_RANDOM, TwoHeadModule, packaged_minilm
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,8 @@ class SequenceNet(nn.Module):
         # (:func:`calibrate_churn`); the identity until then.
         self.register_buffer("churn_scale", torch.ones(()))
         self.register_buffer("churn_shift", torch.zeros(()))
+        # Tier decision weights for macro-F1, fitted on the validation cutoff (ml.evaluate).
+        self.register_buffer("tier_decision", torch.ones(len(TIERS)))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         summary = self.encoder(batch)
@@ -747,6 +750,9 @@ def fit_sequence_model(
     net = module.net.to(device).eval()
     ece = calibrate_churn(net, vocab, scaler, frames["validation"])
     log.info("churn calibration on the validation cutoff: ECE %.4f -> %.4f", *ece)
+    tiers, _, _ = predict_sequence_net(net, vocab, scaler, frames["validation"])
+    weights = fit_tier_weights(tiers, tier_index(frames["validation"]["value_tier"]))
+    net.tier_decision.copy_(torch.as_tensor(weights, dtype=net.tier_decision.dtype))
     return FittedSequenceModel(
         net,
         vocab,
@@ -811,7 +817,8 @@ class SequenceClassifier:
     def predict(self, frame: pd.DataFrame):
         from ml.predict import as_predictions
 
+        net = self.fitted.net
         tiers, churn, _ = predict_sequence_net(
-            self.fitted.net, self.fitted.vocab, self.scaler, frame, self.cfg.eval_batch_size
+            net, self.fitted.vocab, self.scaler, frame, self.cfg.eval_batch_size
         )
-        return as_predictions(tiers, churn)
+        return as_predictions(tiers, churn, net.tier_decision.cpu().numpy())

@@ -413,7 +413,9 @@ def _train_sequence(
     tiers, churn, _ = sequence.predict_sequence_net(
         fitted.net, fitted.vocab, scaler, holdout, cfg.eval_batch_size, progress=True
     )
-    predictions["transformer"] = as_predictions(tiers, churn)
+    predictions["transformer"] = as_predictions(
+        tiers, churn, fitted.net.tier_decision.cpu().numpy()
+    )
     metrics["transformer"] = _log_evaluation(
         "transformer", holdout, predictions["transformer"], work / "plots"
     )

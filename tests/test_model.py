@@ -23,7 +23,7 @@ from ml.data import (
     read_mart,
     to_model_input,
 )
-from ml.evaluate import Predictions, paired_bootstrap
+from ml.evaluate import Predictions, compute_metrics, fit_tier_weights, paired_bootstrap
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import OUTPUT_COLUMNS, predict_net
 from ml.train import train
@@ -370,3 +370,24 @@ def test_ddp_fine_tuning_on_two_cpu_processes_matches_one_process(
     assert ddp["train_batches_per_process"] == -(-single["train_batches_per_process"] // 2)
     assert ddp["metrics"].keys() == single["metrics"].keys() >= {"val_score", "val_loss"}
     assert all(np.isfinite(v) for v in ddp["metrics"].values())
+
+
+def test_tier_decision_weights_raise_macro_f1_without_touching_the_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    n = 3000
+    labels = rng.choice(3, size=n, p=[0.1, 0.6, 0.3])
+    # Probabilities that lean to the common "active" tier.
+    logits = np.eye(3)[labels] * 0.8 + rng.normal(0, 0.6, (n, 3))
+    logits[:, 1] += 0.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    weights = fit_tier_weights(probs, labels)
+    plain = Predictions(probs[:, 0], probs, probs[:, 0])
+    weighted = Predictions(probs[:, 0], probs, probs[:, 0], weights)
+    f1 = {
+        name: compute_metrics(labels, (labels == 2).astype(int), np.ones(n), p)["tier_macro_f1"]
+        for name, p in (("plain", plain), ("weighted", weighted))
+    }
+    assert not np.allclose(weights, 1.0) and f1["weighted"] > f1["plain"] + 0.01, (weights, f1)
+    # Already balanced, well-separated tiers keep weights of 1.
+    clean = np.eye(3)[labels] * 0.9 + 0.05
+    assert np.allclose(fit_tier_weights(clean, labels), 1.0)
