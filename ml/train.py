@@ -285,6 +285,7 @@ def train(
             else:
                 raise ValueError(f"model: {cfg.model!r} is neither 'sequence' nor 'document'")
             mlflow.log_metric("epochs_trained", epochs)
+            mlflow.set_tag("valueloop.challenger", challenger)
             registry.set_alias(cfg.registered_model, registry.CHALLENGER, version)
 
             classic = max((lightgbm, ensemble), key=lambda m: metrics[m.name][cfg.primary_metric])
@@ -433,7 +434,9 @@ def _train_sequence(
             ]
             for name, model in (("transformer", member), ("stack", stack))
         }
-        with mlflow.start_run(run_name="stack", nested=True):
+        parent_id = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        # A sibling of the transformer's run under the training run, so the UI lists it.
+        with mlflow.start_run(run_name="stack", nested=True, parent_run_id=parent_id):
             mlflow.set_tags({"valueloop.model": "stack", "valueloop.kind": "candidate"})
             mlflow.log_params(
                 {"data_sha256": info["sha256"], "members": "transformer,lightgbm,bg_nbd"}
@@ -445,18 +448,18 @@ def _train_sequence(
             mlflow.log_metrics(
                 {f"validation_{k}_{cfg.primary_metric}": v for k, v in on_validation.items()}
             )
-        if on_validation["stack"] > on_validation["transformer"]:
-            why = (
-                f"stack of the {described}, LightGBM and BG/NBD (averaged, calibrated on the "
-                f"validation cutoff): {cfg.primary_metric} on the validation cutoff "
-                f"{on_validation['stack']:.4f}, the transformer alone "
-                f"{on_validation['transformer']:.4f}"
-            )
-            model_dir = registry.save_baseline_artifacts(work / "stack", stack, scaler)
-            version = registry.log_pyfunc(
-                registry.BaselinePyfunc(), model_dir, example, cfg.registered_model, why
-            )
-            return version, "stack", fitted.epochs_trained
+            if on_validation["stack"] > on_validation["transformer"]:
+                why = (
+                    f"stack of the {described}, LightGBM and BG/NBD (averaged, calibrated on "
+                    f"the validation cutoff): {cfg.primary_metric} on the validation cutoff "
+                    f"{on_validation['stack']:.4f}, the transformer alone "
+                    f"{on_validation['transformer']:.4f}"
+                )
+                model_dir = registry.save_baseline_artifacts(work / "stack", stack, scaler)
+                version = registry.log_pyfunc(
+                    registry.BaselinePyfunc(), model_dir, example, cfg.registered_model, why
+                )
+                return version, "stack", fitted.epochs_trained
     model_dir = registry.save_sequence_artifacts(
         work / "transformer",
         fitted.net,

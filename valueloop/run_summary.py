@@ -54,6 +54,7 @@ class Champion:
     model: str
     decision: str
     reason: str
+    challenger: str = "transformer"  # or "stack": the candidate the gate judged
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ def _model_facts(settings: Settings) -> tuple[dict[str, dict[str, float]], Champ
     )
     models: dict[str, dict[str, float]] = {}
     decision = reason = ""
+    challenger = "transformer"
     if parents:
         children = client.search_runs(
             [experiment.experiment_id],
@@ -138,12 +140,13 @@ def _model_facts(settings: Settings) -> tuple[dict[str, dict[str, float]], Champ
             }
             decision = child.data.tags.get("gate.decision", decision)
             reason = child.data.tags.get("gate.reason", reason)
+            challenger = child.data.tags.get("valueloop.challenger", challenger)
     aliases = client.get_registered_model(config.registered_model).aliases
     if "champion" not in aliases:
         return models, None
     version = client.get_model_version(config.registered_model, aliases["champion"])
     model = client.get_run(version.run_id).data.tags.get("valueloop.model", "?")
-    return models, Champion(str(version.version), model, decision, reason)
+    return models, Champion(str(version.version), model, decision, reason, challenger)
 
 
 def collect(settings: Settings, since: datetime) -> RunSummary:
@@ -213,7 +216,7 @@ def render(console: Console, summary: RunSummary, settings: Settings, logs: Path
         champ = summary.champion
         print_(
             f"  [bold]model[/]    champion: {champ.model} (v{champ.version}); "
-            f"transformer {champ.decision or 'not gated'}: {champ.reason}"
+            f"{champ.challenger} {champ.decision or 'not gated'}: {champ.reason}"
         )
     else:
         print_("  [bold]model[/]    no champion yet")
