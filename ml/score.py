@@ -88,7 +88,9 @@ def _stream_predictions(
             batch_rows
         )
         parts, embeddings, done = [], None, 0
-        explained = getattr(model.unwrap_python_model(), "baseline", None) if explain else None
+        python_model = model.unwrap_python_model()
+        explained = getattr(python_model, "baseline", None) if explain else None
+        sequence_model = explain and hasattr(python_model, "vocab")
         with tqdm(total=total, desc="score", unit="customer") as bar:
             for batch in reader:
                 chunk = to_model_input(batch.to_pandas())
@@ -104,7 +106,15 @@ def _stream_predictions(
                         shape=(total, emb.shape[1]),
                     )
                 embeddings[done : done + len(chunk)] = emb
-                why = reasons.explain(explained, chunk) if explained is not None else None
+                why = (
+                    reasons.explain(explained, chunk)
+                    if explained is not None
+                    else reasons.explain_sequence(
+                        python_model.net, python_model.vocab, python_model.scaler, chunk
+                    )
+                    if sequence_model
+                    else None
+                )
                 if why is None:
                     why = pd.DataFrame(
                         {c: [None] * len(chunk) for c in ("churn_reasons", "tier_reasons")}

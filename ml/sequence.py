@@ -274,20 +274,23 @@ class EventEncoder(nn.Module):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.hidden = hidden
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One vector per event (batch, events, hidden): the encoder's input."""
         texts = batch["texts"]
         present = (texts > 0).unsqueeze(-1).to(self.text_vectors.dtype)
         text = (self.text_vectors[texts] * present).sum(2) / present.sum(2).clamp(min=1.0)
-        events = (
+        return (
             self.numbers(batch["numbers"])
             + self.kind(batch["kinds"])
             + self.category(batch["categories"])
             + self.text(text)
         )
+
+    def encode(self, events: torch.Tensor, event_mask: torch.Tensor) -> torch.Tensor:
         size = events.shape[0]
         embeds = torch.cat([self.summary.expand(size, -1, -1).to(events.dtype), events], 1)
         mask = torch.cat(
-            [torch.ones(size, 1, dtype=torch.long, device=events.device), batch["mask"]], 1
+            [torch.ones(size, 1, dtype=torch.long, device=events.device), event_mask], 1
         )
         hidden = self.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         # Mean over the summary token and the events: every event's own residual stream
@@ -295,6 +298,9 @@ class EventEncoder(nn.Module):
         # nearly the same for everyone, which stalls contrastive pretraining).
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode(self.embed(batch), batch["mask"])
 
 
 class SequenceNet(nn.Module):
@@ -326,8 +332,11 @@ class SequenceNet(nn.Module):
         self.register_buffer("tier_decision", torch.ones(len(TIERS)))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        summary = self.encoder(batch)
-        numeric = self.numeric_tower(batch["numeric"].to(summary.dtype))
+        return self.heads(self.encoder(batch), batch["numeric"])
+
+    def heads(self, summary: torch.Tensor, numeric: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fused embedding and both heads from the encoded sequence and the features."""
+        numeric = self.numeric_tower(numeric.to(summary.dtype))
         fused = self.fusion(torch.cat([summary, numeric], -1))
         return {
             "tier_logits": self.tier_head(fused),

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ml import registry, sequence
+from ml import reasons, registry, sequence
 from ml.config import DEFAULT_CONFIG, TrainConfig
 from ml.data import SEQUENCE_COLUMN, read_mart, split_by_time, to_model_input
 from ml.model import TINY_RANDOM
@@ -211,7 +211,28 @@ def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
         customers = con.execute("select count(*) from marts.scoring_set").fetchone()[0]
         scores = con.execute(
             "select count(*), min(model_version), max(model_version), "
-            "count(*) filter (where churn_probability between 0 and 1) "
+            "count(*) filter (where churn_probability between 0 and 1), "
+            "count(*) filter (where churn_reasons <> '' and tier_reasons is not null) "
             "from marts.customer_scores"
         ).fetchone()
-    assert scores == (customers, chosen.version, chosen.version, customers)
+    # Every customer scored by this version, with reason codes from integrated gradients.
+    assert scores == (customers, chosen.version, chosen.version, customers, customers)
+
+
+def test_sequence_reason_codes_name_real_features_and_events_and_are_stable(fitted) -> None:
+    _, frames, _, _, model = fitted
+    frame = to_model_input(frames["test"].head(40))
+    net, vocab, scaler = model.fitted.net, model.fitted.vocab, model.scaler
+    why = reasons.explain_sequence(net, vocab, scaler, frame)
+    again = reasons.explain_sequence(net, vocab, scaler, frame, batch_size=7)
+    pd.testing.assert_frame_equal(why, again)  # the same model and customer, the same reasons
+    assert (why["churn_reasons"] != "").all()
+    for row, (_, text) in zip(frame.to_dict("records"), why.iterrows(), strict=True):
+        events = json.loads(row[SEQUENCE_COLUMN])
+        known = {reasons.phrase(name, row) for name in scaler.columns} | {
+            reasons._event_phrase(events, p) for p in range(len(events.get("kind", [])))
+        }
+        parts = text["churn_reasons"].split("; ")
+        drivers = [d.rsplit(" (", 1)[0] for d in parts]
+        assert 1 <= len(drivers) <= 3 and set(drivers) <= known, (drivers, row["customer_id"])
+        assert all(d.endswith(("raises risk)", "lowers risk)")) for d in parts)
