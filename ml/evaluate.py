@@ -36,8 +36,13 @@ class Predictions:
     # Decision weights on the tier probabilities (fitted for macro-F1, :func:`fit_tier_weights`);
     # the probabilities stay probabilities, only the chosen tier moves.
     tier_weights: np.ndarray | None = None
+    # The tier indices a registered model published (its own decision rule, whatever it is);
+    # when set, they are the predicted tiers.
+    decided: np.ndarray | None = None
 
     def predicted_tiers(self, rows: np.ndarray | None = None) -> np.ndarray:
+        if self.decided is not None:
+            return self.decided if rows is None else self.decided[rows]
         probs = self.tier_probs if rows is None else self.tier_probs[rows]
         return decide_tiers(probs, self.tier_weights)
 
@@ -151,6 +156,8 @@ def paired_bootstrap(
             predictions.churn_prob[rows],
             None if predictions.tier_probs is None else predictions.tier_probs[rows],
             predictions.value_score[rows],
+            predictions.tier_weights,
+            None if predictions.decided is None else predictions.decided[rows],
         )
         return compute_metrics(tiers[rows], churn[rows], future_spend[rows], part)[metric]
 

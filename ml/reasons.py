@@ -103,9 +103,10 @@ def lightgbm_of(model) -> object | None:
     return inner if inner is not None and hasattr(inner, "churn_model") else None
 
 
-def explain(model, frame: pd.DataFrame) -> pd.DataFrame | None:
+def explain(model, frame: pd.DataFrame, published: pd.Series | None = None):
     """``churn_reasons`` and ``tier_reasons`` per row of ``frame`` (same index), or None when
-    the model has no LightGBM to explain."""
+    the model has no LightGBM to explain. ``published``: the tiers the champion published
+    (an ensemble's or a stack's may differ from its LightGBM's): the reasons support those."""
     trees = lightgbm_of(model)
     if trees is None:
         return None
@@ -113,7 +114,11 @@ def explain(model, frame: pd.DataFrame) -> pd.DataFrame | None:
     names = list(x.columns)
     churn = trees.churn_model.predict(x, pred_contrib=True)[:, : len(names)]
     tier_all = trees.tier_model.predict(x, pred_contrib=True)
-    tiers = trees.tier_model.predict_proba(x).argmax(axis=1)
+    tiers = (
+        trees.tier_model.predict_proba(x).argmax(axis=1)
+        if published is None
+        else published.map({t: i for i, t in enumerate(TIERS)}).to_numpy("int64")
+    )
     width = len(names) + 1
     rows = np.arange(len(frame))
     churn_top = np.argsort(-np.abs(churn), axis=1, kind="stable")[:, :TOP]

@@ -21,7 +21,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from ml.data import FeatureScaler
+from ml.data import TIERS, FeatureScaler
 from ml.evaluate import Predictions
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -337,4 +337,8 @@ def holdout_scores(model_uri: str, frame: pd.DataFrame) -> Predictions:
     """Load a registered model and score the holdout exactly as scoring will."""
     output = mlflow.pyfunc.load_model(model_uri).predict(frame)
     tiers = output[["p_high", "p_active", "p_lapsed"]].to_numpy(dtype="float64")
-    return Predictions(output["churn_probability"].to_numpy(dtype="float64"), tiers, tiers[:, 0])
+    # The tiers it publishes (with its own decision weights, if it has any).
+    decided = output["value_tier"].map({t: i for i, t in enumerate(TIERS)}).to_numpy("int64")
+    return Predictions(
+        output["churn_probability"].to_numpy(dtype="float64"), tiers, tiers[:, 0], None, decided
+    )

@@ -107,7 +107,7 @@ def _stream_predictions(
                     )
                 embeddings[done : done + len(chunk)] = emb
                 why = (
-                    reasons.explain(explained, chunk)
+                    reasons.explain(explained, chunk, out["value_tier"])
                     if explained is not None
                     else reasons.explain_sequence(
                         python_model.net, python_model.vocab, python_model.scaler, chunk

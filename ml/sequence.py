@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -123,6 +123,8 @@ def embed_texts(
         partial.replace(cache)
         log.info("embedded %d new texts with %s (cache %s)", len(missing), encoder, cache)
     wanted = known[known["text_key"].isin(set(texts["text_key"]))]
+    if wanted.empty:  # a shop without product descriptions or reviews
+        return [], np.zeros((0, 1), dtype="float32")
     return wanted["text_key"].tolist(), np.stack(wanted["v"].to_numpy()).astype("float32")
 
 
@@ -195,10 +197,13 @@ def parse_sequences(sequences: pd.Series, vocab: SequenceVocab) -> EventArrays:
         events = json.loads(raw) if raw else {}
         if not events.get("kind"):
             continue
-        days = np.asarray(events["days_before"], dtype="float64")[::-1][:width]
+        every = np.asarray(events["days_before"], dtype="float64")[::-1]
+        days = every[:width]
         size = len(days)
         lengths[row] = size
-        older = np.append(days[1:], np.nan)  # the previous event's days_before, newest first
+        # The previous event's days_before, newest first, taken before the cut so that the
+        # oldest kept event still has its gap.
+        older = np.append(every[1:], np.nan)[:size]
         gaps = np.nan_to_num(older - days, nan=0.0)
         numbers[row, :size] = np.stack(
             [
@@ -241,6 +246,15 @@ class SequenceSpec:
     dropout: float = 0.1
 
 
+def text_table(vectors: np.ndarray | None, n_texts: int, dim: int | None = None) -> np.ndarray:
+    """The encoder's text table: row 0 is "no text", then one row per known text."""
+    width = dim if dim is not None else (vectors.shape[1] if vectors is not None else 1)
+    table = np.zeros((n_texts + 1, width), dtype="float32")
+    if vectors is not None and len(vectors):
+        table[1:] = vectors
+    return table
+
+
 class EventEncoder(nn.Module):
     """Event vectors into a BERT encoder (``inputs_embeds``) behind a learned summary token;
     returns the mean of the outputs over the summary token and the events."""
@@ -253,11 +267,10 @@ class EventEncoder(nn.Module):
         self.numbers = nn.Linear(len(EVENT_NUMBERS), hidden)
         self.kind = nn.Embedding(len(KINDS) + 1, hidden, padding_idx=0)
         self.category = nn.Embedding(spec.n_categories + 2, hidden, padding_idx=0)
-        table = torch.zeros(spec.n_texts + 1, spec.text_dim)
-        if text_vectors is not None and len(text_vectors):
-            table[1:] = torch.as_tensor(text_vectors)
         # The sentence embeddings are fixed inputs (saved with the model, not trained).
-        self.register_buffer("text_vectors", table)
+        self.register_buffer(
+            "text_vectors", torch.as_tensor(text_table(text_vectors, spec.n_texts, spec.text_dim))
+        )
         self.text = nn.Linear(spec.text_dim, hidden)
         self.summary = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.normal_(self.summary, std=0.02)
@@ -720,6 +733,8 @@ def fit_sequence_model(
         state, losses = None, []
     elif reused:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        # Today's text vectors, never the cached ones (the cache keys texts, not vectors).
+        state["text_vectors"] = torch.as_tensor(text_table(vectors, len(vocab.text_keys)))
         losses = json.loads(losses_path.read_text())
         log.info("reusing the CoLES encoder pretrained on the same sequences (%s)", weights_path)
     else:
@@ -793,9 +808,20 @@ class SequenceClassifier:
         return model
 
     def __getstate__(self) -> dict:
-        # Pickled inside the stack's registered model: the net and what it reads, not the
-        # training inputs.
-        return {**self.__dict__, "texts": None, "cache_dir": None}
+        # Pickled inside the stack's registered model: the net (on the CPU, so that a scorer
+        # without a GPU loads it) and what it reads, not the training inputs.
+        import copy
+
+        state = {**self.__dict__, "texts": None, "cache_dir": None}
+        if "fitted" in state:
+            net = copy.deepcopy(state["fitted"].net).cpu()
+            state["fitted"] = replace(state["fitted"], net=net)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "fitted" in state and torch.cuda.is_available():
+            self.fitted.net.to("cuda")
 
     def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> SequenceClassifier:
         from ml.data import numeric_columns

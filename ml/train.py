@@ -304,12 +304,15 @@ def train(
                 info,
             )
             mlflow.log_text(decision.to_json(), "gate_decision.json")
-            mlflow.set_tags(
-                {
-                    "gate.decision": "promoted" if decision.promote else "refused",
-                    "gate.reason": decision.reason,
-                }
-            )
+            gate_tags = {
+                "gate.decision": "promoted" if decision.promote else "refused",
+                "gate.reason": decision.reason,
+            }
+            mlflow.set_tags(gate_tags)
+            registered = client.get_model_version(cfg.registered_model, version).run_id
+            if registered != child.info.run_id:  # the stack registers from its own run
+                for key, value in gate_tags.items():
+                    client.set_tag(registered, key, value)
             mlflow.log_metrics(
                 {
                     "gate_challenger_score": decision.challenger_score,
@@ -403,14 +406,14 @@ def _train_sequence(
                 "text_encoder": cfg.text_encoder,
             }
         )
-        mlflow.log_metrics(
-            {
-                "validation_churn_ece_uncalibrated": fitted.validation_ece[0],
-                "validation_churn_ece_calibrated": fitted.validation_ece[1],
-            }
-        )
         for epoch, loss in enumerate(fitted.pretrain_losses):
             mlflow.log_metric("pretrain_loss", loss, step=epoch)
+    mlflow.log_metrics(
+        {
+            "validation_churn_ece_uncalibrated": fitted.validation_ece[0],
+            "validation_churn_ece_calibrated": fitted.validation_ece[1],
+        }
+    )
     tiers, churn, _ = sequence.predict_sequence_net(
         fitted.net, fitted.vocab, scaler, holdout, cfg.eval_batch_size, progress=True
     )
@@ -434,9 +437,15 @@ def _train_sequence(
             ]
             for name, model in (("transformer", member), ("stack", stack))
         }
-        parent_id = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
-        # A sibling of the transformer's run under the training run, so the UI lists it.
-        with mlflow.start_run(run_name="stack", nested=True, parent_run_id=parent_id):
+        here = mlflow.get_run(run_id)
+        # A sibling of the transformer's run under the training run, so the UI lists it
+        # (created by the client: start_run only nests under the active run).
+        sibling = mlflow.MlflowClient().create_run(
+            here.info.experiment_id,
+            run_name="stack",
+            tags={"mlflow.parentRunId": here.data.tags["mlflow.parentRunId"]},
+        )
+        with mlflow.start_run(run_id=sibling.info.run_id, nested=True):
             mlflow.set_tags({"valueloop.model": "stack", "valueloop.kind": "candidate"})
             mlflow.log_params(
                 {"data_sha256": info["sha256"], "members": "transformer,lightgbm,bg_nbd"}

@@ -18,10 +18,10 @@ import yaml
 
 from ml import reasons, registry, sequence
 from ml.config import DEFAULT_CONFIG, TrainConfig
-from ml.data import SEQUENCE_COLUMN, read_mart, split_by_time, to_model_input
+from ml.data import SEQUENCE_COLUMN, TIERS, read_mart, split_by_time, to_model_input
 from ml.model import TINY_RANDOM
 from tests.conftest import REPO_ROOT
-from valueloop.config import Settings
+from valueloop.config import Settings, load_settings
 
 TINY = Path(DEFAULT_CONFIG).with_name("tiny.yaml")
 MAX_EVENTS = yaml.safe_load((REPO_ROOT / "dbt_project" / "dbt_project.yml").read_text())["vars"][
@@ -140,9 +140,9 @@ def test_the_pretrained_encoder_is_reused_when_the_sequences_have_not_changed(fi
     )
     assert second.fitted.pretrain_reused
     assert second.fitted.pretrain_losses == first.fitted.pretrain_losses
-    # Different sequences (another seed's sample): pretrained afresh.
-    other = sequence.SequenceClassifier(replace(cfg, seed=7), texts, cache).fit(
-        frames["train"].sample(frac=0.5, random_state=1), frames["validation"].iloc[::2]
+    # The same settings on other sequences (half the validation cutoff's customers): afresh.
+    other = sequence.SequenceClassifier(cfg, texts, cache).fit(
+        frames["train"], frames["validation"].iloc[::2]
     )
     assert not other.fitted.pretrain_reused
 
@@ -183,7 +183,7 @@ def test_sequence_pyfunc_round_trip_gives_the_same_predictions(
 
 
 def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
-    pipeline_run: Settings, tmp_path: Path
+    fitted, pipeline_run: Settings, tmp_path: Path
 ) -> None:
     """On a copy of the pipeline's home: the sequence transformer made champion, then the real
     `valueloop score` (streamed scoring set, dbt scoring models, checks, publication)."""
@@ -197,14 +197,25 @@ def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
         home,
         ignore=shutil.ignore_patterns("airflow", "logs", "landing", "mlartifacts"),
     )
-    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    name = TrainConfig().registered_model
-    versions = client.search_model_versions(f"name = '{name}'")
-    chosen = max(
-        (v for v in versions if (v.description or "").startswith("behaviour-sequence")),
-        key=lambda v: int(v.version),
+    copied = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=home)
+    _, _, _, _, model = fitted
+    model_dir = registry.save_sequence_artifacts(
+        tmp_path / "artifacts",
+        model.fitted.net,
+        model.fitted.vocab,
+        model.scaler,
+        {"fused_dim": model.cfg.fused_dim},
     )
-    client.set_registered_model_alias(name, registry.CHAMPION, chosen.version)
+    registry.configure(copied.mlflow_tracking_uri, copied.mlflow_artifacts_dir, "sequence-scoring")
+    name = TrainConfig().registered_model
+    example = to_model_input(read_mart(copied.warehouse_path, "scoring_set").head(3))
+    with mlflow.start_run():
+        version = registry.log_pyfunc(
+            registry.SequencePyfunc(), model_dir, example, name, "behaviour-sequence (test)"
+        )
+    mlflow.MlflowClient(copied.mlflow_tracking_uri).set_registered_model_alias(
+        name, registry.CHAMPION, version
+    )
     result = run_valueloop("score", home=home, timeout=900)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
@@ -216,7 +227,7 @@ def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
             "from marts.customer_scores"
         ).fetchone()
     # Every customer scored by this version, with reason codes from integrated gradients.
-    assert scores == (customers, chosen.version, chosen.version, customers, customers)
+    assert scores == (customers, version, version, customers, customers)
 
 
 def test_sequence_reason_codes_name_real_features_and_events_and_are_stable(fitted) -> None:
@@ -236,3 +247,79 @@ def test_sequence_reason_codes_name_real_features_and_events_and_are_stable(fitt
         drivers = [d.rsplit(" (", 1)[0] for d in parts]
         assert 1 <= len(drivers) <= 3 and set(drivers) <= known, (drivers, row["customer_id"])
         assert all(d.endswith(("raises risk)", "lowers risk)")) for d in parts)
+
+
+def test_an_event_phrase_describes_the_event_at_its_position_newest_first() -> None:
+    events = {
+        "kind": ["order", "return", "review", "order"],  # oldest first, as the mart has it
+        "days_before": [90, 60, 30, 2],
+        "amount": [10.0, -4.5, 0.0, 25.25],
+        "rating": [0, 0, 4, 0],
+    }
+    assert reasons._event_phrase(events, 0) == "order of 25.25, 2 days ago"
+    assert reasons._event_phrase(events, 1) == "4-star review, 30 days ago"
+    assert reasons._event_phrase(events, 2) == "return of 4.50, 60 days ago"
+    vocab = sequence.SequenceVocab([], [], max_events=4)
+    arrays = sequence.parse_sequences(
+        pd.Series(
+            [
+                json.dumps(
+                    {
+                        **events,
+                        "quantity": [1] * 4,
+                        "lines": [1] * 4,
+                        "category": ["x"] * 4,
+                        "texts": [[]] * 4,
+                    }
+                )
+            ]
+        ),
+        vocab,
+    )
+    # Position 0 is the newest event in the arrays too; gaps run back to the older event.
+    assert np.isclose(arrays.numbers[0, 0, 0], np.log1p(2))
+    assert np.isclose(arrays.numbers[0, 0, 1], np.log1p(28))
+    assert arrays.kinds[0].tolist() == [1, 4, 2, 1]
+
+
+def test_the_oldest_kept_event_keeps_its_gap_when_the_sequence_is_cut() -> None:
+    events = {
+        "kind": ["order"] * 5,
+        "days_before": [100, 80, 50, 20, 5],
+        "amount": [1.0] * 5,
+        "quantity": [1] * 5,
+        "lines": [1] * 5,
+        "rating": [0] * 5,
+        "category": ["x"] * 5,
+        "texts": [[]] * 5,
+    }
+    arrays = sequence.parse_sequences(
+        pd.Series([json.dumps(events)]), sequence.SequenceVocab([], [], max_events=3)
+    )
+    assert arrays.lengths.tolist() == [3]
+    # Kept: 5, 20 and 50 days before; the 50-day one's previous event was 30 days earlier.
+    assert np.allclose(arrays.numbers[0, :, 1], np.log1p([15, 30, 30]))
+
+
+def test_the_stack_round_trips_through_its_registered_pyfunc(
+    fitted, pipeline_run: Settings, tmp_path: Path
+) -> None:
+    import pickle
+
+    from ml.baselines import BGNBDBaseline, LightGBMBaseline
+    from ml.data import horizon_days
+    from ml.ensemble import MeanEnsemble
+
+    _, frames, _, _, model = fitted
+    numeric = model.scaler.columns
+    trees = LightGBMBaseline(numeric, 0).fit(frames["train"], frames["validation"])
+    btyd = BGNBDBaseline(horizon_days(pipeline_run.warehouse_path)).fit(frames["train"])
+    stack = MeanEnsemble([model, trees, btyd], "stack").calibrate(frames["validation"])
+    frame = to_model_input(frames["test"].head(50))
+    expected = stack.predict(frame)
+    restored = pickle.loads(pickle.dumps(stack))
+    assert restored.members[0].texts is None  # the training inputs are not pickled
+    model_dir = registry.save_baseline_artifacts(tmp_path / "stack", stack, model.scaler)
+    out = registry.python_model_predict(registry.BaselinePyfunc(), model_dir, frame)
+    assert np.allclose(out["churn_probability"], expected.churn_prob, atol=1e-6)
+    assert out["value_tier"].tolist() == [TIERS[i] for i in expected.predicted_tiers()]

@@ -46,7 +46,7 @@ orders as (
         null::integer as rating,
         arg_max(category, abs(line_amount)) as category,
         list(
-            left(md5(lower(description)), 8) order by abs(line_amount) desc, description asc
+            left(md5(lower(description)), 16) order by abs(line_amount) desc, description asc
         ) filter (where description is not null) as text_keys
     from line_events
     group by customer_id, event_id, event_kind
@@ -64,7 +64,7 @@ review_events as (
         reviews.rating::integer as rating,
         coalesce(products.category, 'uncategorised') as category,
         case
-            when reviews.review_text is not null then [left(md5(reviews.review_text), 8)]
+            when reviews.review_text is not null then [left(md5(reviews.review_text), 16)]
             else []
         end as text_keys
     from reviews

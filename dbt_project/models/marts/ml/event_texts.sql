@@ -26,7 +26,7 @@ texts as (
 
 final as (
     select
-        left(md5(text), 8)::varchar as text_key,
+        left(md5(text), 16)::varchar as text_key,
         min(source)::varchar as source,
         min(text)::varchar as text
     from texts
