@@ -195,7 +195,7 @@ def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
     shutil.copytree(
         pipeline_run.home,
         home,
-        ignore=shutil.ignore_patterns("airflow", "logs", "landing", "mlartifacts"),
+        ignore=shutil.ignore_patterns("airflow", "logs", "landing", "mlartifacts", "exports"),
     )
     copied = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=home)
     _, _, _, _, model = fitted
