@@ -10,7 +10,7 @@ import pytest
 
 from ml import backtest
 from ml.data import horizon_days, read_mart
-from tests.conftest import run_valueloop
+from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop.config import Settings
 
 
@@ -100,14 +100,30 @@ def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     _assert_no_leak(backtest.origins(read_mart(warehouse, "training_set"), 2, horizon), horizon)
 
     result = run_valueloop(
-        "evaluate", "--backtest", "--cutoffs", "2", "--bootstrap", "30", home=settings.home
+        "evaluate",
+        "--backtest",
+        "--cutoffs",
+        "2",
+        "--bootstrap",
+        "30",
+        "--config",
+        str(REPO_ROOT / "ml" / "configs" / "tiny.yaml"),
+        home=settings.home,
     )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "rolling-origin backtest over 2 cutoffs" in result.stdout
     assert "paired difference in mean churn ROC-AUC against" in result.stdout
     folder = settings.home / "reports" / "backtest"
     table = pd.read_csv(folder / "backtest_metrics.csv")
-    assert set(table["model"]) == {"lightgbm", "lightgbm_rfm", "bg_nbd", "rfm_rule", "ensemble"}
+    assert set(table["model"]) == {
+        "lightgbm",
+        "lightgbm_rfm",
+        "bg_nbd",
+        "rfm_rule",
+        "ensemble",
+        "transformer",
+        "stack",
+    }
     assert table["cutoff"].nunique() == 3  # two cutoffs and their mean
     auc = table[(table.metric == "churn_roc_auc") & (table.cutoff == "mean")]
     assert ((auc["low"] <= auc["value"]) & (auc["value"] <= auc["high"])).all()
