@@ -96,20 +96,24 @@ def test_every_customer_is_scored_segmented_and_published(scored) -> None:
         settings, "select count(distinct model_version) from marts.customer_scores"
     )
     assert versions == 1
-    # Reason codes come with a champion built on LightGBM, for every customer.
+    # Reason codes come with every champion but the document transformer, for every customer:
+    # TreeSHAP for LightGBM and the ensemble and stack built on it, integrated gradients for
+    # the sequence transformer.
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     champion = client.get_model_version_by_alias(NAME, registry.CHAMPION)
-    kind = client.get_run(champion.run_id).data.tags["valueloop.model"]
+    tags = client.get_run(champion.run_id).data.tags
+    kind = tags["valueloop.model"]
+    document = kind == "transformer" and tags.get("encoder") != "sequence"
     [(explained, tiered, sample)] = query(
         settings,
         "select count(churn_reasons), count(tier_reasons), min(churn_reasons)"
         " from marts.customer_scores",
     )
-    if kind in ("lightgbm", "ensemble"):
-        assert explained == tiered == scored_rows
-        assert sample.count(" risk)") == 3
-    else:
+    if document:
         assert explained == 0
+    else:
+        assert explained == tiered == scored_rows
+        assert 1 <= sample.count(" risk)") <= 3
 
 
 def test_bi_reads_the_published_tables_read_only(scored) -> None:
