@@ -62,9 +62,13 @@ def read_texts(source: Path) -> pd.DataFrame:
         path = source / "event_texts.parquet"
         if not path.exists():
             return pd.DataFrame({"text_key": [], "text": []})
-        return pd.read_parquet(path, columns=["text_key", "text"])
+        return pd.read_parquet(path, columns=["text_key", "event_text"]).rename(
+            columns={"event_text": "text"}
+        )
     with duckdb.connect(str(source), read_only=True) as con:
-        return con.execute("select text_key, text from marts.event_texts order by text_key").df()
+        return con.execute(
+            "select text_key, event_text as text from marts.event_texts order by text_key"
+        ).df()
 
 
 def _sentence_encoder(name: str):

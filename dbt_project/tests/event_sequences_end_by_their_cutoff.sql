@@ -13,4 +13,4 @@ select
 from sequences
 where
     last_event_on > as_of
-    or list_min(cast(json_extract(event_sequence, '$.days_before') as integer [])) < 0
+    or list_min(json_extract(event_sequence, '$.days_before')::integer[]) < 0

@@ -90,7 +90,7 @@ final as (
         n_lines::integer as n_lines,
         rating::integer as rating,
         category::varchar as category,
-        list_slice(coalesce(text_keys, []), 1, 3)::varchar [] as text_keys
+        list_slice(coalesce(text_keys, []), 1, 3)::varchar[] as text_keys
     from unioned
 )
 

@@ -14,21 +14,21 @@ reviews as (
 
 texts as (
     select distinct
-        'product' as source,
-        lower(description) as text
+        'product' as text_source,
+        lower(description) as event_text
     from order_lines
     union all
     select distinct
-        'review' as source,
-        review_text as text
+        'review' as text_source,
+        review_text as event_text
     from reviews
 ),
 
 final as (
     select
-        left(md5(text), 16)::varchar as text_key,
-        min(source)::varchar as source,
-        min(text)::varchar as text
+        left(md5(event_text), 16)::varchar as text_key,
+        min(text_source)::varchar as text_source,
+        min(event_text)::varchar as event_text
     from texts
     group by text_key
 )
