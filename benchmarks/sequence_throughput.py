@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -77,17 +77,8 @@ def main() -> None:
         {**sequence.trainer_kwargs(cfg), "accelerator": "cpu", "enable_progress_bar": False},
     )
     pretrain_seconds = time.perf_counter() - start
-    module = sequence.SequenceModel(
-        asdict(spec),
-        len(scaler.columns),
-        cfg.fused_dim,
-        cfg.sequence_lr,
-        cfg.head_lr,
-        cfg.layer_lr_decay,
-        cfg.weight_decay,
-        cfg.churn_loss_weight,
-        [1.0, 1.0, 1.0],
-        vectors,
+    module = sequence.SequenceModel.from_config(
+        cfg, spec, len(scaler.columns), [1.0, 1.0, 1.0], vectors
     )
     dataset = sequence.labelled_dataset(train, vocab, scaler)
     seq_train = _fit_seconds(module, sequence.loader(dataset, cfg.batch_size, True, 0))

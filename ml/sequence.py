@@ -584,6 +584,29 @@ class SequenceModel(TwoHeadModule):
         self.save_hyperparameters(ignore=["text_vectors"])
         self.net = SequenceNet(SequenceSpec(**spec), n_numeric, fused_dim, text_vectors)
 
+    @classmethod
+    def from_config(
+        cls,
+        cfg,
+        spec: SequenceSpec,
+        n_numeric: int,
+        tier_weights: list[float],
+        text_vectors: np.ndarray | None,
+    ) -> SequenceModel:
+        """Build from a TrainConfig and the encoder's architecture."""
+        return cls(
+            asdict(spec),
+            n_numeric,
+            cfg.fused_dim,
+            cfg.sequence_lr,
+            cfg.head_lr,
+            cfg.layer_lr_decay,
+            cfg.weight_decay,
+            cfg.churn_loss_weight,
+            tier_weights,
+            text_vectors,
+        )
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.net(batch)
 
@@ -748,18 +771,7 @@ def fit_sequence_model(
         torch.save(state, weights_path)
         losses_path.write_text(json.dumps(losses))
     pl.seed_everything(cfg.seed, workers=True)
-    module = SequenceModel(
-        asdict(spec),
-        len(scaler.columns),
-        cfg.fused_dim,
-        cfg.sequence_lr,
-        cfg.head_lr,
-        cfg.layer_lr_decay,
-        cfg.weight_decay,
-        cfg.churn_loss_weight,
-        tier_weights,
-        vectors,
-    )
+    module = SequenceModel.from_config(cfg, spec, len(scaler.columns), tier_weights, vectors)
     if state is not None:
         module.net.encoder.load_state_dict(state)
     train = labelled_dataset(frames["train"], vocab, scaler)
