@@ -25,16 +25,20 @@ TEXT_COLUMN = "document"
 SEQUENCE_COLUMN = "event_sequence"
 
 
-def read_mart(source: Path, table: str) -> pd.DataFrame:
-    """A mart from the warehouse (opened read-only) or from a training snapshot folder."""
+def _relation(source: Path) -> tuple[duckdb.DuckDBPyConnection, str]:
+    """A connection and the SQL name of a mart's rows: the warehouse (read-only) or a training
+    snapshot folder's Parquet."""
     if not source.exists():
         raise FileNotFoundError(f"{source}: no warehouse; run `valueloop transform` first")
     if source.is_dir():
-        con = duckdb.connect()
-        relation = f"read_parquet('{(source / table).as_posix()}.parquet')"
-    else:
-        con = duckdb.connect(str(source), read_only=True)
-        relation = f"marts.{table}"
+        return duckdb.connect(), "read_parquet('{}.parquet')"
+    return duckdb.connect(str(source), read_only=True), "marts.{}"
+
+
+def read_mart(source: Path, table: str) -> pd.DataFrame:
+    """A mart from the warehouse (opened read-only) or from a training snapshot folder."""
+    con, relation = _relation(source)
+    relation = relation.format((source / table).as_posix() if source.is_dir() else table)
     with con:
         frame = con.execute(f"select * from {relation} order by customer_cutoff_id").df()
     if frame.empty:
@@ -115,39 +119,92 @@ def to_model_input(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _sample(frame: pd.DataFrame, rows: int | None, seed: int, stratify: str | None) -> pd.DataFrame:
-    if rows is None or len(frame) <= rows:
-        return frame
-    if stratify is None:
-        return frame.sample(n=rows, random_state=seed).sort_values("customer_cutoff_id")
-    share = rows / len(frame)
-    parts = [
-        g.sample(n=max(1, round(len(g) * share)), random_state=seed)
-        for _, g in frame.groupby(stratify, sort=True)
-    ]
-    return pd.concat(parts).sort_values("customer_cutoff_id")
+# The sample, drawn inside DuckDB so that only the sampled rows (and their event sequences)
+# ever reach Python: memory is bounded by the config's row caps, not by the size of the
+# training set. A row's place in the draw is the md5 of its key and the seed (stable across
+# DuckDB versions and runs); within each split and stratum the first rows of that order are
+# kept, as many as the split's cap times the stratum's share (at least one).
+_SAMPLE_SQL = """
+with keyed as (
+    select
+        customer_cutoff_id,
+        split,
+        case when split = 'test' then '' else coalesce(value_tier, '') end as stratum,
+        row_number() over (
+            partition by split, stratum order by md5(customer_cutoff_id || ':' || $seed)
+        ) as place,
+        count(*) over (partition by split, stratum) as stratum_rows,
+        count(*) over (partition by split) as split_rows,
+        case split
+            when 'train' then $train when 'validation' then $validation else $test
+        end as cap
+    from {relation}
+    where split in ('train', 'validation', 'test')
+),
+
+kept as (
+    select customer_cutoff_id from keyed
+    where cap is null or split_rows <= cap
+        or place <= greatest(1, round(stratum_rows * cap / split_rows))
+)
+
+select rows.* from {relation} as rows
+inner join kept using (customer_cutoff_id)
+order by rows.customer_cutoff_id
+"""
+
+# Every customer at the latest training cutoff (the validation split: every customer who had
+# bought by then), a seeded sample of ``cap`` of them: the CoLES pretraining set.
+_PRETRAIN_SQL = """
+select event_sequence from (
+    select customer_cutoff_id, event_sequence from {relation}
+    where split = 'validation'
+    order by md5(customer_cutoff_id || ':pretrain:' || $seed)
+    limit coalesce($cap, 9223372036854775807)
+) order by customer_cutoff_id
+"""
 
 
-def split_by_time(
-    frame: pd.DataFrame,
-    max_train_rows: int | None,
-    max_val_rows: int | None,
-    holdout_rows: int | None,
-    seed: int,
-) -> dict[str, pd.DataFrame]:
-    """Train on earlier cutoffs, validate and test on the latest (marts' `split` column).
+@dataclass
+class TrainingData:
+    """What a training run reads: the sampled splits and the pretraining sequences."""
 
-    The test sample is the frozen holdout: the same rows for every model of a dataset.
-    """
-    splits = {name: frame[frame["split"] == name] for name in ("train", "validation", "test")}
-    for name, part in splits.items():
-        if part.empty:
-            raise ValueError(f"the training set has no {name} rows; widen the data's time span")
-    return {
-        "train": _sample(splits["train"], max_train_rows, seed, "value_tier"),
-        "validation": _sample(splits["validation"], max_val_rows, seed, "value_tier"),
-        "test": _sample(splits["test"], holdout_rows, seed, None),
+    frames: dict[str, pd.DataFrame]
+    pretrain_sequences: pd.Series
+
+
+def read_training_data(source: Path, cfg) -> TrainingData:
+    """Train on earlier cutoffs, validate and test on the latest (marts' ``split`` column),
+    each split sampled in DuckDB to the config's caps (training and validation stratified by
+    value tier). The test sample is the frozen holdout: the same rows for every model of a
+    dataset."""
+    con, relation = _relation(source)
+    relation = relation.format(
+        (source / "training_set").as_posix() if source.is_dir() else "training_set"
+    )
+    with con:
+        caps = {"train": cfg.max_train_rows, "validation": cfg.max_val_rows}
+        params = {**caps, "test": cfg.holdout_rows, "seed": str(cfg.seed)}
+        sample = con.execute(_SAMPLE_SQL.format(relation=relation), params).df()
+        has_sequences = SEQUENCE_COLUMN in sample.columns
+        pretrain = (
+            con.execute(
+                _PRETRAIN_SQL.format(relation=relation),
+                {"seed": str(cfg.seed), "cap": cfg.pretrain_max_customers},
+            ).df()[SEQUENCE_COLUMN]
+            if has_sequences
+            else pd.Series([], dtype=object, name=SEQUENCE_COLUMN)
+        )
+    frames = {
+        name: sample[sample["split"] == name].reset_index(drop=True)
+        for name in ("train", "validation", "test")
     }
+    for name, part in frames.items():
+        if part.empty:
+            raise ValueError(
+                f"the training set in {source} has no {name} rows; widen the data's time span"
+            )
+    return TrainingData(frames, pretrain)
 
 
 def fingerprint(frames: dict[str, pd.DataFrame]) -> dict:
@@ -254,9 +311,8 @@ def tokenize(tokenizer, documents: list[str], max_length: int) -> list[list[int]
 
 def load_splits(cfg, warehouse: Path) -> tuple[dict[str, pd.DataFrame], FeatureScaler]:
     """The training set split by time per the config, and the scaler fitted on train."""
-    frame = read_mart(warehouse, "training_set")
-    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
-    return frames, FeatureScaler.fit(frames["train"], numeric_columns(frame))
+    frames = read_training_data(warehouse, cfg).frames
+    return frames, FeatureScaler.fit(frames["train"], numeric_columns(frames["train"]))
 
 
 class CustomerDataModule(pl.LightningDataModule):

@@ -665,15 +665,6 @@ def predict_sequence_net(
     return tiers, churn, embeddings
 
 
-def pretraining_sequences(frame: pd.DataFrame, cap: int | None, seed: int) -> pd.Series:
-    """Every customer's sequence at the latest training cutoff (the validation split: labelled
-    or not, every customer who had bought by then), a seeded sample of ``cap`` of them."""
-    rows = frame[frame["split"] == "validation"]
-    if cap is not None and len(rows) > cap:
-        rows = rows.sample(n=cap, random_state=seed)
-    return rows[SEQUENCE_COLUMN]
-
-
 def sequence_digest(sequences: pd.Series, extra: str) -> str:
     digest = hashlib.sha256(extra.encode())
     for raw in sequences:

@@ -34,8 +34,7 @@ from ml.data import (
     horizon_days,
     label_corrections,
     numeric_columns,
-    read_mart,
-    split_by_time,
+    read_training_data,
     tier_index,
     to_model_input,
 )
@@ -180,11 +179,9 @@ def train(
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    frame = read_mart(warehouse, "training_set")
-    frames = split_by_time(frame, cfg.max_train_rows, cfg.max_val_rows, cfg.holdout_rows, cfg.seed)
-    scaler = FeatureScaler.fit(frames["train"], numeric_columns(frame))
-    pretrain_rows = sequence.pretraining_sequences(frame, cfg.pretrain_max_customers, cfg.seed)
-    del frame
+    data = read_training_data(warehouse, cfg)
+    frames, pretrain_rows = data.frames, data.pretrain_sequences
+    scaler = FeatureScaler.fit(frames["train"], numeric_columns(frames["train"]))
     numeric = scaler.columns
     holdout = frames["test"]
     horizon = horizon_days(warehouse)

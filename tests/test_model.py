@@ -21,6 +21,7 @@ from ml.data import (
     CustomerDataModule,
     load_splits,
     read_mart,
+    read_training_data,
     to_model_input,
 )
 from ml.evaluate import Predictions, compute_metrics, fit_tier_weights, paired_bootstrap
@@ -63,6 +64,45 @@ def run_training(settings: Settings, source: Path | None = None, **overrides) ->
 @pytest.fixture(scope="module")
 def trained(warehouse: Settings):
     return run_training(warehouse)
+
+
+def test_training_reads_a_stratified_sample_drawn_in_duckdb_that_is_the_same_every_time(
+    warehouse: Settings,
+) -> None:
+    whole = read_mart(warehouse.warehouse_path, "training_set")
+    cfg = TrainConfig.load(
+        TINY, max_train_rows=900, max_val_rows=400, holdout_rows=300, pretrain_max_customers=250
+    )
+    data = read_training_data(warehouse.warehouse_path, cfg)
+    frames = data.frames
+    for name, cap in (("train", 900), ("validation", 400), ("test", 300)):
+        rows = whole[whole["split"] == name]
+        assert len(rows) > cap  # the caps bite on this shop
+        assert abs(len(frames[name]) - cap) <= 3  # per-stratum rounding only
+        assert frames[name]["split"].eq(name).all()
+        assert frames[name]["customer_cutoff_id"].is_unique
+        assert frames[name]["customer_cutoff_id"].is_monotonic_increasing
+        if name != "test":  # stratified by value tier
+            share = frames[name]["value_tier"].value_counts(normalize=True)
+            expected = rows["value_tier"].value_counts(normalize=True)
+            assert (share - expected).abs().max() < 0.01
+    # Every column, exactly the mart's rows: the sample is a subset, not a copy that drifted.
+    picked = whole.set_index("customer_cutoff_id").loc[frames["train"]["customer_cutoff_id"]]
+    assert picked["event_sequence"].tolist() == frames["train"]["event_sequence"].tolist()
+    validation = set(whole.loc[whole["split"] == "validation", "event_sequence"])
+    assert len(data.pretrain_sequences) == 250 and set(data.pretrain_sequences) <= validation
+
+    again = read_training_data(warehouse.warehouse_path, cfg)
+    for name in frames:
+        assert again.frames[name]["customer_cutoff_id"].equals(frames[name]["customer_cutoff_id"])
+    assert again.pretrain_sequences.equals(data.pretrain_sequences)
+    other = read_training_data(warehouse.warehouse_path, replace(cfg, seed=cfg.seed + 1))
+    assert not other.frames["test"]["customer_cutoff_id"].equals(
+        frames["test"]["customer_cutoff_id"]
+    )
+    uncapped = replace(cfg, max_train_rows=None, max_val_rows=None, holdout_rows=None)
+    everything = read_training_data(warehouse.warehouse_path, uncapped).frames
+    assert sum(len(f) for f in everything.values()) == whole["split"].isin(frames).sum()
 
 
 def _tiny_module(settings: Settings, cfg: TrainConfig):

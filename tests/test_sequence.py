@@ -18,7 +18,7 @@ import yaml
 
 from ml import reasons, registry, sequence
 from ml.config import DEFAULT_CONFIG, TrainConfig
-from ml.data import SEQUENCE_COLUMN, TIERS, read_mart, split_by_time, to_model_input
+from ml.data import SEQUENCE_COLUMN, TIERS, read_mart, read_training_data, to_model_input
 from ml.model import TINY_RANDOM
 from tests.conftest import REPO_ROOT
 from valueloop.config import Settings, load_settings
@@ -121,9 +121,10 @@ def test_texts_are_embedded_once_and_reused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fitted(pipeline_run: Settings, tmp_path_factory: pytest.TempPathFactory):
-    cfg = replace(TrainConfig.load(TINY), max_epochs=1)
-    frame = read_mart(pipeline_run.warehouse_path, "training_set")
-    frames = split_by_time(frame, 600, 300, 300, cfg.seed)
+    cfg = replace(
+        TrainConfig.load(TINY), max_epochs=1, max_train_rows=600, max_val_rows=300, holdout_rows=300
+    )
+    frames = read_training_data(pipeline_run.warehouse_path, cfg).frames
     cache = tmp_path_factory.mktemp("sequence-cache")
     texts = sequence.read_texts(pipeline_run.warehouse_path)
     first = sequence.SequenceClassifier(cfg, texts, cache).fit(
