@@ -165,6 +165,9 @@ select event_sequence from (
 """
 
 
+SAMPLE_MEMORY_LIMIT = "256MB"
+
+
 @dataclass
 class TrainingData:
     """What a training run reads: the sampled splits and the pretraining sequences."""
@@ -183,6 +186,8 @@ def read_training_data(source: Path, cfg) -> TrainingData:
         (source / "training_set").as_posix() if source.is_dir() else "training_set"
     )
     with con:
+        # DuckDB spills the draw's sort to disk past this, rather than hold it in memory.
+        con.execute(f"set memory_limit = '{SAMPLE_MEMORY_LIMIT}'")
         caps = {"train": cfg.max_train_rows, "validation": cfg.max_val_rows}
         params = {**caps, "test": cfg.holdout_rows, "seed": str(cfg.seed)}
         sample = con.execute(_SAMPLE_SQL.format(relation=relation), params).df()
