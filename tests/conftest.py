@@ -23,6 +23,22 @@ SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 ONLINE_RETAIL_CSV = SHARED_DATASETS / "online_retail" / "online_retail.csv.gz"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def committed_suites_restored() -> Iterator[None]:
+    """The GX suites are code-built into the committed ``expectations/`` folder (the project's
+    GX context); tests that run with other plausibility settings rebuild them there. Put the
+    committed files back when the session ends, so a test run leaves the working tree as it
+    found it."""
+    folder = REPO_ROOT / "expectations" / "gx" / "expectations"
+    saved = {path: path.read_bytes() for path in folder.glob("*.json")}
+    yield
+    for path in folder.glob("*.json"):
+        if path not in saved:
+            path.unlink()
+    for path, content in saved.items():
+        path.write_bytes(content)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings with every path under a fresh home folder."""
