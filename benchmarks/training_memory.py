@@ -46,7 +46,9 @@ else:  # the whole mart in pandas, then sampled there
                       ("test", cfg.holdout_rows)):
         part = frame[frame["split"] == name]
         parts.append(part.sample(n=min(cap, len(part)), random_state=cfg.seed))
-    rows = sum(len(p) for p in parts) + cfg.pretrain_max_customers
+    every = frame.loc[frame["split"] == "validation", "event_sequence"]
+    pretrain = every.sample(n=min(cfg.pretrain_max_customers, len(every)), random_state=cfg.seed)
+    rows = sum(len(p) for p in parts) + len(pretrain)
 peak = rss("VmHWM")
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": rows,
                   "read_mib": peak - imports_mib}))
