@@ -35,7 +35,7 @@ SETTINGS = load_settings()  # environment only: no I/O at parse time
 
 @dag(
     dag_id="ingest_and_transform",
-    schedule="@daily",
+    schedule="@daily" if SETTINGS.schedules else None,  # off: triggered runs only
     start_date=datetime(2025, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

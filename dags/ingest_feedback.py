@@ -20,13 +20,16 @@ from datetime import UTC, datetime
 from airflow.sdk import dag, task
 
 from valueloop.assets import FEEDBACK
+from valueloop.config import load_settings
 from valueloop.loop_tasks import retraining_tasks
 from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
+
+SETTINGS = load_settings()  # environment only: no I/O at parse time
 
 
 @dag(
     dag_id="ingest_feedback",
-    schedule="*/10 * * * *",
+    schedule="*/10 * * * *" if SETTINGS.schedules else None,  # off: triggered runs only
     start_date=datetime(2025, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

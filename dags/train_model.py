@@ -34,7 +34,9 @@ SETTINGS = load_settings()  # environment only: no I/O at parse time
     dag_id="train_model",
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable("0 4 * * 1", timezone="UTC"), assets=[RETRAIN]
-    ),
+    )
+    if SETTINGS.schedules
+    else [RETRAIN],  # off: retrain requests and manual runs only
     start_date=datetime(2025, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

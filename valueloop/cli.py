@@ -515,7 +515,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.action == "run" and not settings.demo_dir.exists():
         print(jobs.generate_demo(settings))
-    with stack.Stack(settings, workers=args.workers) as running:
+    one_shot = args.action == "run"  # the triggered run only: no scheduled runs beside it
+    with stack.Stack(settings, workers=args.workers, schedules=not one_shot) as running:
         print(stack.describe(running), flush=True)
         if args.action == "up":
             print("Ctrl-C stops every service.", flush=True)

@@ -67,6 +67,9 @@ class Settings:
     # Reason codes per scored customer (ml/reasons.py): exact TreeSHAP, the costliest part of
     # scoring a LightGBM champion; off for very large scoring runs.
     score_reasons: bool
+    # Off: the DAGs run only when triggered (UI, REST API) or when their assets update; their
+    # time schedules create no runs. `valueloop stack run` turns them off for its one run.
+    schedules: bool
 
     @property
     def logs_dir(self) -> Path:
@@ -136,6 +139,10 @@ def path_safe(run_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in run_id)
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
@@ -194,6 +201,6 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         retrain_min_corrections=int(env.get(_env_name("retrain_min_corrections"), "50")),
         retrain_drift_psi=float(env.get(_env_name("retrain_drift_psi"), "0.25")),
         retrain_every_days=int(env.get(_env_name("retrain_every_days"), "7")),
-        score_reasons=env.get(_env_name("score_reasons"), "true").strip().lower()
-        in ("1", "true", "yes", "on"),
+        score_reasons=_flag(env.get(_env_name("score_reasons"), "true")),
+        schedules=_flag(env.get(_env_name("schedules"), "true")),
     )

@@ -69,6 +69,9 @@ class Stack:
 
     settings: Settings
     workers: int = 2
+    # Off for a one-shot run: only the triggered run and the runs its assets trigger (on
+    # start, catchup-off schedules would otherwise run the latest daily and weekly intervals).
+    schedules: bool = True
     ports: dict[str, int] = field(default_factory=dict)
     _processes: list[tuple[str, subprocess.Popen, IO]] = field(default_factory=list)
 
@@ -98,7 +101,10 @@ class Stack:
     def stack_settings(self) -> Settings:
         """The platform's settings with the stack's Airflow home and MLflow server."""
         return replace(
-            self.settings, airflow_home=self.root / "airflow", mlflow_tracking_uri=self.mlflow_url
+            self.settings,
+            airflow_home=self.root / "airflow",
+            mlflow_tracking_uri=self.mlflow_url,
+            schedules=self.schedules,
         )
 
     def airflow_overrides(self) -> dict[str, str]:
