@@ -44,7 +44,15 @@ from tqdm.auto import tqdm
 from ml import registry
 from ml.baselines import BGNBDBaseline, LightGBMBaseline, RFMRuleBaseline
 from ml.config import TrainConfig
-from ml.data import TIERS, horizon_days, numeric_columns, read_mart, tier_index
+from ml.data import (
+    SEQUENCE_COLUMN,
+    TEXT_COLUMN,
+    TIERS,
+    horizon_days,
+    numeric_columns,
+    read_mart,
+    tier_index,
+)
 from ml.ensemble import AveragedEnsemble, MeanEnsemble
 from ml.evaluate import Predictions
 from ml.sequence import SequenceClassifier, read_texts
@@ -199,7 +207,7 @@ def _models(numeric: list[str], seed: int, horizon: int, cfg, warehouse: Path, c
     def transformer():
         nonlocal texts
         texts = read_texts(warehouse) if texts is None else texts
-        return SequenceClassifier(cfg, texts, cache_dir)
+        return SequenceClassifier(cfg, texts, cache_dir, source=warehouse)
 
     return {
         "lightgbm": lambda: LightGBMBaseline(numeric, seed),
@@ -246,7 +254,9 @@ def run(
     """Train and evaluate every model at each cutoff; log to MLflow when ``tracking_uri``.
     ``cfg`` sizes the sequence transformer (default ml/configs/default.yaml); its text
     embeddings and pretrained encoders are cached in ``cache_dir``."""
-    frame = read_mart(warehouse, "training_set")
+    # Without the event sequences and documents: the transformer reads the sequences of the
+    # rows it samples and scores (ml.data.read_sequences), so memory does not grow with them.
+    frame = read_mart(warehouse, "training_set", without=(SEQUENCE_COLUMN, TEXT_COLUMN))
     horizon = horizon_days(warehouse)
     numeric = numeric_columns(frame)
     cfg = cfg or TrainConfig.load()

@@ -35,15 +35,68 @@ def _relation(source: Path) -> tuple[duckdb.DuckDBPyConnection, str]:
     return duckdb.connect(str(source), read_only=True), "marts.{}"
 
 
-def read_mart(source: Path, table: str) -> pd.DataFrame:
-    """A mart from the warehouse (opened read-only) or from a training snapshot folder."""
+def read_mart(source: Path, table: str, without: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A mart from the warehouse (opened read-only) or from a training snapshot folder,
+    ``without`` the named columns (those it has): e.g. the event sequences, the bulk of the
+    training set, for models that do not read them."""
     con, relation = _relation(source)
     relation = relation.format((source / table).as_posix() if source.is_dir() else table)
     with con:
-        frame = con.execute(f"select * from {relation} order by customer_cutoff_id").df()
+        present = {r[0] for r in con.execute(f"describe select * from {relation}").fetchall()}
+        dropped = [c for c in without if c in present]
+        columns = f"* exclude ({', '.join(dropped)})" if dropped else "*"
+        frame = con.execute(f"select {columns} from {relation} order by customer_cutoff_id").df()
     if frame.empty:
         raise ValueError(f"{table} in {source} is empty; nothing to learn from")
     return frame
+
+
+def read_sequences(source: Path, keys: pd.Series) -> pd.Series:
+    """The event sequences of the training-set rows ``keys`` (customer_cutoff_id), in their
+    order: only these rows' JSON is read, so a sample costs what it holds, not the mart."""
+    con, relation = _relation(source)
+    relation = relation.format(
+        (source / "training_set").as_posix() if source.is_dir() else "training_set"
+    )
+    wanted = pd.DataFrame(  # DuckDB reads it by name
+        {"customer_cutoff_id": keys.astype(str).to_numpy(), "place": np.arange(len(keys))}
+    )
+    with con:
+        con.execute(f"set memory_limit = '{SAMPLE_MEMORY_LIMIT}'")
+        found = con.execute(
+            f"select wanted.place, rows.{SEQUENCE_COLUMN} from wanted "
+            f"inner join {relation} as rows using (customer_cutoff_id) order by wanted.place"
+        ).df()
+    if len(found) != len(keys):
+        missing = sorted(
+            set(wanted["customer_cutoff_id"])
+            - set(wanted["customer_cutoff_id"].to_numpy()[found["place"].to_numpy()])
+        )
+        raise ValueError(
+            f"{len(missing)} rows have no event sequence in {source}'s training_set "
+            f"(first: {missing[:3]}); rebuild the marts (`valueloop transform`)"
+        )
+    return pd.Series(found[SEQUENCE_COLUMN].to_numpy(), index=keys.index, name=SEQUENCE_COLUMN)
+
+
+def md5_sample(
+    frame: pd.DataFrame, cap: int | None, seed: int | str, stratum: str | None = None
+) -> pd.DataFrame:
+    """At most ``cap`` rows, drawn as :func:`read_training_data` draws in DuckDB: rows in the
+    order of md5(customer_cutoff_id:seed), within each ``stratum`` the first
+    max(1, round(stratum rows x cap / rows)) kept. The same rows every run."""
+    if cap is None or len(frame) <= cap:
+        return frame
+    place = pd.Series(
+        [hashlib.md5(f"{k}:{seed}".encode()).hexdigest() for k in frame["customer_cutoff_id"]],
+        index=frame.index,
+    )
+    groups = frame[stratum].fillna("") if stratum else pd.Series("", index=frame.index)
+    kept = []
+    for _, members in place.groupby(groups):
+        keep = max(1, int(np.floor(len(members) * cap / len(frame) + 0.5)))  # DuckDB's round
+        kept.append(members.sort_values().index[:keep])
+    return frame.loc[np.sort(np.concatenate(kept))]
 
 
 def horizon_days(source: Path) -> int:

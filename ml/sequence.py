@@ -38,7 +38,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ml.data import SEQUENCE_COLUMN, TIERS, FeatureScaler, tier_index
+from ml.data import (
+    SEQUENCE_COLUMN,
+    TIERS,
+    FeatureScaler,
+    md5_sample,
+    read_sequences,
+    tier_index,
+)
 from ml.evaluate import fit_tier_weights
 from ml.model import TINY_RANDOM, TwoHeadModule, packaged_minilm
 
@@ -802,8 +809,19 @@ class SequenceClassifier:
 
     name = "transformer"
 
-    def __init__(self, cfg, texts: pd.DataFrame | None, cache_dir: Path | None) -> None:
-        self.cfg, self.texts, self.cache_dir = cfg, texts, cache_dir
+    # Rows scored per read of their sequences when the frame comes without them.
+    PREDICT_CHUNK_ROWS = 50_000
+
+    def __init__(
+        self,
+        cfg,
+        texts: pd.DataFrame | None,
+        cache_dir: Path | None,
+        source: Path | None = None,
+    ) -> None:
+        """``source`` (a warehouse or training snapshot) supplies the event sequences of frames
+        that come without them, only for the rows sampled or scored (bounded memory)."""
+        self.cfg, self.texts, self.cache_dir, self.source = cfg, texts, cache_dir, source
 
     @classmethod
     def from_fitted(
@@ -819,7 +837,7 @@ class SequenceClassifier:
         # without a GPU loads it) and what it reads, not the training inputs.
         import copy
 
-        state = {**self.__dict__, "texts": None, "cache_dir": None}
+        state = {**self.__dict__, "texts": None, "cache_dir": None, "source": None}
         if "fitted" in state:
             net = copy.deepcopy(state["fitted"].net).cpu()
             state["fitted"] = replace(state["fitted"], net=net)
@@ -835,20 +853,21 @@ class SequenceClassifier:
         from ml.train import _class_weights, make_trainer
 
         cfg = self.cfg
-        if cfg.max_train_rows is not None and len(train) > cfg.max_train_rows:
-            train = train.sample(n=cfg.max_train_rows, random_state=cfg.seed)
+        # Drawn as `valueloop train` draws in DuckDB (ml.data.read_training_data): training
+        # and validation rows stratified by value tier, the pretraining customers apart.
+        pretraining = md5_sample(validation, cfg.pretrain_max_customers, f"pretrain:{cfg.seed}")
+        train = md5_sample(train, cfg.max_train_rows, cfg.seed, "value_tier")
+        validation = md5_sample(validation, cfg.max_val_rows, cfg.seed, "value_tier")
+        if SEQUENCE_COLUMN not in train.columns:
+            train, validation, pretraining = (
+                self._with_sequences(f) for f in (train, validation, pretraining)
+            )
         self.scaler = FeatureScaler.fit(train, numeric_columns(train))
-        cap = cfg.pretrain_max_customers
-        every = (
-            validation
-            if cap is None or len(validation) <= cap
-            else validation.sample(n=cap, random_state=cfg.seed)
-        )
         self.fitted = fit_sequence_model(
             cfg,
             {"train": train, "validation": validation},
             self.scaler,
-            every[SEQUENCE_COLUMN],
+            pretraining[SEQUENCE_COLUMN],
             self.texts,
             self.cache_dir,
             lambda folder: make_trainer(cfg, False, folder),
@@ -860,7 +879,27 @@ class SequenceClassifier:
         from ml.predict import as_predictions
 
         net = self.fitted.net
-        tiers, churn, _ = predict_sequence_net(
-            net, self.fitted.vocab, self.scaler, frame, self.cfg.eval_batch_size
+        chunks = (
+            [frame]
+            if SEQUENCE_COLUMN in frame.columns
+            else (
+                self._with_sequences(frame.iloc[start : start + self.PREDICT_CHUNK_ROWS])
+                for start in range(0, len(frame), self.PREDICT_CHUNK_ROWS)
+            )
         )
+        parts = [
+            predict_sequence_net(net, self.fitted.vocab, self.scaler, c, self.cfg.eval_batch_size)
+            for c in chunks
+        ]
+        tiers = np.concatenate([p[0] for p in parts])
+        churn = np.concatenate([p[1] for p in parts])
         return as_predictions(tiers, churn, net.tier_decision.cpu().numpy())
+
+    def _with_sequences(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if self.source is None:
+            raise ValueError(
+                f"the frame has no {SEQUENCE_COLUMN} column and the model no source to read it"
+            )
+        return frame.assign(
+            **{SEQUENCE_COLUMN: read_sequences(self.source, frame["customer_cutoff_id"])}
+        )

@@ -148,6 +148,24 @@ def test_the_pretrained_encoder_is_reused_when_the_sequences_have_not_changed(fi
     assert not other.fitted.pretrain_reused
 
 
+def test_without_its_sequences_the_model_reads_them_for_the_rows_it_samples_and_scores(
+    fitted, pipeline_run: Settings
+) -> None:
+    """As the backtest fits it: frames without the JSON sequences, read from the warehouse
+    only for the rows drawn and scored; the same model as from frames that carry them."""
+    cfg, frames, cache, texts, first = fitted
+    bare = {name: f.drop(columns=[SEQUENCE_COLUMN]) for name, f in frames.items()}
+    with pytest.raises(ValueError, match="no event_sequence column"):
+        sequence.SequenceClassifier(cfg, texts, cache).fit(bare["train"], bare["validation"])
+    model = sequence.SequenceClassifier(cfg, texts, cache, source=pipeline_run.warehouse_path)
+    model.PREDICT_CHUNK_ROWS = 7  # scored in chunks, each reading its own rows' sequences
+    model.fit(bare["train"], bare["validation"])
+    assert model.fitted.pretrain_reused  # the same pretraining sequences came back
+    expected, got = first.predict(frames["test"]), model.predict(bare["test"])
+    np.testing.assert_allclose(got.churn_prob, expected.churn_prob, atol=1e-5)
+    np.testing.assert_allclose(got.tier_probs, expected.tier_probs, atol=1e-5)
+
+
 def test_sequence_pyfunc_round_trip_gives_the_same_predictions(
     fitted, pipeline_run: Settings, tmp_path: Path
 ) -> None:
