@@ -1,5 +1,7 @@
 """Training data memory: the splits sampled inside DuckDB against the whole training set read
-into pandas and sampled there (how training read it before), at growing training sets.
+into pandas and sampled there (how training and the backtest read it before), at growing
+training sets; and what the backtest reads now (every row's features and labels for the classic
+models, event sequences only for the transformer's draws and one chunk of rows it scores).
 
 The demo's marts.training_set (event sequences included) is replicated ``--copies`` times
 into a scratch DuckDB file (each copy a new set of customers); each reader then runs in its
@@ -26,7 +28,9 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from ml.config import TrainConfig
-from ml.data import read_mart, read_training_data
+from ml.data import (SEQUENCE_COLUMN, TEXT_COLUMN, md5_sample, read_mart, read_sequences,
+                     read_training_data)
+from ml.sequence import SequenceClassifier
 
 source, how = Path(sys.argv[1]), sys.argv[2]
 cfg = TrainConfig.load()
@@ -39,6 +43,15 @@ start = time.perf_counter()
 if how == "duckdb":
     data = read_training_data(source, cfg)
     rows = sum(len(f) for f in data.frames.values()) + len(data.pretrain_sequences)
+elif how == "backtest":  # features for all, sequences for the transformer's draws
+    frame = read_mart(source, "training_set", without=(SEQUENCE_COLUMN, TEXT_COLUMN))
+    train, validation, test = (frame[frame["split"] == n] for n in ("train", "validation", "test"))
+    draws = [md5_sample(validation, cfg.pretrain_max_customers, f"pretrain:{cfg.seed}"),
+             md5_sample(train, cfg.max_train_rows, cfg.seed, "value_tier"),
+             md5_sample(validation, cfg.max_val_rows, cfg.seed, "value_tier"),
+             test.iloc[: SequenceClassifier.PREDICT_CHUNK_ROWS]]
+    held = [read_sequences(source, d["customer_cutoff_id"]) for d in draws]
+    rows = len(frame) + sum(len(h) for h in held)
 else:  # the whole mart in pandas, then sampled there
     frame = read_mart(source, "training_set")
     parts = []
@@ -93,7 +106,12 @@ def main() -> None:
             rows = replicate(args.warehouse.resolve(), copies, target)
             whole = measure(target, "pandas")
             sampled = measure(target, "duckdb")
-            for name, result in (("whole mart in pandas", whole), ("sampled in DuckDB", sampled)):
+            backtest = measure(target, "backtest")
+            for name, result in (
+                ("whole mart in pandas", whole),
+                ("sampled in DuckDB", sampled),
+                ("backtest: features + drawn sequences", backtest),
+            ):
                 ratio = result["read_mib"] / whole["read_mib"]
                 print(
                     f"| {rows:,} | {name} | {result['read_mib']:,.0f} | "
