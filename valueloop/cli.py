@@ -190,7 +190,8 @@ def _add_stack(sub: argparse._SubParsersAction) -> None:
         "processor and triggerer with the CeleryExecutor and N workers, and an MLflow server. "
         "`up` keeps it running until Ctrl-C; `run` generates the demo shop if none is landed, "
         "triggers ingest_and_transform through the REST API, waits for the asset-triggered "
-        "training and scoring, and stops everything. Service logs: $VALUELOOP_HOME/stack/logs.",
+        "training and scoring, and stops everything; it turns the DAGs' time schedules off "
+        "(`up` keeps them). Service logs: $VALUELOOP_HOME/stack/logs.",
     )
     p.add_argument("action", choices=("up", "run"))
     p.add_argument("--workers", type=int, default=2, help="Celery workers")

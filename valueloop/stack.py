@@ -4,8 +4,9 @@ A real Postgres server (Debian's ``postgresql``: Airflow's metadata and MLflow's
 separate databases), a real Redis (Debian's ``redis-server``, the Celery broker), Airflow 3's
 API server, scheduler, DAG processor and triggerer on the CeleryExecutor with N Celery workers,
 and an MLflow tracking server on Postgres with served artifacts. ``make run-distributed``
-(``valueloop stack run``) starts it, runs the pipeline through the REST API and stops it;
-``valueloop stack up`` keeps it running until Ctrl-C.
+(``valueloop stack run``) starts it with the DAGs' time schedules off, runs the pipeline
+through the REST API and stops it; ``valueloop stack up`` keeps it running, schedules on,
+until Ctrl-C.
 
 Everything lives under ``$VALUELOOP_HOME/stack`` (each service's log in ``stack/logs``),
 except Postgres's data folder when running as root: Postgres refuses root, so it runs as the
