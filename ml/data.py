@@ -87,16 +87,15 @@ def md5_sample(
     max(1, round(stratum rows x cap / rows)) kept. The same rows every run."""
     if cap is None or len(frame) <= cap:
         return frame
-    place = pd.Series(
-        [hashlib.md5(f"{k}:{seed}".encode()).hexdigest() for k in frame["customer_cutoff_id"]],
-        index=frame.index,
+    place = pd.Series(  # positions, so that any index will do
+        [hashlib.md5(f"{k}:{seed}".encode()).hexdigest() for k in frame["customer_cutoff_id"]]
     )
-    groups = frame[stratum].fillna("") if stratum else pd.Series("", index=frame.index)
+    groups = frame[stratum].fillna("").to_numpy() if stratum else np.zeros(len(frame))
     kept = []
     for _, members in place.groupby(groups):
         keep = max(1, int(np.floor(len(members) * cap / len(frame) + 0.5)))  # DuckDB's round
         kept.append(members.sort_values().index[:keep])
-    return frame.loc[np.sort(np.concatenate(kept))]
+    return frame.iloc[np.sort(np.concatenate(kept))]
 
 
 def horizon_days(source: Path) -> int:
