@@ -1,7 +1,8 @@
 """Training data memory: the splits sampled inside DuckDB against the whole training set read
 into pandas and sampled there (how training and the backtest read it before), at growing
-training sets; and what the backtest reads now (every row's features and labels for the classic
-models, event sequences only for the transformer's draws and one chunk of rows it scores).
+training sets; and what the backtest reads now (the features and labels of at most
+MAX_ROWS_PER_CUTOFF customers per cutoff for every model, event sequences only for the
+transformer's draws and one chunk of rows it scores).
 
 The demo's marts.training_set (event sequences included) is replicated ``--copies`` times
 into a scratch DuckDB file (each copy a new set of customers); each reader then runs in its
@@ -28,8 +29,9 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from ml.config import TrainConfig
-from ml.data import (SEQUENCE_COLUMN, TEXT_COLUMN, md5_sample, read_mart, read_sequences,
-                     read_training_data)
+from ml.backtest import MAX_ROWS_PER_CUTOFF
+from ml.data import (SEQUENCE_COLUMN, TEXT_COLUMN, md5_sample, read_mart, read_per_cutoff,
+                     read_sequences, read_training_data)
 from ml.sequence import SequenceClassifier
 
 source, how = Path(sys.argv[1]), sys.argv[2]
@@ -43,8 +45,9 @@ start = time.perf_counter()
 if how == "duckdb":
     data = read_training_data(source, cfg)
     rows = sum(len(f) for f in data.frames.values()) + len(data.pretrain_sequences)
-elif how == "backtest":  # features for all, sequences for the transformer's draws
-    frame = read_mart(source, "training_set", without=(SEQUENCE_COLUMN, TEXT_COLUMN))
+elif how == "backtest":  # capped features per cutoff, sequences for the transformer's draws
+    frame = read_per_cutoff(source, MAX_ROWS_PER_CUTOFF, cfg.seed,
+                            without=(SEQUENCE_COLUMN, TEXT_COLUMN))
     train, validation, test = (frame[frame["split"] == n] for n in ("train", "validation", "test"))
     draws = [md5_sample(validation, cfg.pretrain_max_customers, f"pretrain:{cfg.seed}"),
              md5_sample(train, cfg.max_train_rows, cfg.seed, "value_tier"),

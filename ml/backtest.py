@@ -50,7 +50,7 @@ from ml.data import (
     TIERS,
     horizon_days,
     numeric_columns,
-    read_mart,
+    read_per_cutoff,
     tier_index,
 )
 from ml.ensemble import AveragedEnsemble, MeanEnsemble
@@ -76,6 +76,8 @@ RFM_FEATURES = (
     "spend_last_90d",
 )
 BASELINES = ("lightgbm_rfm", "bg_nbd", "rfm_rule")
+# Customers read per cutoff: bounds the backtest's memory (about 1.5 KiB a row in pandas).
+MAX_ROWS_PER_CUTOFF = 100_000
 
 
 @dataclass(frozen=True)
@@ -250,13 +252,19 @@ def run(
     out_dir: Path | None = None,
     cfg: TrainConfig | None = None,
     cache_dir: Path | None = None,
+    max_rows_per_cutoff: int | None = MAX_ROWS_PER_CUTOFF,
 ) -> BacktestResult:
     """Train and evaluate every model at each cutoff; log to MLflow when ``tracking_uri``.
     ``cfg`` sizes the sequence transformer (default ml/configs/default.yaml); its text
-    embeddings and pretrained encoders are cached in ``cache_dir``."""
-    # Without the event sequences and documents: the transformer reads the sequences of the
-    # rows it samples and scores (ml.data.read_sequences), so memory does not grow with them.
-    frame = read_mart(warehouse, "training_set", without=(SEQUENCE_COLUMN, TEXT_COLUMN))
+    embeddings and pretrained encoders are cached in ``cache_dir``. Each cutoff contributes at
+    most ``max_rows_per_cutoff`` customers (an md5 draw stratified by value tier; ``None``:
+    every customer), to train on and to evaluate."""
+    # At most max_rows_per_cutoff customers per cutoff, without the event sequences and
+    # documents: the transformer reads the sequences of the rows it samples and scores
+    # (ml.data.read_sequences). Memory is bounded by the cutoffs times the cap.
+    frame = read_per_cutoff(
+        warehouse, max_rows_per_cutoff, seed, without=(SEQUENCE_COLUMN, TEXT_COLUMN)
+    )
     horizon = horizon_days(warehouse)
     numeric = numeric_columns(frame)
     cfg = cfg or TrainConfig.load()

@@ -51,6 +51,57 @@ def read_mart(source: Path, table: str, without: tuple[str, ...] = ()) -> pd.Dat
     return frame
 
 
+# At most ``cap`` customers per cutoff (as_of), the md5 draw stratified by value tier within
+# each cutoff: what the rolling backtest reads, so that its memory is bounded by the number of
+# cutoffs times the cap rather than by the shop's size.
+_PER_CUTOFF_SQL = """
+with keyed as (
+    select
+        customer_cutoff_id,
+        row_number() over (
+            partition by as_of, coalesce(value_tier, '')
+            order by md5(customer_cutoff_id || ':' || $seed)
+        ) as place,
+        count(*) over (partition by as_of, coalesce(value_tier, '')) as stratum_rows,
+        count(*) over (partition by as_of) as cutoff_rows
+    from {relation}
+),
+
+kept as (
+    select customer_cutoff_id from keyed
+    where $cap is null or cutoff_rows <= $cap
+        or place <= greatest(1, round(stratum_rows * $cap / cutoff_rows))
+)
+
+select {columns} from {relation} as rows
+inner join kept using (customer_cutoff_id)
+order by rows.customer_cutoff_id
+"""
+
+
+def read_per_cutoff(
+    source: Path, cap: int | None, seed: int, without: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """The training set with at most ``cap`` rows per cutoff (every row when ``None``), drawn
+    in DuckDB, ``without`` the named columns."""
+    con, relation = _relation(source)
+    relation = relation.format(
+        (source / "training_set").as_posix() if source.is_dir() else "training_set"
+    )
+    with con:
+        con.execute(f"set memory_limit = '{SAMPLE_MEMORY_LIMIT}'")
+        present = {r[0] for r in con.execute(f"describe select * from {relation}").fetchall()}
+        dropped = [c for c in without if c in present]
+        columns = f"rows.* exclude ({', '.join(dropped)})" if dropped else "rows.*"
+        frame = con.execute(
+            _PER_CUTOFF_SQL.format(relation=relation, columns=columns),
+            {"cap": cap, "seed": str(seed)},
+        ).df()
+    if frame.empty:
+        raise ValueError(f"training_set in {source} is empty; nothing to learn from")
+    return frame
+
+
 def read_sequences(source: Path, keys: pd.Series) -> pd.Series:
     """The event sequences of the training-set rows ``keys`` (customer_cutoff_id), in their
     order: only these rows' JSON is read, so a sample costs what it holds, not the mart."""

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ml import backtest
-from ml.data import horizon_days, read_mart
+from ml.data import SEQUENCE_COLUMN, TEXT_COLUMN, horizon_days, read_mart, read_per_cutoff
 from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop.config import Settings
 
@@ -140,3 +140,37 @@ def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     assert "bg_nbd_churn_roc_auc" in parents[0].data.metrics
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")]
     assert artifacts == ["plots/backtest_metrics.png"]
+
+
+def test_the_backtest_reads_at_most_its_cap_per_cutoff_in_the_same_proportions(
+    pipeline_run: Settings,
+) -> None:
+    """Memory bounded by cutoffs x cap: each cutoff an md5 draw, stratified by value tier,
+    the same rows every time, without the sequences (read later for the rows drawn)."""
+    warehouse, cap = pipeline_run.warehouse_path, 120
+    whole = read_mart(warehouse, "training_set")
+    capped = read_per_cutoff(warehouse, cap, 42, without=(SEQUENCE_COLUMN, TEXT_COLUMN))
+    assert SEQUENCE_COLUMN not in capped.columns and TEXT_COLUMN not in capped.columns
+    pd.testing.assert_frame_equal(
+        capped, read_per_cutoff(warehouse, cap, 42, without=(SEQUENCE_COLUMN, TEXT_COLUMN))
+    )
+    assert set(capped["customer_cutoff_id"]) <= set(whole["customer_cutoff_id"])
+    sizes, full = capped.groupby("as_of").size(), whole.groupby("as_of").size()
+    assert (full > cap).all()  # the cap binds on every cutoff of this shop
+    assert ((sizes - cap).abs() <= 2).all()  # each tier's share rounded once
+    shares = pd.crosstab(capped["as_of"], capped["value_tier"], normalize="index")
+    expected = pd.crosstab(whole["as_of"], whole["value_tier"], normalize="index")
+    assert (shares - expected).abs().to_numpy().max() < 0.02
+
+    result = backtest.run(
+        warehouse,
+        None,
+        None,
+        n_cutoffs=2,
+        n_bootstrap=10,
+        models=("rfm_rule", "bg_nbd"),
+        max_rows_per_cutoff=cap,
+    )
+    assert [o["test_rows"] for o in result.origins] == [
+        sizes[pd.Timestamp(o["cutoff"])] for o in result.origins
+    ]
