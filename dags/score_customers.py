@@ -4,6 +4,9 @@
 Runs when the marts are rebuilt or a new champion is promoted. Scores every customer with
 `models:/valueloop-customer-model@champion`:
 
+0. **champion_ready**: with no champion yet (a first deployment, where the marts arrive
+   before training has promoted one) the run is skipped, not failed; the champion asset
+   triggers scoring once there is one;
 1. **score**: predictions, segments and next best actions into the candidate tables (schema
    `scoring`), leaving the published tables untouched;
 2. **check_scores**: the Great Expectations `scores` checkpoint on the candidate;
@@ -36,6 +39,14 @@ from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
     doc_md=__doc__,
 )
 def score_customers():
+    @task.short_circuit
+    def champion_ready() -> bool:
+        """Skip, rather than fail, while no model is champion yet (a first deployment)."""
+        from ml.score import has_champion
+        from valueloop.config import load_settings
+
+        return has_champion(load_settings())
+
     @task(pool=WAREHOUSE_POOL)
     def score(run_id=None) -> dict:
         from ml.score import score_candidates
@@ -68,6 +79,7 @@ def score_customers():
             return str(sent)
 
     stats = score()
+    champion_ready() >> stats
     check_scores(stats) >> publish(stats) >> plan_campaign()
 
 

@@ -9,8 +9,9 @@ uplift model on new campaign outcomes or the schedule; a manual run retrains bot
 pool, seconds); **train** then trains the transformer and the baselines on the same splits
 without holding the warehouse, logs them to MLflow with the reason and runs the
 champion/challenger gate; **train_uplift** does the same for the uplift model. Only when a
-challenger is promoted does **announce_champion** update the champion asset, which triggers
-`score_customers`.
+challenger is promoted, or the first training installs a champion (a classic model, when the
+challenger lost its gate), does **announce_champion** update the champion asset, which
+triggers `score_customers`.
 
 The training config comes from `VALUELOOP_TRAIN_CONFIG` (default `ml/configs/default.yaml`).
 Under the CeleryExecutor the train task goes to the queue `VALUELOOP_TRAIN_QUEUE` (default
@@ -92,7 +93,8 @@ def train_model():
 
     @task.short_circuit
     def promoted(customer: dict, uplift: dict) -> bool:
-        return bool(customer["promoted"] or uplift["promoted"])
+        """A new champion of either model (the first one included) updates the champion asset."""
+        return bool(customer.get("champion_changed") or customer["promoted"] or uplift["promoted"])
 
     @task(outlets=[CHAMPION])
     def announce_champion(customer: dict, uplift: dict) -> str:

@@ -67,6 +67,22 @@ class ScoringReport:
         )
 
 
+def has_champion(settings: Settings, cfg: TrainConfig | None = None) -> bool:
+    """Whether a model is champion: on a first deployment the marts arrive before training
+    has promoted one, and scoring then waits (the champion asset triggers it) rather than
+    fail."""
+    cfg = cfg or TrainConfig.load()
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    if registry.champion_version(client, cfg.registered_model) is None:
+        log.warning(
+            "%s has no champion yet: nothing to score with; scoring runs when training "
+            "promotes one (the champion asset triggers it)",
+            cfg.registered_model,
+        )
+        return False
+    return True
+
+
 def _champion(tracking_uri: str, name: str):
     client = mlflow.MlflowClient(tracking_uri)
     version = registry.champion_version(client, name)

@@ -109,6 +109,20 @@ def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
     assert "valueloop_marts" in schedule and "valueloop_champion" in schedule
 
 
+def test_scoring_before_any_champion_is_skipped_not_failed(tmp_path) -> None:
+    """A first deployment: the marts asset triggers scoring before training has promoted a
+    model. The run skips (champion_ready) and succeeds; nothing is scored or published."""
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path / "home")
+    orchestration.bootstrap(settings)
+    with StageBoard(Console(file=io.StringIO())) as board:
+        orchestration.run_dags(settings, board, tmp_path / "logs", None, ("score_customers",))
+    (run,) = list_runs(settings, "score_customers")
+    assert run["state"] == "success"
+    log = (tmp_path / "logs" / "score_customers.log").read_text()
+    assert "has no champion yet" in log
+    assert not settings.warehouse_path.exists()  # the scorer never opened it
+
+
 def test_the_dags_run_end_to_end_and_publish_scores(pipeline_run: Settings) -> None:
     settings = pipeline_run
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:

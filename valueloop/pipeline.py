@@ -79,14 +79,21 @@ def snapshot_training_data(settings: Settings, run_id: str) -> Path:
 def train_and_gate(
     settings: Settings, source: Path | None = None, reason: str = "manual"
 ) -> dict[str, object]:
-    """Train, evaluate and gate; returns whether the challenger was promoted. ``source`` is a
+    """Train, evaluate and gate; returns whether the challenger was promoted and whether the
+    champion changed (a first champion included). ``source`` is a
     training snapshot (default: read the warehouse directly); ``reason`` is what triggered
     it, recorded in MLflow."""
+    import mlflow
+
+    from ml import registry
     from ml.config import TrainConfig
     from ml.train import train
 
+    cfg = TrainConfig.load(settings.train_config)
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    before = registry.champion_version(client, cfg.registered_model)
     report = train(
-        TrainConfig.load(settings.train_config),
+        cfg,
         source or settings.warehouse_path,
         settings.mlflow_tracking_uri,
         settings.mlflow_artifacts_dir,
@@ -96,6 +103,9 @@ def train_and_gate(
     log.info("%s", report.summary())
     return {
         "promoted": report.decision.promote,
+        # Also true when the first training installs a classic champion (the challenger lost
+        # its gate): there was none before, and scoring waits for one.
+        "champion_changed": str(report.champion_version) != str(before),
         "challenger": report.challenger_version,
         "champion": report.champion_version,
         "reason": report.decision.reason,

@@ -37,6 +37,7 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
         ("announce_champion", "train + gate"),
     ),
     "score_customers": (
+        ("champion_ready", "score"),
         ("score", "score"),
         ("check_scores", "scores checks"),
         ("publish", "publish"),

@@ -37,6 +37,9 @@ from valueloop.config import Settings
 log = logging.getLogger(__name__)
 
 DAG_CHAIN = ("ingest_and_transform", "train_model", "score_customers")
+# The task whose success makes a run of the DAG count: a scoring run skipped for want of a
+# champion (on a first deployment) succeeds without scoring anything.
+DONE_WHEN = {"train_model": "train", "score_customers": "publish"}
 
 
 class StackError(RuntimeError):
@@ -319,16 +322,16 @@ class Stack:
             return reply.json()["task_instances"]
 
     def wait_for_success(self, dag_id: str, since: datetime, timeout: float = 1500.0) -> dict:
-        """The first successful run of ``dag_id`` queued after ``since``. Asset-triggered
-        runs that fail while a later one can still succeed (scoring before the first champion
-        exists) are tolerated; the timeout says which runs failed."""
+        """The first successful run of ``dag_id`` queued after ``since`` that did its work
+        (``DONE_WHEN``: a scoring run skipped before the first champion exists does not count);
+        the timeout says which runs there were and how they ended."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             fresh = [
                 r for r in self.runs(dag_id) if datetime.fromisoformat(r["run_after"]) >= since
             ]
             for run in fresh:
-                if run["state"] == "success":
+                if run["state"] == "success" and self._did_its_work(dag_id, run):
                     return run
             time.sleep(5)
         states = {r["dag_run_id"]: r["state"] for r in self.runs(dag_id)}
@@ -336,6 +339,13 @@ class Stack:
             f"{dag_id}: no successful run within {timeout:.0f} s (runs: {states}); "
             f"logs in {self.logs} and {self.stack_settings().airflow_home / 'logs'}"
         )
+
+    def _did_its_work(self, dag_id: str, run: dict) -> bool:
+        task_id = DONE_WHEN.get(dag_id)
+        if task_id is None:
+            return True
+        states = {t["task_id"]: t["state"] for t in self.task_instances(dag_id, run["dag_run_id"])}
+        return states.get(task_id) == "success"
 
     def worker_task_counts(self) -> dict[str, int]:
         """Tasks each Celery worker received, from its own log."""
