@@ -35,17 +35,12 @@ def _relation(source: Path) -> tuple[duckdb.DuckDBPyConnection, str]:
     return duckdb.connect(str(source), read_only=True), "marts.{}"
 
 
-def read_mart(source: Path, table: str, without: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A mart from the warehouse (opened read-only) or from a training snapshot folder,
-    ``without`` the named columns (those it has): e.g. the event sequences, the bulk of the
-    training set, for models that do not read them."""
+def read_mart(source: Path, table: str) -> pd.DataFrame:
+    """A mart from the warehouse (opened read-only) or from a training snapshot folder."""
     con, relation = _relation(source)
     relation = relation.format((source / table).as_posix() if source.is_dir() else table)
     with con:
-        present = {r[0] for r in con.execute(f"describe select * from {relation}").fetchall()}
-        dropped = [c for c in without if c in present]
-        columns = f"* exclude ({', '.join(dropped)})" if dropped else "*"
-        frame = con.execute(f"select {columns} from {relation} order by customer_cutoff_id").df()
+        frame = con.execute(f"select * from {relation} order by customer_cutoff_id").df()
     if frame.empty:
         raise ValueError(f"{table} in {source} is empty; nothing to learn from")
     return frame

@@ -304,9 +304,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-rows-per-cutoff",
         type=int,
-        default=100_000,
+        default=None,
         help="customers read per cutoff, an md5 draw stratified by value tier (default "
-        "100000; 0: every customer): bounds memory by the cutoffs times this",
+        "ml.backtest.MAX_ROWS_PER_CUTOFF, 100000; 0: every customer): bounds memory by the "
+        "cutoffs times this",
     )
     p.set_defaults(func=_cmd_evaluate)
 
@@ -327,7 +328,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out_dir=settings.home / "reports" / "backtest",
         cfg=TrainConfig.load(args.config or settings.train_config),
         cache_dir=settings.home / "cache",
-        max_rows_per_cutoff=args.max_rows_per_cutoff or None,
+        max_rows_per_cutoff=(
+            backtest.MAX_ROWS_PER_CUTOFF
+            if args.max_rows_per_cutoff is None
+            else args.max_rows_per_cutoff or None
+        ),
     )
     print(result.summary())
     print(f"tables and plot: {settings.home / 'reports' / 'backtest'}")
