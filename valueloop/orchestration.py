@@ -79,6 +79,9 @@ def airflow_env(settings: Settings, overrides: dict[str, str] | None = None) -> 
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
         "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+        # Cosmos keeps dbt's partial-parse file between tasks; one cache per home (its default,
+        # /tmp/cosmos, is shared by every home on the machine).
+        "AIRFLOW__COSMOS__CACHE_DIR": str(home / "cosmos"),
         "DO_NOT_TRACK": "True",
         "PYTHONUNBUFFERED": "1",
         **(overrides or {}),

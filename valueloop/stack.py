@@ -233,6 +233,9 @@ class Stack:
                 [
                     *(str(Path(orchestration.airflow_cli()).with_name("mlflow")), "server"),
                     *("--host", "127.0.0.1", "--port", str(self.ports["mlflow"])),
+                    # Two Celery workers and a person in the UI: two server processes do (the
+                    # default four cost a minute of CPU at start-up on a laptop's cores).
+                    *("--workers", "2"),
                     "--backend-store-uri",
                     f"postgresql+psycopg2://postgres@127.0.0.1:{self.ports['postgres']}/mlflow",
                     *("--serve-artifacts", "--artifacts-destination", str(artifacts)),

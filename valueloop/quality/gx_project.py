@@ -8,6 +8,9 @@ Docs go to ``expectations/gx/uncommitted/``, which git ignores.
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +23,23 @@ from great_expectations.exceptions import DataContextError
 from valueloop.quality.checks import Check
 
 DATASOURCE = "valueloop_metrics"
+
+
+@contextmanager
+def exclusive(project_dir: Path) -> Iterator[None]:
+    """Holds the file context for one process at a time. Every home on a machine validates
+    through the one folder: a run with other plausibility settings rewrites a suite there, and
+    every run adds its results to the store that Data Docs are rebuilt from; without the lock
+    two processes at once could validate against the other's suite or read a half-written
+    result."""
+    lock = project_dir / "gx" / "uncommitted" / "valueloop.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def get_context(project_dir: Path):

@@ -186,10 +186,11 @@ def run_checkpoint(
         baseline = previous_baseline(con, checkpoint, run_id)
         checks = _suite_checks(con, settings, checkpoint, checked_at, baseline, scores_table)
         metrics = compute_metrics(con, checks)
-        context = gx_project.get_context(settings.gx_project_dir)
-        outcomes, docs_page = gx_project.run_checkpoint(
-            context, f"valueloop_{checkpoint}", checks, metrics, run_id, checked_at
-        )
+        with gx_project.exclusive(settings.gx_project_dir):
+            context = gx_project.get_context(settings.gx_project_dir)
+            outcomes, docs_page = gx_project.run_checkpoint(
+                context, f"valueloop_{checkpoint}", checks, metrics, run_id, checked_at
+            )
         results = [
             CheckResult(
                 check,
