@@ -60,8 +60,12 @@ def browser() -> Iterator:
 
 @pytest.fixture
 def page(browser) -> Iterator:
+    from playwright.sync_api import expect
+
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
+    # Assertions too (their own default is 5 s: MLflow's UI missed it on busy cores).
+    expect.set_options(timeout=TIMEOUT_MS)
     yield page
     page.close()
 
