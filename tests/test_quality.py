@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -330,3 +332,31 @@ def test_data_docs_are_built(marts: Settings) -> None:
     report = run_checkpoint(marts, "marts", run_id="docs", raise_on_critical=False)
     assert report.data_docs and report.data_docs.exists()
     assert "valueloop_marts" in report.data_docs.read_text()
+
+
+_TRY_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "w") as handle:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(3)
+"""
+
+
+def test_one_process_at_a_time_validates_through_the_file_context(tmp_path: Path) -> None:
+    """Every home validates through the one GX folder; while one process holds it, another
+    waits (gx_project.exclusive), and once it is released the next one gets it."""
+    from valueloop.quality import gx_project
+
+    lock = tmp_path / "gx" / "uncommitted" / "valueloop.lock"
+
+    def other_process_gets_it() -> bool:
+        result = subprocess.run([sys.executable, "-c", _TRY_LOCK, str(lock)], check=False)
+        assert result.returncode in (0, 3)
+        return result.returncode == 0
+
+    with gx_project.exclusive(tmp_path):
+        assert lock.exists()
+        assert not other_process_gets_it()
+    assert other_process_gets_it()
