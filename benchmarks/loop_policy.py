@@ -215,6 +215,9 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
         learner.fit(data)
         effects = learner.effects(scores)
         errors = learner.std_errors(scores) if hasattr(learner, "std_errors") else None
+        shared = (
+            learner.shared_std_errors(scores) if hasattr(learner, "shared_std_errors") else None
+        )
         learned, _ = uplift.choose(
             effects,
             costs,
@@ -223,6 +226,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
             book,
             errors,
             settings.uplift_confidence_z if CONFIDENCE_Z is None else CONFIDENCE_Z,
+            shared,
         )
         current = learned
         value = policy_value(profit, learned)

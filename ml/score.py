@@ -238,6 +238,7 @@ def score_candidates(
             " customer_id::varchar as customer_id, action::varchar as action,"
             " expected_incremental_profit::double as expected_incremental_profit,"
             " profit_std_error::double as profit_std_error,"
+            " profit_shared_std_error::double as profit_shared_std_error,"
             " action_policy::varchar as action_policy from _uplift"
         )
         con.register("_predictions", predictions)
@@ -271,6 +272,7 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
         "action",
         "expected_incremental_profit",
         "profit_std_error",
+        "profit_shared_std_error",
         "action_policy",
     ]
     champion = uplift.load_champion(settings.mlflow_tracking_uri)
@@ -304,6 +306,16 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
         )
     else:
         long["profit_std_error"] = 0.0
+    if hasattr(model, "shared_std_errors"):
+        shared = (settings.margin_rate * model.shared_std_errors(frame)).assign(customer_id=ids)
+        long = long.merge(
+            shared.melt(
+                id_vars="customer_id", var_name="action", value_name="profit_shared_std_error"
+            ),
+            on=["customer_id", "action"],
+        )
+    else:
+        long["profit_shared_std_error"] = 0.0
     return long.assign(action_policy=f"uplift-v{version}")[columns]
 
 

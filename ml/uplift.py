@@ -425,6 +425,8 @@ class CellLearner(OrdersLearner):
                     "std_error": np.sqrt(
                         cells["var"] / cells["size"] + cells["var_control"] / cells["size_control"]
                     ),
+                    # the part of it every action of the cell shares: its controls' mean
+                    "control_std_error": np.sqrt(cells["var_control"] / cells["size_control"]),
                 }
             )
             spread = float(table["effect"].var()) if len(table) > 1 else 0.0
@@ -474,6 +476,31 @@ class CellLearner(OrdersLearner):
             {a: value * (1 - self.discounts.get(a, 0.0)) * error[a] for a in self.actions}
         )
 
+    def shared_std_errors(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The part of each revenue effect's standard error that comes from the cell's
+        controls, which every action measured in that cell shares: two actions' estimates
+        covary by the product of their shared parts, so the error of the *difference* between
+        them is smaller than the two errors taken as independent (:func:`choose`). Zero where
+        an action falls back to its effect over all cells (no shared part claimed: the
+        conservative side), and for a model fitted before this was recorded."""
+        frame = frame.reset_index(drop=True)
+        value = np.clip(self.value_model.predict(self._x(frame)), 0, None)
+        cells = self._cells(frame)
+        shared = {}
+        for action in self.actions:
+            table = self.cell_effects[action]
+            column = (
+                table["control_std_error"]
+                if "control_std_error" in table
+                else pd.Series(0.0, index=table.index)
+            )
+            shared[action] = (
+                value
+                * (1 - self.discounts.get(action, 0.0))
+                * column.reindex(cells).fillna(0.0).to_numpy()
+            )
+        return pd.DataFrame(shared)
+
 
 LEARNERS = {
     "cells": CellLearner,
@@ -493,6 +520,7 @@ def choose(
     playbook: np.ndarray | None = None,
     std_errors: pd.DataFrame | None = None,
     confidence_z: float = 0.0,
+    shared_errors: pd.DataFrame | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per customer, the eligible action with the highest expected incremental profit, or
     ``no_action`` (profit 0) when none is positive; returns (actions, their expected
@@ -500,16 +528,22 @@ def choose(
 
     With ``std_errors`` (of the revenue effects) and ``confidence_z``, the policy departs from
     the baseline (the ``playbook``'s action per customer, else no action) only where the gain
-    over it is more than ``confidence_z`` standard errors (of the two estimates, taken as
-    independent: conservative, as they share the cell's controls). A playbook action the model
+    over it is more than ``confidence_z`` standard errors of that gain. Two actions measured
+    against the same controls share those controls' noise (``shared_errors``, the part of each
+    error that comes from them): the error of the gain is
+    ``sqrt(se_a² + se_b² - 2 shared_a shared_b)``, not the two errors taken as independent,
+    which would charge a switch between two actions for noise that cancels in it. Without
+    ``shared_errors`` they are taken as independent (conservative). A playbook action the model
     has no estimate for is kept. The dbt model ``scored_customers`` applies the same rule."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
     columns = np.asarray([*effects.columns, "no_action"], dtype=object)
     n = len(profit)
     values = np.column_stack([profit.to_numpy(), np.zeros(n)])
-    errors = np.zeros_like(values)
+    errors, shared = np.zeros_like(values), np.zeros_like(values)
     if std_errors is not None:
         errors[:, :-1] = margin * std_errors[list(effects.columns)].to_numpy()
+    if shared_errors is not None:
+        shared[:, :-1] = margin * shared_errors[list(effects.columns)].to_numpy()
     if eligible is not None:
         allowed = np.array([[a in e for a in effects.columns] for e in eligible], dtype=bool)
         values[:, :-1] = np.where(allowed.reshape(n, -1), values[:, :-1], -np.inf)
@@ -520,7 +554,10 @@ def choose(
         baseline = np.array([index.get(a, -1) for a in playbook], dtype=int)
     known = baseline >= 0
     base = np.where(known, baseline, 0)
-    penalty = confidence_z * np.sqrt(errors**2 + errors[rows, base][:, None] ** 2)
+    variance = (
+        errors**2 + errors[rows, base][:, None] ** 2 - 2 * shared * shared[rows, base][:, None]
+    )
+    penalty = confidence_z * np.sqrt(np.clip(variance, 0, None))
     score = values - penalty
     score[rows, base] = np.where(known, values[rows, base], score[rows, base])
     best = np.where(known, score.argmax(axis=1) if n else np.array([], int), -1)
@@ -612,13 +649,18 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def predict_frame(model: TLearner, frame: pd.DataFrame) -> pd.DataFrame:
-    """Each action's revenue effect, and its standard error (``<action>_std_error``) where the
-    learner gives one: what the registered model returns."""
+    """Each action's revenue effect, its standard error (``<action>_std_error``) and the part
+    of that error shared with the other actions through the controls
+    (``<action>_shared_std_error``) where the learner gives them: what the registered model
+    returns."""
     frame = frame.reset_index(drop=True)
     effects = model.effects(frame).reset_index(drop=True)
     if hasattr(model, "std_errors"):
         errors = model.std_errors(frame).reset_index(drop=True)
         effects = pd.concat([effects, errors.add_suffix("_std_error")], axis=1)
+    if hasattr(model, "shared_std_errors"):
+        shared = model.shared_std_errors(frame).reset_index(drop=True)
+        effects = pd.concat([effects, shared.add_suffix("_shared_std_error")], axis=1)
     return effects
 
 

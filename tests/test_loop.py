@@ -306,6 +306,33 @@ def test_the_cell_learner_measures_an_effect_per_cell_and_the_policy_respects_it
         1.64,
     )[0]
     assert (kept == "email").mean() > (actions == "email").mean()
+    # Part of each error is the cell's controls, the same for both actions: never more than
+    # the whole error, and nothing where an action falls back to its effect over all cells.
+    shared = model.shared_std_errors(frame)
+    assert ((shared > 0) & (shared < errors)).all().all()
+    weak.cell_effects["offer"] = weak.cell_effects["offer"].iloc[:0]
+    assert (weak.shared_std_errors(small)["offer"] == 0).all()
+
+
+def test_a_switch_between_two_actions_does_not_pay_for_their_shared_controls_twice() -> None:
+    # The dbt model scored_customers makes the same choice (its unit test, customer f).
+    effects = pd.DataFrame({"vip_perk": [2.0, 2.0], "cross_sell": [4.0, 4.0]})
+    errors = pd.DataFrame({"vip_perk": [1.0, 1.0], "cross_sell": [1.0, 1.0]})
+    shared = pd.DataFrame({"vip_perk": [0.9, 0.9], "cross_sell": [0.9, 0.9]})
+    costs = {"vip_perk": 0.0, "cross_sell": 0.0}
+    playbook = np.array(["vip_perk", "no_action"], object)
+    independent, _ = uplift.choose(effects, costs, 1.0, None, playbook, errors, 1.64)
+    # A gain of 2 against 1.64 x sqrt(1 + 1) = 2.32: the perk stays; against no action, 4 is
+    # a clear gain either way.
+    assert list(independent) == ["vip_perk", "cross_sell"]
+    contrast, profit = uplift.choose(effects, costs, 1.0, None, playbook, errors, 1.64, shared)
+    # 1.64 x sqrt(1 + 1 - 2 x 0.81) = 1.01 < 2: the controls' noise cancels in the gain.
+    assert list(contrast) == ["cross_sell", "cross_sell"]
+    assert list(profit) == [4.0, 4.0]
+    # No action has no estimate and so no shared part: a gain over it pays the whole error.
+    weak = pd.DataFrame({"vip_perk": [1.5, 1.5], "cross_sell": [1.5, 1.5]})
+    kept, _ = uplift.choose(weak, costs, 1.0, None, playbook[::-1], errors, 1.64, shared)
+    assert list(kept) == ["no_action", "vip_perk"]
 
 
 def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> None:

@@ -63,8 +63,10 @@ playbook as (
 
 -- The uplift policy: the eligible action with the highest expected incremental profit, or
 -- no action (profit 0); but it departs from the playbook's action only where the gain over it
--- is more than uplift_confidence_z standard errors (of both estimates), and keeps a playbook
--- action the uplift model has no estimate for.
+-- is more than uplift_confidence_z standard errors of that gain, and keeps a playbook action
+-- the uplift model has no estimate for. Two actions measured against the same controls share
+-- those controls' noise (profit_shared_std_error), which cancels in the gain between them:
+-- its variance is se_a^2 + se_b^2 - 2 shared_a shared_b (ml/uplift.py, choose).
 playbook_estimate as (
     select
         playbook.customer_id,
@@ -76,7 +78,11 @@ playbook_estimate as (
         case
             when playbook.playbook_action = 'no_action' then 0
             else uplift.profit_std_error
-        end as playbook_std_error
+        end as playbook_std_error,
+        case
+            when playbook.playbook_action = 'no_action' then 0
+            else uplift.profit_shared_std_error
+        end as playbook_shared_std_error
     from playbook
     left join uplift
         on
@@ -89,7 +95,8 @@ uplift_candidates as (
         playbook.customer_id,
         uplift.action,
         uplift.expected_incremental_profit,
-        uplift.profit_std_error
+        uplift.profit_std_error,
+        uplift.profit_shared_std_error
     from playbook
     inner join uplift on playbook.customer_id = uplift.customer_id
     inner join catalogue on uplift.action = catalogue.action
@@ -103,7 +110,8 @@ uplift_candidates as (
         customer_id,
         'no_action' as action,
         0 as expected_incremental_profit,
-        0 as profit_std_error
+        0 as profit_std_error,
+        0 as profit_shared_std_error
     from playbook
 ),
 
@@ -118,10 +126,13 @@ uplift_options as (
             when playbook_estimate.playbook_profit is null then '-infinity'::double
             else
                 uplift_candidates.expected_incremental_profit
-                - {{ var('uplift_confidence_z') }} * sqrt(
+                - {{ var('uplift_confidence_z') }} * sqrt(greatest(
                     power(coalesce(uplift_candidates.profit_std_error, 0), 2)
                     + power(coalesce(playbook_estimate.playbook_std_error, 0), 2)
-                )
+                    - 2 * coalesce(uplift_candidates.profit_shared_std_error, 0)
+                    * coalesce(playbook_estimate.playbook_shared_std_error, 0),
+                    0
+                ))
         end as preference
     from uplift_candidates
     inner join playbook_estimate on uplift_candidates.customer_id = playbook_estimate.customer_id
