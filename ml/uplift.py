@@ -49,8 +49,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ml import registry
-from valueloop.campaigns import UPLIFT_FEATURES
-from valueloop.warehouse import connect
+from ml.uplift_features import UPLIFT_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,8 @@ MIN_ARM = 30  # fewest customers an action (or control) needs in training to get
 
 def load_outcomes(warehouse: Path) -> pd.DataFrame:
     """Matured randomised outcomes with the features frozen at planning time."""
+    from valueloop.warehouse import connect  # the platform's, not the registered model's
+
     features = ", ".join(f"features.{f}" for f in FEATURES)
     with connect(warehouse) as con:
         return con.execute(

@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from ml import uplift
-from valueloop import campaigns, jobs, market, monitoring, orchestration
+from tests.conftest import run_valueloop
+from valueloop import campaigns, jobs, market, monitoring, orchestration, pipeline
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import ensure_raw_schema
 from valueloop.quality.runner import run_checkpoint
@@ -421,6 +424,119 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
     assert list((settings.campaigns_dir).glob("*.csv")) and list(
         (settings.home / "reports").glob("*_monitoring.html")
     )
+
+
+# The registered uplift model, loaded where the platform is not installed: any import of
+# `valueloop` fails; the model has only its own code (the `ml` package) and its artifacts.
+_LOAD_WITHOUT_PLATFORM = """
+import sys
+
+class NoPlatform:
+    def find_spec(self, name, path=None, target=None):
+        if name == "valueloop" or name.startswith("valueloop."):
+            raise ModuleNotFoundError(f"no module named {name!r}: the platform is not here")
+        return None
+
+sys.meta_path.insert(0, NoPlatform())
+import mlflow
+import pandas as pd
+
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/valueloop-uplift-model@champion")
+model.predict(pd.read_parquet(sys.argv[2])).to_parquet(sys.argv[3])
+"""
+
+
+def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
+    pipeline_run: Settings, tmp_path: Path
+) -> None:
+    """On the demo run's randomised outcomes: the uplift model is tracked, registered and
+    gated in MLflow, loads from the registry alone, and the next scoring run's actions are
+    the ones its rule picks (dbt's scored_customers, checked against ml.uplift.choose)."""
+    home = tmp_path / "home"
+    shutil.copytree(
+        pipeline_run.home, home, symlinks=True, ignore=shutil.ignore_patterns("airflow", "logs")
+    )
+    env = {"VALUELOOP_PII_SALT": "s", "VALUELOOP_UPLIFT_MIN_OUTCOMES": "100"}
+    settings = load_settings(env=env, home=home)
+    read = "select customer_id, value_tier, churn_risk_band, segment_id, next_best_action,"
+    read += " action_policy, model_version from marts.customer_scores order by customer_id"
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        before = con.execute(read).df()
+    # Two cycles of the demo are fewer outcomes than the default 2,000: the playbook decided.
+    assert set(before["action_policy"]) == {"playbook"}
+
+    first = pipeline.train_uplift(settings, "test")
+    assert first["trained"] and first["promoted"] and first["champion"] == "1", first
+    again = pipeline.train_uplift(settings, "test again")
+    assert again["trained"] and not again["promoted"] and again["champion"] == "1", again
+    assert "does not beat champion v1" in again["reason"]  # same data, same holdout: a tie
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(uplift.UPLIFT_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    assert {r.data.tags["valueloop.retrain_reason"] for r in runs} == {"test", "test again"}
+    for run in runs:
+        assert "qini_mean" in run.data.metrics
+        assert any(name.startswith("auuc_") for name in run.data.metrics)
+        assert "plots/qini_curves.png" in {
+            a.path for a in client.list_artifacts(run.info.run_id, "plots")
+        }
+
+    features = uplift.load_outcomes(settings.warehouse_path)[list(uplift.FEATURES)]
+    features = features.head(50).astype("float64")
+    features.to_parquet(tmp_path / "features.parquet")
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _LOAD_WITHOUT_PLATFORM,
+            settings.mlflow_tracking_uri,
+            str(tmp_path / "features.parquet"),
+            str(tmp_path / "effects.parquet"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+    model, version = uplift.load_champion(settings.mlflow_tracking_uri)
+    assert version == "1"
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "effects.parquet"), uplift.predict_frame(model, features)
+    )
+
+    result = run_valueloop("score", home=home)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        after = con.execute(read).df()
+        candidates = con.execute("select * from scoring.candidate_uplift").df()
+    assert set(after["action_policy"]) == {"uplift-v1"}
+    # The same customer champion scored the same marts: same tiers, bands and segments, so
+    # the playbook's action is the one published before.
+    same = ["customer_id", "value_tier", "churn_risk_band", "segment_id", "model_version"]
+    pd.testing.assert_frame_equal(before[same], after[same])
+    wide = candidates.pivot(index="customer_id", columns="action").reindex(after["customer_id"])
+    options = sorted(candidates["action"].unique())
+    actions = campaigns.load_actions(settings)
+    eligible = [
+        campaigns.eligible_actions(actions, tier, band)
+        for tier, band in zip(after["value_tier"], after["churn_risk_band"], strict=True)
+    ]
+    expected, _ = uplift.choose(
+        wide["expected_incremental_profit"][options].reset_index(drop=True),
+        dict.fromkeys(options, 0.0),  # the candidates' profits are net of cost already
+        1.0,
+        eligible,
+        before["next_best_action"].to_numpy(object),
+        wide["profit_std_error"][options].reset_index(drop=True),
+        settings.uplift_confidence_z,
+        wide["profit_shared_std_error"][options].reset_index(drop=True),
+    )
+    assert list(after["next_best_action"]) == list(expected)
+    assert (after["next_best_action"] != before["next_best_action"]).any()
 
 
 def test_a_feedback_batch_past_the_threshold_requests_retraining_through_airflow(

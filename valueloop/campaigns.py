@@ -35,6 +35,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from ml.uplift_features import UPLIFT_FEATURES
 from valueloop.config import Settings
 from valueloop.ingest import ensure_raw_schema
 from valueloop.warehouse import connect
@@ -46,22 +47,6 @@ CAMPAIGNS = "marts.campaigns"
 FEATURES = "marts.campaign_customer_features"
 NO_ACTION = "no_action"
 EXPLORE = "explore"
-# What the uplift model sees of a customer: the published scores and behaviour at the cutoff.
-UPLIFT_FEATURES = (
-    "p_high",
-    "churn_probability",
-    "recency_days",
-    "frequency",
-    "monetary_value",
-    "avg_order_value",
-    "tenure_days",
-    "orders_last_90d",
-    "spend_last_90d",
-    "spend_trend_90d",
-    "return_rate",
-    "avg_rating",
-    "discounted_line_share",
-)
 EXPORT_COLUMNS = ("campaign_id", "customer_key", "action", "assigned_at", "window_days")
 
 ASSIGNMENTS_DDL = f"""
