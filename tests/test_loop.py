@@ -427,7 +427,9 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
 
 
 # The registered uplift model, loaded where the platform is not installed: any import of
-# `valueloop` fails; the model has only its own code (the `ml` package) and its artifacts.
+# `valueloop` fails. (`ml` itself is importable here from this checkout's install as well as
+# from the model's code_paths, so this proves the model needs no `valueloop`, not which copy
+# of `ml` it ran.)
 _LOAD_WITHOUT_PLATFORM = """
 import sys
 
