@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,20 +24,68 @@ SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 ONLINE_RETAIL_CSV = SHARED_DATASETS / "online_retail" / "online_retail.csv.gz"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def committed_suites_restored() -> Iterator[None]:
+COMMITTED_SUITES = REPO_ROOT / "expectations" / "gx" / "expectations"
+_SAVED_SUITES = pytest.StashKey[dict[Path, bytes]]()
+PIPELINE_GROUP = "pipeline_run"
+# The files whose tests read the session's pipeline run (built once per worker that runs one).
+PIPELINE_FILES = frozenset(
+    f"tests/{path.name}"
+    for path in Path(__file__).parent.glob("test_*.py")
+    if re.search(r"\bpipeline_run\b", path.read_text())
+)
+# Then the longest (`pytest --durations`: the stack test about 7 minutes, the CLI runs 4).
+LONGEST_FIRST = ("tests/test_stack.py", "tests/test_cli.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """Which tests share a worker under pytest-xdist (``make test`` runs the suite on every
+    core): every file that reads the session's pipeline run goes to one worker, so the run is
+    built once; every other file's tests stay together, so its module fixtures are built once."""
+    path = nodeid.split("::", 1)[0]
+    return PIPELINE_GROUP if path in PIPELINE_FILES else path
+
+
+def pytest_configure(config: pytest.Config) -> None:
     """The GX suites are code-built into the committed ``expectations/`` folder (the project's
-    GX context); tests that run with other plausibility settings rebuild them there. Put the
-    committed files back when the session ends, so a test run leaves the working tree as it
-    found it."""
-    folder = REPO_ROOT / "expectations" / "gx" / "expectations"
-    saved = {path: path.read_bytes() for path in folder.glob("*.json")}
-    yield
-    for path in folder.glob("*.json"):
+    GX context); tests that run with other plausibility settings rebuild them there. The
+    controlling process (the only one without ``-n``) keeps the committed files before any
+    test runs and puts them back after the last (:func:`pytest_unconfigure`), so a test run
+    leaves the working tree as it found it, however many workers ran it."""
+    if not hasattr(config, "workerinput"):
+        config.stash[_SAVED_SUITES] = {
+            path: path.read_bytes() for path in COMMITTED_SUITES.glob("*.json")
+        }
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(_SAVED_SUITES, None)
+    if saved is None:
+        return
+    for path in COMMITTED_SUITES.glob("*.json"):
         if path not in saved:
             path.unlink()
     for path, content in saved.items():
         path.write_bytes(content)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The pipeline's work unit first, then the longest files, then the files in their order:
+    xdist hands the units out in this order, and none of the long ones is left for last."""
+    rank = {unit: i for i, unit in enumerate((PIPELINE_GROUP, *LONGEST_FIRST))}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scope scheduling over :func:`work_unit`. (Its ``--dist loadgroup`` marks do not
+    reach the scheduler under pytest 9, whose node ids it can no longer suffix.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
 
 
 @pytest.fixture
@@ -142,7 +191,8 @@ def run_valueloop(*args: str, home: Path, timeout: int = 600) -> subprocess.Comp
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """`valueloop run` through Airflow on a tiny shop with a tiny model, once per session.
+    """`valueloop run` through Airflow on a tiny shop with a tiny model, once per session (the
+    tests that read it share one xdist worker: :func:`work_unit`).
 
     Its terminal output is kept beside the home as ``run-output.txt``.
     """
