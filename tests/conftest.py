@@ -27,7 +27,7 @@ ONLINE_RETAIL_CSV = SHARED_DATASETS / "online_retail" / "online_retail.csv.gz"
 COMMITTED_SUITES = REPO_ROOT / "expectations" / "gx" / "expectations"
 _SAVED_SUITES = pytest.StashKey[dict[Path, bytes]]()
 PIPELINE_GROUP = "pipeline_run"
-# The files whose tests read the session's pipeline run (built once per worker that runs one).
+# The files whose tests read the session's pipeline run: one work unit, so it is built once.
 PIPELINE_FILES = frozenset(
     f"tests/{path.name}"
     for path in Path(__file__).parent.glob("test_*.py")
