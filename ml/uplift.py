@@ -359,6 +359,11 @@ class CellLearner(OrdersLearner):
       randomised, so comparable given the cell), with its standard error; a cell with too few
       of either falls back to the action's effect over all cells, its error widened by the
       spread of the cell effects.
+    * The means are weighted by the inverse of each customer's expected orders (at least
+      ``VARIANCE_FLOOR``), the variance of a Poisson count: an extra order from a customer
+      who rarely buys stands out, one from a customer who buys every week is lost in their
+      own noise. Treated and controls are weighted alike, so the randomisation still holds;
+      the effect measured is the weighted one, leaning to the quieter customers of a cell.
     * Revenue effect = value per order x (orders with the action x (1 - its known discount)
       - orders without); the value per order as in :class:`OrdersLearner`.
 
@@ -374,6 +379,7 @@ class CellLearner(OrdersLearner):
     }
     MIN_CELL = 10  # fewest treated and control customers a cell needs for its own estimate
     FOLDS = 5
+    VARIANCE_FLOOR = 0.05  # expected orders below which a customer's weight stops growing
 
     def _cells(self, frame: pd.DataFrame) -> np.ndarray:
         key = np.zeros(len(frame), dtype=np.int64)
@@ -402,18 +408,20 @@ class CellLearner(OrdersLearner):
             for c, k in self.CELL_BINS.items()
         }
         self.medians = {c: float(frame[c].astype("float64").median()) for c in self.CELL_BINS}
-        data = pd.DataFrame({"cell": self._cells(frame), "arm": arms, "r": orders - expected})
-        stats = data.groupby(["arm", "cell"])["r"].agg(["mean", "var", "size"])
+        residual = orders - expected
+        # Inverse-variance weights: window orders are Poisson-like, so a customer expected to
+        # order often brings more noise than signal to an effect of a fraction of an order.
+        weight = 1.0 / np.clip(expected, self.VARIANCE_FLOOR, None)
+        data = pd.DataFrame({"cell": self._cells(frame), "arm": arms, "r": residual, "w": weight})
+        stats = _weighted_means(data, ["arm", "cell"])
         control = stats.loc[CONTROL]
-        control_all = data.loc[data["arm"] == CONTROL, "r"]
+        control_all = _weighted_means(data[data["arm"] == CONTROL].assign(all=0), ["all"]).iloc[0]
         self.cell_effects: dict[str, pd.DataFrame] = {}
         self.overall: dict[str, tuple[float, float]] = {}
         for action in (a for a in self.arms if a != CONTROL):
-            treated = data.loc[data["arm"] == action, "r"]
-            overall = treated.mean() - control_all.mean()
-            overall_se = np.sqrt(
-                treated.var() / len(treated) + control_all.var() / len(control_all)
-            )
+            treated = _weighted_means(data[data["arm"] == action].assign(all=0), ["all"]).iloc[0]
+            overall = treated["mean"] - control_all["mean"]
+            overall_se = np.sqrt(treated["variance"] + control_all["variance"])
             cells = stats.loc[action].merge(
                 control, left_index=True, right_index=True, suffixes=("", "_control")
             )
@@ -423,11 +431,9 @@ class CellLearner(OrdersLearner):
             table = pd.DataFrame(
                 {
                     "effect": cells["mean"] - cells["mean_control"],
-                    "std_error": np.sqrt(
-                        cells["var"] / cells["size"] + cells["var_control"] / cells["size_control"]
-                    ),
+                    "std_error": np.sqrt(cells["variance"] + cells["variance_control"]),
                     # the part of it every action of the cell shares: its controls' mean
-                    "control_std_error": np.sqrt(cells["var_control"] / cells["size_control"]),
+                    "control_std_error": np.sqrt(cells["variance_control"]),
                 }
             )
             spread = float(table["effect"].var()) if len(table) > 1 else 0.0
@@ -501,6 +507,20 @@ class CellLearner(OrdersLearner):
                 * column.reindex(cells).fillna(0.0).to_numpy()
             )
         return pd.DataFrame(shared)
+
+
+def _weighted_means(data: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Per group of ``data`` (columns r, w): the weighted mean of r, the variance of that mean
+    (sum of w² (r - mean)² over (sum of w)², with the n / (n - 1) correction) and the size."""
+    data = data.assign(wr=data["w"] * data["r"])
+    groups = data.groupby(by)
+    stats = pd.DataFrame({"sw": groups["w"].sum(), "swr": groups["wr"].sum()})
+    stats["size"] = groups.size()
+    stats["mean"] = stats["swr"] / stats["sw"]
+    deviation = data["w"] * (data["r"] - data.join(stats["mean"], on=by)["mean"])
+    spread = (deviation**2).groupby([data[c] for c in by]).sum()
+    stats["variance"] = spread / stats["sw"] ** 2 * stats["size"] / np.maximum(stats["size"] - 1, 1)
+    return stats[["mean", "variance", "size"]]
 
 
 LEARNERS = {

@@ -317,6 +317,26 @@ def test_the_cell_learner_measures_an_effect_per_cell_and_the_policy_respects_it
     assert (weak.shared_std_errors(small)["offer"] == 0).all()
 
 
+def test_the_cell_learner_weights_quiet_customers_up_and_stays_unbiased() -> None:
+    # Half the customers order 4 times a window, half 0.1 times; the offer brings 0.3 extra
+    # orders to everyone. The frequent buyers' Poisson noise swamps 0.3; the quiet ones show
+    # it clearly, and weighting by 1 / expected orders lets them speak.
+    rng = np.random.default_rng(5)
+    n = 6000
+    frequent = rng.random(n) < 0.5
+    arms = rng.choice(["control", "offer"], n, p=[0.3, 0.7])
+    orders = rng.poisson(np.where(frequent, 4.0, 0.1) + np.where(arms == "offer", 0.3, 0.0))
+    frame = _outcomes("frequency", np.where(frequent, 40.0, 1.0), arms, orders, orders * 10.0)
+    weighted = uplift.CellLearner(0, {"offer": 0.0}).fit(frame)
+    unweighted = uplift.CellLearner(0, {"offer": 0.0})
+    unweighted.VARIANCE_FLOOR = 1e9  # every customer weighs the same
+    unweighted.fit(frame)
+    error = weighted.std_errors(frame)["offer"].mean()
+    assert error < 0.6 * unweighted.std_errors(frame)["offer"].mean()
+    # 0.3 orders x the value per order (10), within a few of its own errors.
+    assert abs(weighted.effects(frame)["offer"].mean() - 3.0) < 3 * error
+
+
 def test_a_switch_between_two_actions_does_not_pay_for_their_shared_controls_twice() -> None:
     # The dbt model scored_customers makes the same choice (its unit test, customer f).
     effects = pd.DataFrame({"vip_perk": [2.0, 2.0], "cross_sell": [4.0, 4.0]})
