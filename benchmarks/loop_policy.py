@@ -227,6 +227,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
             errors,
             settings.uplift_confidence_z if CONFIDENCE_Z is None else CONFIDENCE_Z,
             shared,
+            {a for a, x in actions.items() if x.discount == 0},
         )
         current = learned
         value = policy_value(profit, learned)

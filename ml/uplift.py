@@ -542,6 +542,7 @@ def choose(
     std_errors: pd.DataFrame | None = None,
     confidence_z: float = 0.0,
     shared_errors: pd.DataFrame | None = None,
+    bounded: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per customer, the eligible action with the highest expected incremental profit, or
     ``no_action`` (profit 0) when none is positive; returns (actions, their expected
@@ -555,7 +556,14 @@ def choose(
     ``sqrt(se_a² + se_b² - 2 shared_a shared_b)``, not the two errors taken as independent,
     which would charge a switch between two actions for noise that cancels in it. Without
     ``shared_errors`` they are taken as independent (conservative). A playbook action the model
-    has no estimate for is kept. The dbt model ``scored_customers`` applies the same rule."""
+    has no estimate for is kept.
+
+    The threshold guards what the baseline earns. Where the baseline is no action, an action in
+    ``bounded`` (one without a discount: it can lose at most its contact cost, as a message or
+    a perk does not take orders away) is taken on any positive expected profit: waiting for a
+    clear gain there forgoes more than a wrong contact can cost. Discounts and switches away
+    from an action keep the threshold. The dbt model ``scored_customers`` applies the same
+    rule."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
     columns = np.asarray([*effects.columns, "no_action"], dtype=object)
     n = len(profit)
@@ -579,6 +587,10 @@ def choose(
         errors**2 + errors[rows, base][:, None] ** 2 - 2 * shared * shared[rows, base][:, None]
     )
     penalty = confidence_z * np.sqrt(np.clip(variance, 0, None))
+    free = (
+        np.array([a in bounded for a in columns])[None, :] & (baseline == len(columns) - 1)[:, None]
+    )
+    penalty = np.where(free, 0.0, penalty)
     score = values - penalty
     score[rows, base] = np.where(known, values[rows, base], score[rows, base])
     best = np.where(known, score.argmax(axis=1) if n else np.array([], int), -1)

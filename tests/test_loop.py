@@ -337,6 +337,25 @@ def test_the_cell_learner_weights_quiet_customers_up_and_stays_unbiased() -> Non
     assert abs(weighted.effects(frame)["offer"].mean() - 3.0) < 3 * error
 
 
+def test_from_no_action_a_contact_that_can_only_lose_its_cost_needs_no_clear_gain() -> None:
+    # The dbt model scored_customers makes the same choice (its unit test, customer g).
+    effects = pd.DataFrame({"email": [0.5, 0.5], "offer": [0.8, 0.8]})
+    errors = pd.DataFrame({"email": [1.0, 1.0], "offer": [1.0, 1.0]})
+    costs = {"email": 0.0, "offer": 0.0}
+    playbook = np.array(["no_action", "offer"], object)
+    cautious, _ = uplift.choose(effects, costs, 1.0, None, playbook, errors, 1.64)
+    assert list(cautious) == ["no_action", "offer"]
+    # The email has no discount: from no action it can lose at most its contact cost, so it
+    # is taken on its expected profit; the offer (a discount) still needs a clear gain, and
+    # so does a switch away from an action.
+    bold, profit = uplift.choose(effects, costs, 1.0, None, playbook, errors, 1.64, None, {"email"})
+    assert list(bold) == ["email", "offer"]
+    assert list(profit) == [0.5, 0.8]
+    # A contact expected to lose is not taken.
+    losing, _ = uplift.choose(-effects, costs, 1.0, None, playbook, errors, 1.64, None, {"email"})
+    assert losing[0] == "no_action"
+
+
 def test_a_switch_between_two_actions_does_not_pay_for_their_shared_controls_twice() -> None:
     # The dbt model scored_customers makes the same choice (its unit test, customer f).
     effects = pd.DataFrame({"vip_perk": [2.0, 2.0], "cross_sell": [4.0, 4.0]})
@@ -556,6 +575,7 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
         wide["profit_std_error"][options].reset_index(drop=True),
         settings.uplift_confidence_z,
         wide["profit_shared_std_error"][options].reset_index(drop=True),
+        {a for a, x in actions.items() if x.discount == 0},
     )
     assert list(after["next_best_action"]) == list(expected)
     assert (after["next_best_action"] != before["next_best_action"]).any()

@@ -66,7 +66,9 @@ playbook as (
 -- is more than uplift_confidence_z standard errors of that gain, and keeps a playbook action
 -- the uplift model has no estimate for. Two actions measured against the same controls share
 -- those controls' noise (profit_shared_std_error), which cancels in the gain between them:
--- its variance is se_a^2 + se_b^2 - 2 shared_a shared_b (ml/uplift.py, choose).
+-- its variance is se_a^2 + se_b^2 - 2 shared_a shared_b (ml/uplift.py, choose). Where the
+-- playbook does nothing, an action without a discount is taken on any positive expected
+-- profit: it can lose at most its contact cost.
 playbook_estimate as (
     select
         playbook.customer_id,
@@ -96,7 +98,8 @@ uplift_candidates as (
         uplift.action,
         uplift.expected_incremental_profit,
         uplift.profit_std_error,
-        uplift.profit_shared_std_error
+        uplift.profit_shared_std_error,
+        catalogue.discount
     from playbook
     inner join uplift on playbook.customer_id = uplift.customer_id
     inner join catalogue on uplift.action = catalogue.action
@@ -111,7 +114,8 @@ uplift_candidates as (
         'no_action' as action,
         0 as expected_incremental_profit,
         0 as profit_std_error,
-        0 as profit_shared_std_error
+        0 as profit_shared_std_error,
+        null as discount
     from playbook
 ),
 
@@ -124,6 +128,11 @@ uplift_options as (
             when uplift_candidates.action = playbook_estimate.playbook_action
                 then coalesce(playbook_estimate.playbook_profit, 'infinity'::double)
             when playbook_estimate.playbook_profit is null then '-infinity'::double
+            -- from no action, an action without a discount can lose at most its contact cost
+            when
+                playbook_estimate.playbook_action = 'no_action'
+                and uplift_candidates.discount = 0
+                then uplift_candidates.expected_incremental_profit
             else
                 uplift_candidates.expected_incremental_profit
                 - {{ var('uplift_confidence_z') }} * sqrt(greatest(
