@@ -560,10 +560,10 @@ def choose(
 
     The threshold guards what the baseline earns. Where the baseline is no action, an action in
     ``bounded`` (one without a discount: it can lose at most its contact cost, as a message or
-    a perk does not take orders away) is taken on any positive expected profit: waiting for a
-    clear gain there forgoes more than a wrong contact can cost. Discounts and switches away
-    from an action keep the threshold. The dbt model ``scored_customers`` applies the same
-    rule."""
+    a perk does not take orders away) is taken on any positive expected profit: there the
+    threshold would forgo that profit to guard against a loss no larger than the contact.
+    Discounts and switches away from an action keep the threshold. The dbt model
+    ``scored_customers`` applies the same rule."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
     columns = np.asarray([*effects.columns, "no_action"], dtype=object)
     n = len(profit)
