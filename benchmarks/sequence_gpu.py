@@ -14,6 +14,10 @@ the GPU machine needs neither the warehouse nor the packaged MiniLM weights.
     python3 benchmarks/sequence_gpu.py measure --extract .bench/extract \\
         --config ml/configs/gpu.yaml --customers 1000000 --out gpu.json
 
+    # does a larger fine-tuning batch cost accuracy? (a fifth of the customers held out)
+    python3 benchmarks/sequence_gpu.py batch-quality --extract .bench/extract \\
+        --config ml/configs/gpu.yaml --batch-sizes 64 256 512 --seeds 0 1
+
 On a machine without CUDA it measures the CPU (fp32), at whatever size is asked for.
 """
 
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,6 +208,52 @@ def measure(args: argparse.Namespace) -> dict:
     return result
 
 
+def batch_quality(args: argparse.Namespace) -> dict:
+    """Does a larger fine-tuning batch cost accuracy? The same model, learning rates and epochs
+    at each batch size, on the extract's rows split by customer (a fifth held out)."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    cfg = TrainConfig.load(args.config)
+    rows = pd.read_parquet(args.extract / "rows.parquet")
+    keys = json.loads((args.extract / "text_keys.json").read_text())
+    vectors = np.load(args.extract / "text_vectors.npy")
+    customer = rows["customer_cutoff_id"].str.split("@").str[0]
+    held = customer.map(lambda c: zlib.crc32(c.encode()) % 5 == 0).to_numpy()
+    train, test = rows[~held].reset_index(drop=True), rows[held].reset_index(drop=True)
+    scaler = FeatureScaler.fit(train, numeric_columns(train))
+    vocab = sequence.SequenceVocab.fit(train[SEQUENCE_COLUMN], keys, cfg.max_events)
+    spec = sequence.spec_for(cfg, vocab, vectors.shape[1])
+    dataset = sequence.labelled_dataset(train, vocab, scaler)
+    truth_tier = sequence.tier_index(test["value_tier"])
+    result: dict = {"train_rows": len(train), "test_rows": len(test), "epochs": cfg.max_epochs}
+    for batch_size in args.batch_sizes:
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            module = sequence.SequenceModel.from_config(
+                cfg, spec, len(scaler.columns), [1.0, 1.0, 1.0], vectors
+            )
+            trainer = _trainer(cfg, cfg.max_epochs)
+            start = time.perf_counter()
+            trainer.fit(module, sequence.loader(dataset, batch_size, True, seed))
+            seconds = time.perf_counter() - start
+            tiers, churn, _ = sequence.predict_sequence_net(
+                module.net.to("cuda" if torch.cuda.is_available() else "cpu"),
+                vocab,
+                scaler,
+                test,
+                cfg.eval_batch_size,
+            )
+            result[f"batch_{batch_size}_seed_{seed}"] = {
+                "churn_roc_auc": round(float(roc_auc_score(test["is_churned"], churn)), 4),
+                "tier_macro_f1": round(
+                    float(f1_score(truth_tier, tiers.argmax(1), average="macro")), 4
+                ),
+                "fit_seconds": round(seconds, 1),
+            }
+            print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -218,11 +269,17 @@ def main() -> None:
     p.add_argument("--pretrain-rows", type=int, default=None, help="default: every customer")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
+    p = sub.add_parser("batch-quality", help="accuracy of fine-tuning at several batch sizes")
+    p.add_argument("--extract", type=Path, default=Path(".bench/extract"))
+    p.add_argument("--config", type=Path, default=None, help="default: ml/configs/default.yaml")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args()
     if args.action == "extract":
         extract(args.warehouse, args.out, args.rows)
         return
-    result = measure(args)
+    result = measure(args) if args.action == "measure" else batch_quality(args)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
