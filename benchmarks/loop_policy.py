@@ -9,7 +9,8 @@ with the effect's extra order or comeback, Gamma order values with the true mean
 discount taken off), and the uplift model (``ml.uplift``, ``--learner``) is refitted on
 everything randomised so far. After each cycle every policy is scored by the **true expected
 incremental profit** of the actions it picks for all eligible customers
-(``market.expected_incremental_profit``): the learned policy, the static playbook, random
+(``market.expected_incremental_profit``, each expected unsubscribe charged at the setting
+``VALUELOOP_UNSUBSCRIBE_COST``): the learned policy, the static playbook, random
 targeting (a random eligible action for as many customers as the playbook targets), no
 action, the oracle that knows the true effects, and the *feature ceiling*: a model of the
 uplift features fitted on the true profits, the most any learner of those features could
@@ -45,6 +46,7 @@ VALUE_CV = 0.8  # spread of one order's value around the type's mean
 LEARNER = "cells"
 CONFIDENCE_Z = None  # None: the setting VALUELOOP_UPLIFT_CONFIDENCE_Z
 VERBOSE = False
+BLIND_TO_UNSUBSCRIBES = False  # the policy ignores unsubscribes (the truth still counts them)
 
 
 def playbook(settings, scores: pd.DataFrame) -> np.ndarray:
@@ -60,7 +62,8 @@ def playbook(settings, scores: pd.DataFrame) -> np.ndarray:
 
 
 def draw_revenue(rng, truth_inputs: dict, actions: np.ndarray, treated: np.ndarray):
-    """One window's orders and revenue per customer under the market's true effects."""
+    """One window's orders, revenue and unsubscribes per customer under the market's true
+    effects (an unsubscribe needs a delivered message, as the activation tool reports it)."""
     base, value, active, types = (truth_inputs[k] for k in ("base", "value", "active", "types"))
     eff = [
         market.effect(a, t) if is_t else market.NO_EFFECT
@@ -69,12 +72,13 @@ def draw_revenue(rng, truth_inputs: dict, actions: np.ndarray, treated: np.ndarr
     lift = np.array([e.lift for e in eff])
     revive = np.array([e.revive for e in eff])
     discount = np.array([e.discount for e in eff])
+    unsubscribe = market.P_DELIVERED * np.array([e.unsubscribe for e in eff])
     orders = np.where(
         active, rng.poisson(base) + (rng.random(len(base)) < lift), rng.random(len(base)) < revive
     )
     shape = 1 / VALUE_CV**2
     per_order = rng.gamma(shape, value / shape)
-    return orders, orders * per_order * (1 - discount)
+    return orders, orders * per_order * (1 - discount), rng.random(len(base)) < unsubscribe
 
 
 def truth_inputs(shop: Path, ids: pd.Series, start: datetime, days: int) -> dict:
@@ -159,6 +163,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
         days,
         settings.margin_rate,
         costs,
+        settings.unsubscribe_cost,
     )
     allowed = np.array([[a in e for a in profit.columns] for e in eligible])
     masked = profit.where(allowed, -np.inf)
@@ -192,7 +197,9 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
             expected_incremental_profit=np.nan,
             segment_name="all",
         )
-        chosen = campaigns._choose(frame, actions, campaign_id, settings, set())
+        # as the platform does, customers who unsubscribed are never contacted again
+        gone = {k for h in history for k in h.loc[h["unsubscribed"], "customer_key"]}
+        chosen = campaigns._choose(frame, actions, campaign_id, settings, gone)
         chosen["group_name"] = np.where(
             campaigns.control_flags(chosen, campaign_id, settings.campaign_control_share),
             "control",
@@ -204,7 +211,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
             for k, v in inputs.items()
         }
         treated = (chosen["group_name"] == "treatment").to_numpy()
-        chosen["orders"], chosen["revenue"] = draw_revenue(
+        chosen["orders"], chosen["revenue"], chosen["unsubscribed"] = draw_revenue(
             rng, sub, chosen["action"].to_numpy(), treated
         )
         chosen["campaign_id"] = campaign_id
@@ -228,6 +235,9 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
             settings.uplift_confidence_z if CONFIDENCE_Z is None else CONFIDENCE_Z,
             shared,
             {a for a, x in actions.items() if x.discount == 0},
+            None
+            if BLIND_TO_UNSUBSCRIBES
+            else uplift.unsubscribe_costs(learner, scores, settings.unsubscribe_cost),
         )
         current = learned
         value = policy_value(profit, learned)
@@ -257,9 +267,15 @@ def main() -> None:
     parser.add_argument("--learner", choices=sorted(uplift.LEARNERS), default="cells")
     parser.add_argument("--verbose", action="store_true", help="print oracle vs learned actions")
     parser.add_argument("--confidence-z", type=float, help="default: the platform's setting")
+    parser.add_argument(
+        "--blind-to-unsubscribes",
+        action="store_true",
+        help="the learned policy does not charge unsubscribes (the truth still does)",
+    )
     args = parser.parse_args()
-    global LEARNER, VERBOSE, CONFIDENCE_Z
+    global LEARNER, VERBOSE, CONFIDENCE_Z, BLIND_TO_UNSUBSCRIBES
     LEARNER, VERBOSE, CONFIDENCE_Z = args.learner, args.verbose, args.confidence_z
+    BLIND_TO_UNSUBSCRIBES = args.blind_to_unsubscribes
     rows = []
     with tempfile.TemporaryDirectory(prefix="valueloop-loop-bench-") as tmp:
         for seed in args.seeds:

@@ -294,6 +294,9 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     costs = {a.name: a.cost for a in load_actions(settings).values()}
     effects = model.effects(frame)
     profit = settings.margin_rate * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
+    unsubscribes = uplift.unsubscribe_costs(model, frame, settings.unsubscribe_cost)
+    if unsubscribes is not None:
+        profit = profit - unsubscribes[list(effects.columns)].to_numpy()
     ids = frame["customer_id"].to_numpy()
     long = profit.assign(customer_id=ids).melt(
         id_vars="customer_id", var_name="action", value_name="expected_incremental_profit"

@@ -71,6 +71,7 @@ def load_outcomes(warehouse: Path) -> pd.DataFrame:
             f"""
             select results.campaign_id, results.customer_key, results.action,
                 results.group_name, results.orders, results.revenue, results.purchased,
+                results.unsubscribed,
                 {features}
             from intermediate.int_campaign_results as results
             inner join marts.campaign_customer_features as features
@@ -366,6 +367,8 @@ class CellLearner(OrdersLearner):
       the effect measured is the weighted one, leaning to the quieter customers of a cell.
     * Revenue effect = value per order x (orders with the action x (1 - its known discount)
       - orders without); the value per order as in :class:`OrdersLearner`.
+    * Unsubscribes per contact, per action and cell (:meth:`unsubscribe_rates`), which the
+      policy charges at the shop's cost of an unsubscribe (:func:`unsubscribe_costs`).
 
     Coarser than a per-customer model, and that is the point: on the demo market (benchmarks/
     loop_policy.py) per-customer learners chased noise in a few thousand outcomes and could
@@ -380,6 +383,7 @@ class CellLearner(OrdersLearner):
     MIN_CELL = 10  # fewest treated and control customers a cell needs for its own estimate
     FOLDS = 5
     VARIANCE_FLOOR = 0.05  # expected orders below which a customer's weight stops growing
+    UNSUBSCRIBE_PRIOR = 50  # customers at the action's overall rate added to each cell's
 
     def _cells(self, frame: pd.DataFrame) -> np.ndarray:
         key = np.zeros(len(frame), dtype=np.int64)
@@ -441,7 +445,42 @@ class CellLearner(OrdersLearner):
             self.overall[action] = (float(overall), float(np.sqrt(overall_se**2 + spread)))
         self.models = {a: self.orders_model for a in self.arms}
         self._fit_value(frame, arms, orders)
+        self._fit_unsubscribes(frame, arms, data["cell"].to_numpy())
         return self
+
+    def _fit_unsubscribes(self, frame: pd.DataFrame, arms: np.ndarray, cells: np.ndarray) -> None:
+        """Per action and cell, the share of treated customers who unsubscribed, shrunk toward
+        the action's share over all cells by ``UNSUBSCRIBE_PRIOR`` customers (controls are
+        sent nothing, so only the treated tell). None for outcomes without the column."""
+        self.unsubscribe_cells: dict[str, pd.Series] | None = None
+        if "unsubscribed" not in frame:
+            return
+        flag = frame["unsubscribed"].fillna(False).astype("float64").to_numpy()
+        data = pd.DataFrame({"arm": arms, "cell": cells, "u": flag})
+        data = data[data["arm"] != CONTROL]
+        self.unsubscribe_overall = data.groupby("arm")["u"].mean().to_dict()
+        self.unsubscribe_cells = {}
+        for action, group in data.groupby("arm"):
+            cell = group.groupby("cell")["u"].agg(["sum", "size"])
+            prior = self.UNSUBSCRIBE_PRIOR
+            rate = (cell["sum"] + prior * self.unsubscribe_overall[action]) / (cell["size"] + prior)
+            self.unsubscribe_cells[action] = rate
+
+    def unsubscribe_rates(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Expected unsubscribes per customer sent each action (columns: actions): their
+        cell's rate, else the action's over all cells; zero for a model fitted before
+        unsubscribes were recorded."""
+        frame = frame.reset_index(drop=True)
+        cells = self._cells(frame)
+        table = getattr(self, "unsubscribe_cells", None) or {}
+        out = {}
+        for action in self.actions:
+            if action in table:
+                rates = table[action].reindex(cells).fillna(self.unsubscribe_overall[action])
+                out[action] = rates.to_numpy()
+            else:
+                out[action] = np.zeros(len(frame))
+        return pd.DataFrame(out)
 
     def _fit_value(self, frame: pd.DataFrame, arms: np.ndarray, orders: np.ndarray) -> None:
         revenue = frame["revenue"].astype("float64").to_numpy()
@@ -533,6 +572,14 @@ LEARNERS = {
 }
 
 
+def unsubscribe_costs(model: TLearner, frame: pd.DataFrame, cost: float) -> pd.DataFrame | None:
+    """``cost`` times each action's expected unsubscribes per customer (columns: actions), or
+    None where there is no cost or the model does not estimate them."""
+    if not cost or not hasattr(model, "unsubscribe_rates"):
+        return None
+    return cost * model.unsubscribe_rates(frame)
+
+
 def choose(
     effects: pd.DataFrame,
     costs: dict[str, float],
@@ -543,10 +590,13 @@ def choose(
     confidence_z: float = 0.0,
     shared_errors: pd.DataFrame | None = None,
     bounded: set[str] | frozenset[str] = frozenset(),
+    unsubscribe_costs: pd.DataFrame | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per customer, the eligible action with the highest expected incremental profit, or
     ``no_action`` (profit 0) when none is positive; returns (actions, their expected
-    incremental profit).
+    incremental profit). Profit is ``margin`` x the revenue effect, less the contact cost and
+    the expected cost of the unsubscribes the action causes (``unsubscribe_costs``, in the
+    shop's currency per customer; see :func:`unsubscribe_costs`).
 
     With ``std_errors`` (of the revenue effects) and ``confidence_z``, the policy departs from
     the baseline (the ``playbook``'s action per customer, else no action) only where the gain
@@ -559,12 +609,15 @@ def choose(
     has no estimate for is kept.
 
     The threshold guards what the baseline earns. Where the baseline is no action, an action in
-    ``bounded`` (one without a discount: it can lose at most its contact cost, as a message or
-    a perk does not take orders away) is taken on any positive expected profit: there the
-    threshold would forgo that profit to guard against a loss no larger than the contact.
+    ``bounded`` (one without a discount: it can lose at most its contact cost and the
+    unsubscribes it causes, both counted in its expected profit, as a message or a perk does
+    not take orders away) is taken on any positive expected profit: there the threshold would
+    forgo that profit to guard against a loss no larger than those costs.
     Discounts and switches away from an action keep the threshold. The dbt model
     ``scored_customers`` applies the same rule."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
+    if unsubscribe_costs is not None:
+        profit = profit - unsubscribe_costs[list(effects.columns)].to_numpy()
     columns = np.asarray([*effects.columns, "no_action"], dtype=object)
     n = len(profit)
     values = np.column_stack([profit.to_numpy(), np.zeros(n)])
@@ -682,9 +735,10 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def predict_frame(model: TLearner, frame: pd.DataFrame) -> pd.DataFrame:
-    """Each action's revenue effect, its standard error (``<action>_std_error``) and the part
+    """Each action's revenue effect, its standard error (``<action>_std_error``), the part
     of that error shared with the other actions through the controls
-    (``<action>_shared_std_error``) where the learner gives them: what the registered model
+    (``<action>_shared_std_error``) and its unsubscribes per customer sent it
+    (``<action>_unsubscribe_rate``) where the learner gives them: what the registered model
     returns."""
     frame = frame.reset_index(drop=True)
     effects = model.effects(frame).reset_index(drop=True)
@@ -694,6 +748,9 @@ def predict_frame(model: TLearner, frame: pd.DataFrame) -> pd.DataFrame:
     if hasattr(model, "shared_std_errors"):
         shared = model.shared_std_errors(frame).reset_index(drop=True)
         effects = pd.concat([effects, shared.add_suffix("_shared_std_error")], axis=1)
+    if hasattr(model, "unsubscribe_rates"):
+        rates = model.unsubscribe_rates(frame).reset_index(drop=True)
+        effects = pd.concat([effects, rates.add_suffix("_unsubscribe_rate")], axis=1)
     return effects
 
 
@@ -771,6 +828,9 @@ def train(
             }
         )
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+        # unsubscribes per treated customer, each action over all cells
+        rates = getattr(model, "unsubscribe_overall", None) or {}
+        mlflow.log_metrics({f"unsubscribe_rate_{a}": r for a, r in rates.items()})
         if champion_metrics:
             mlflow.log_metrics(
                 {f"champion_{k}": v for k, v in champion_metrics.items() if np.isfinite(v)}

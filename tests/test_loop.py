@@ -356,6 +356,49 @@ def test_from_no_action_a_contact_that_can_only_lose_its_cost_needs_no_clear_gai
     assert losing[0] == "no_action"
 
 
+def test_unsubscribes_are_counted_per_cell_and_charged_to_the_action_that_causes_them() -> None:
+    # The e-mail makes one in ten high-risk customers unsubscribe and no low-risk one; controls
+    # are sent nothing. The model must find the rate among the treated, per cell.
+    rng = np.random.default_rng(7)
+    n = 8000
+    risky = rng.random(n) < 0.5
+    arms = rng.choice(["control", "offer", "email"], n, p=[0.2, 0.4, 0.4])
+    orders = rng.poisson(0.5, n)
+    frame = _outcomes("churn_probability", np.where(risky, 0.9, 0.1), arms, orders, orders * 10.0)
+    frame["unsubscribed"] = (arms == "email") & risky & (rng.random(n) < 0.1)
+    model = uplift.CellLearner(0, {"offer": 0.0, "email": 0.0}).fit(frame)
+    rates = model.unsubscribe_rates(frame)
+    assert abs(rates["email"][risky].mean() - 0.1) < 0.025  # not 0.1 x 0.4 / 0.6 with controls
+    assert rates["email"][~risky].mean() < 0.03
+    assert rates["offer"].max() == 0.0
+    assert uplift.unsubscribe_costs(model, frame, 0.0) is None
+    charged = uplift.unsubscribe_costs(model, frame, 10.0)
+    pd.testing.assert_frame_equal(charged, 10.0 * rates)
+    # What the registered model returns carries the rates.
+    assert "email_unsubscribe_rate" in uplift.predict_frame(model, frame.head(5))
+    # A model fitted on outcomes without the column charges nothing.
+    assert (
+        model.__class__(0, {})
+        .fit(frame.drop(columns="unsubscribed"))
+        .unsubscribe_rates(frame)
+        .to_numpy()
+        .max()
+        == 0.0
+    )
+
+    # The policy charges them: an e-mail worth 0.5 that loses one customer in ten at 10 each
+    # is a loss, even from no action, where an action without a discount needs no clear gain.
+    effects = pd.DataFrame({"email": [0.5, 0.5]})
+    errors = pd.DataFrame({"email": [0.1, 0.1]})
+    playbook = np.array(["no_action", "no_action"], object)
+    unsubscribes = pd.DataFrame({"email": [0.0, 0.1 * 10.0]})
+    actions, profit = uplift.choose(
+        effects, {"email": 0.0}, 1.0, None, playbook, errors, 1.64, None, {"email"}, unsubscribes
+    )
+    assert list(actions) == ["email", "no_action"]
+    assert profit[0] == 0.5
+
+
 def test_a_switch_between_two_actions_does_not_pay_for_their_shared_controls_twice() -> None:
     # The dbt model scored_customers makes the same choice (its unit test, customer f).
     effects = pd.DataFrame({"vip_perk": [2.0, 2.0], "cross_sell": [4.0, 4.0]})
@@ -398,6 +441,15 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
     assert by_type.loc["loyal_high_value", "win_back_offer"] < 0
     assert by_type.loc["bargain_hunter", "win_back_offer"] > 0
     assert by_type.loc["loyal_high_value", "vip_perk"] > 0
+    # Unsubscribes are charged where the truth has them: a delivered message, then its rate.
+    email = {"nurture_email": 0.2}
+    args = (shop, truth["customer_id"], list(email), start, 30, 0.35, email)
+    charge = market.expected_incremental_profit(*args) - market.expected_incremental_profit(
+        *args, unsubscribe_cost=10.0
+    )
+    charge = charge["nurture_email"].groupby(truth["customer_type"].to_numpy()).mean()
+    assert charge["one_off"] == pytest.approx(10.0 * market.P_DELIVERED * 0.04)
+    assert charge["regular"] == 0.0
     chosen = truth.head(300)
     plan = pd.DataFrame(
         {
@@ -520,6 +572,7 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     for run in runs:
         assert "qini_mean" in run.data.metrics
         assert any(name.startswith("auuc_") for name in run.data.metrics)
+        assert any(name.startswith("unsubscribe_rate_") for name in run.data.metrics)
         assert "plots/qini_curves.png" in {
             a.path for a in client.list_artifacts(run.info.run_id, "plots")
         }
@@ -545,6 +598,8 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     assert loaded.returncode == 0, loaded.stderr[-4000:]
     model, version = uplift.load_champion(settings.mlflow_tracking_uri)
     assert version == "1"
+    # The market's unsubscribes came through the outcome files and the marts into the model.
+    assert max(model.unsubscribe_overall.values()) > 0, model.unsubscribe_overall
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "effects.parquet"), uplift.predict_frame(model, features)
     )

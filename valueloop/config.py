@@ -58,6 +58,9 @@ class Settings:
     campaign_budget: float  # most a campaign may spend on contacts, in the shop's currency
     campaign_window_days: int  # days after assignment in which outcomes count
     margin_rate: float  # gross margin on revenue: incremental profit = margin x revenue - cost
+    # What losing a customer's consent costs, in the shop's currency: an unsubscribed customer
+    # leaves every later campaign. The policy charges it per expected unsubscribe.
+    unsubscribe_cost: float
     uplift_min_outcomes: int  # randomised outcomes needed before uplift replaces the playbook
     uplift_confidence_z: float  # uplift departs from the playbook only on a gain > z std errors
     retrain_min_outcomes: int  # new campaign outcomes (customers) that trigger retraining
@@ -195,6 +198,7 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         campaign_budget=float(env.get(_env_name("campaign_budget"), "10000")),
         campaign_window_days=int(env.get(_env_name("campaign_window_days"), "30")),
         margin_rate=float(env.get(_env_name("margin_rate"), "0.35")),
+        unsubscribe_cost=float(env.get(_env_name("unsubscribe_cost"), "1.0")),
         uplift_min_outcomes=int(env.get(_env_name("uplift_min_outcomes"), "2000")),
         uplift_confidence_z=float(env.get(_env_name("uplift_confidence_z"), "1.64")),
         retrain_min_outcomes=int(env.get(_env_name("retrain_min_outcomes"), "1000")),

@@ -78,6 +78,7 @@ class ActionResult:
     incremental_revenue: float
     incremental_profit: float
     too_small: bool
+    unsubscribe_rate: float
 
 
 def measured(settings: Settings, campaign_id: str) -> list[ActionResult]:
@@ -85,7 +86,7 @@ def measured(settings: Settings, campaign_id: str) -> list[ActionResult]:
     with connect(settings.warehouse_path) as con:
         rows = con.execute(
             "select action, treated, control, uplift, uplift_ci_low, uplift_ci_high,"
-            " incremental_revenue, incremental_profit, is_too_small"
+            " incremental_revenue, incremental_profit, is_too_small, unsubscribe_rate"
             " from marts.campaign_performance where campaign_id = ? and segment_name = 'all'"
             " and value_tier = 'all' order by incremental_profit desc",
             [campaign_id],
@@ -114,8 +115,8 @@ class CycleResult:
             out.append(
                 f"  {a.action:<24} uplift {a.uplift:+.3f} [{a.ci_low:+.3f}, {a.ci_high:+.3f}]"
                 f"  incremental revenue {a.incremental_revenue:+,.0f}"
-                f"  profit {a.incremental_profit:+,.0f}  ({a.treated}+{a.control})"
-                + ("  too small to tell" if a.too_small else "")
+                f"  profit {a.incremental_profit:+,.0f}  unsubscribed {a.unsubscribe_rate:.1%}"
+                f"  ({a.treated}+{a.control})" + ("  too small to tell" if a.too_small else "")
             )
         out.append(f"  retraining: {self.retrain_reason}")
         if not self.customer_model and not self.uplift_model:

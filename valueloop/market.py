@@ -148,6 +148,11 @@ class WindowExpectation:
         discount = np.array([e.discount for e in eff])
         return np.where(self.active, self.base_orders + lift, revive), 1.0 - discount
 
+    def unsubscribes(self, action: str) -> np.ndarray:
+        """Each customer's probability of unsubscribing if sent ``action`` (a message must
+        be delivered first)."""
+        return P_DELIVERED * np.array([effect(action, t).unsubscribe for t in self.customer_type])
+
 
 def expectation(
     shop: Path, customer_ids: pd.Series, start: datetime, days: int
@@ -175,15 +180,19 @@ def expected_incremental_profit(
     days: int,
     margin: float,
     costs: dict[str, float],
+    unsubscribe_cost: float = 0.0,
 ) -> pd.DataFrame:
     """The truth: each customer's expected incremental profit for each action in the window
-    starting at ``start`` (rows: customers in the given order; columns: actions)."""
+    starting at ``start`` (rows: customers in the given order; columns: actions), the
+    expected unsubscribes charged at ``unsubscribe_cost`` each."""
     window = expectation(shop, customer_ids, start, days)
     out = {}
     for action in actions:
         orders, price = window.with_action(action)
         incremental = window.order_value * (orders * price - window.base_orders)
-        out[action] = margin * incremental - costs[action]
+        out[action] = (
+            margin * incremental - costs[action] - unsubscribe_cost * window.unsubscribes(action)
+        )
     return pd.DataFrame(out, index=customer_ids.index)
 
 

@@ -68,7 +68,8 @@ playbook as (
 -- those controls' noise (profit_shared_std_error), which cancels in the gain between them:
 -- its variance is se_a^2 + se_b^2 - 2 shared_a shared_b (ml/uplift.py, choose). Where the
 -- playbook does nothing, an action without a discount is taken on any positive expected
--- profit: it can lose at most its contact cost.
+-- profit: it can lose at most its contact cost and the unsubscribes it causes, both already
+-- taken off its expected_incremental_profit (ml/score.py, uplift_candidates).
 playbook_estimate as (
     select
         playbook.customer_id,
@@ -128,7 +129,7 @@ uplift_options as (
             when uplift_candidates.action = playbook_estimate.playbook_action
                 then coalesce(playbook_estimate.playbook_profit, 'infinity'::double)
             when playbook_estimate.playbook_profit is null then '-infinity'::double
-            -- from no action, an action without a discount can lose at most its contact cost
+            -- from no action, an action without a discount can lose at most its costs
             when
                 playbook_estimate.playbook_action = 'no_action'
                 and uplift_candidates.discount = 0

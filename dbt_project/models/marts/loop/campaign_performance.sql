@@ -2,7 +2,8 @@
 -- with segment and tier 'all'): treated against randomised control, over matured windows.
 -- Uplift is the difference of the two groups' purchase rates with a 95% normal interval;
 -- revenue uplift likewise (Welch). Incremental revenue = revenue uplift x treated customers;
--- incremental profit = margin x incremental revenue - contact cost.
+-- incremental profit = margin x incremental revenue - contact cost - the unsubscribes' cost
+-- (unsubscribe_cost per unsubscribed treated customer: they leave every later campaign).
 {%- set z = 1.959964 %}
 
 with
@@ -68,8 +69,10 @@ final as (
         (revenue_uplift + {{ z }} * revenue_uplift_se)::double as revenue_uplift_ci_high,
         (revenue_uplift * treated)::double as incremental_revenue,
         coalesce(contact_cost, 0)::double as contact_cost,
-        ({{ var('margin_rate') }} * revenue_uplift * treated - coalesce(contact_cost, 0))::double
-            as incremental_profit,
+        (
+            {{ var('margin_rate') }} * revenue_uplift * treated - coalesce(contact_cost, 0)
+            - {{ var('unsubscribe_cost') }} * coalesce(unsubscribe_rate, 0) * treated
+        )::double as incremental_profit,
         (revenue_uplift * treated / nullif(contact_cost, 0))::double as return_on_spend,
         coalesce(unsubscribe_rate, 0)::double as unsubscribe_rate,
         (
