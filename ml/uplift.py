@@ -383,7 +383,7 @@ class CellLearner(OrdersLearner):
     MIN_CELL = 10  # fewest treated and control customers a cell needs for its own estimate
     FOLDS = 5
     VARIANCE_FLOOR = 0.05  # expected orders below which a customer's weight stops growing
-    UNSUBSCRIBE_PRIOR = 50  # customers at the action's overall rate added to each cell's
+    UNSUBSCRIBE_PRIOR = 50  # pseudo-customers at the action's overall rate in each cell
 
     def _cells(self, frame: pd.DataFrame) -> np.ndarray:
         key = np.zeros(len(frame), dtype=np.int64)
