@@ -83,6 +83,26 @@ def has_champion(settings: Settings, cfg: TrainConfig | None = None) -> bool:
     return True
 
 
+def drift_reference(tracking_uri: str, model_run_id: str) -> tuple[dict | None, str | None]:
+    """The drift reference logged by the training run that produced the champion (the model's
+    own run or a run it is nested in: the stack's run sits under the transformer's, under the
+    training run), with that run's id; (None, None) for a model trained before references
+    were logged."""
+    client = mlflow.MlflowClient(tracking_uri)
+    run: str | None = model_run_id
+    while run:
+        if monitoring.REFERENCE_ARTIFACT in {a.path for a in client.list_artifacts(run)}:
+            path = client.download_artifacts(run, monitoring.REFERENCE_ARTIFACT)
+            return json.loads(Path(path).read_text()), run
+        run = client.get_run(run).data.tags.get("mlflow.parentRunId")
+    log.warning(
+        "the champion's run %s logged no %s: drift is measured against today's training set",
+        model_run_id,
+        monitoring.REFERENCE_ARTIFACT,
+    )
+    return None, None
+
+
 def _champion(tracking_uri: str, name: str):
     client = mlflow.MlflowClient(tracking_uri)
     version = registry.champion_version(client, name)
@@ -248,10 +268,13 @@ def score_candidates(
         )
         con.execute("create or replace table scoring.candidate_segments as select * from _segments")
     transform.run_dbt(settings, ["build", "--select", f"tag:{transform.SCORING_TAG}"], quiet=True)
+    reference, reference_run = drift_reference(settings.mlflow_tracking_uri, model_run_id)
     stats = {
         "run_id": run_id,
         "model_name": cfg.registered_model,
         "model_version": str(version),
+        "drift_reference": reference,
+        "drift_reference_run": reference_run,
         "customers": len(predictions),
         "k": segmentation.k,
         "silhouette_by_k": {str(k): v for k, v in segmentation.silhouette_by_k.items()},
@@ -353,7 +376,14 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
         )
         horizon = con.execute("select max(horizon_days) from marts.customer_labels").fetchone()[0]
         monitoring.write_html(
-            monitoring.record(con, run_id, int(horizon)),
+            monitoring.record(
+                con,
+                run_id,
+                int(horizon),
+                stats.get("drift_reference"),
+                f"champion v{stats['model_version']}'s training data"
+                f" (run {stats.get('drift_reference_run')})",
+            ),
             run_id,
             reports / f"{stem}_monitoring.html",
         )

@@ -43,6 +43,7 @@ from ml.ensemble import AveragedEnsemble, MeanEnsemble
 from ml.evaluate import Predictions, compute_metrics, paired_bootstrap, plot_all
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import as_predictions, predict_net
+from valueloop import monitoring
 
 log = logging.getLogger(__name__)
 # The classic champion candidates, by model name.
@@ -206,6 +207,10 @@ def train(
             }
         )
         mlflow.log_dict(info, "dataset_fingerprint.json")
+        # What this model is trained on, for drift at scoring (valueloop.monitoring).
+        mlflow.log_dict(
+            monitoring.reference_profiles(frames["train"]), monitoring.REFERENCE_ARTIFACT
+        )
         mlflow.set_tags(
             {
                 "valueloop.kind": "training",

@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -17,8 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from ml import uplift
+from ml.config import TrainConfig
 from tests.conftest import run_valueloop
-from valueloop import campaigns, jobs, market, monitoring, orchestration, pipeline
+from valueloop import campaigns, jobs, market, monitoring, orchestration, pipeline, retraining
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import ensure_raw_schema
 from valueloop.quality.runner import run_checkpoint
@@ -502,6 +503,9 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
         ).fetchall()
         drift = con.execute("select count(distinct scoring_run_id) from monitoring.feature_drift")
         drift_runs = drift.fetchone()[0]
+        references = con.execute(
+            "select distinct reference from monitoring.feature_drift"
+        ).fetchall()
         migration = con.execute("select sum(customers) from monitoring.tier_migration").fetchone()
         scored = con.execute("select count(*) from marts.customer_scores").fetchone()[0]
     assert planned == 3  # the first scoring's campaign and one after each cycle
@@ -512,6 +516,12 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
     assert len(policies) == 1  # one policy chose every row of a scoring run
     assert policies[0][0] == "playbook" or policies[0][0].startswith("uplift-v")
     assert drift_runs >= 3 and migration[0] >= scored
+    # drift is measured against what the champion was trained on, logged with its training run
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    for (reference,) in references:
+        assert reference.startswith("champion v"), reference
+        run = reference.split("(run ")[1].rstrip(")")
+        assert monitoring.REFERENCE_ARTIFACT in {a.path for a in client.list_artifacts(run)}
     assert list((settings.campaigns_dir).glob("*.csv")) and list(
         (settings.home / "reports").glob("*_monitoring.html")
     )
@@ -694,3 +704,69 @@ def test_a_feedback_batch_past_the_threshold_requests_retraining_through_airflow
             "select count(*) from marts.customer_labels where label_source like 'feedback:%'"
         ).fetchone()[0]
     assert sources > 0  # the corrections reached the label marts through dbt
+
+
+def test_retraining_fires_on_drift_on_schedule_and_on_new_outcomes_each_past_its_threshold(
+    pipeline_run: Settings,
+) -> None:
+    """`retraining.decide` on the demo run's real warehouse and MLflow store: each trigger fires
+    at its threshold and not just above it, and names what fired it."""
+    with duckdb.connect(str(pipeline_run.warehouse_path), read_only=True) as con:
+        latest = con.execute(
+            "select scoring_run_id from monitoring.feature_drift order by computed_at desc limit 1"
+        ).fetchone()[0]
+        features = con.execute(
+            "select feature, psi from monitoring.feature_drift where scoring_run_id = ?"
+            " and not isnan(psi)",
+            [latest],
+        ).fetchall()
+        scores = con.execute(
+            "select 'score ' || score, psi from monitoring.score_drift where scoring_run_id = ?"
+            " and not isnan(psi) and (select count(distinct model_version)"
+            " from marts.customer_scores_history where scoring_run_id in (?, previous_run_id)) = 1",
+            [latest, latest],
+        ).fetchall()
+    largest = max(features + scores, key=lambda r: r[1])
+    quiet = {
+        "VALUELOOP_PII_SALT": "s",
+        "VALUELOOP_RETRAIN_MIN_CORRECTIONS": "1000000",
+        "VALUELOOP_RETRAIN_MIN_OUTCOMES": "1000000",
+        "VALUELOOP_RETRAIN_EVERY_DAYS": "7",
+        "VALUELOOP_RETRAIN_DRIFT_PSI": "100",
+    }
+
+    def decide(now: datetime | None = None, **env: str):
+        settings = load_settings(env=quiet | env, home=pipeline_run.home)
+        return retraining.decide(settings, now)
+
+    assert decide().customer_model == [] and decide().uplift_model == []
+    # drift: the largest PSI of the latest run, over features and scores
+    at = decide(VALUELOOP_RETRAIN_DRIFT_PSI=repr(largest[1]))
+    assert at.facts["largest_psi_of"] == largest[0]
+    assert [r for r in at.customer_model if r.startswith("drift")] == [
+        f"drift: PSI {largest[1]:.3f} of {largest[0]} (threshold {largest[1]!r})"
+    ]
+    above = decide(VALUELOOP_RETRAIN_DRIFT_PSI=str(largest[1] + 0.001))
+    assert not [r for r in above.customer_model if r.startswith("drift")]
+    # schedule: the customer model's last training run, eight days later and one day later
+    client = MlflowClient(pipeline_run.mlflow_tracking_uri)
+    name = TrainConfig.load(pipeline_run.train_config).experiment
+    experiment = client.get_experiment_by_name(name)
+    (last,) = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`valueloop.kind` = 'training'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    started = datetime.fromtimestamp(last.info.start_time / 1000, UTC)
+    late = decide(now=started + timedelta(days=8)).customer_model
+    assert len(late) == 1 and late[0].startswith("schedule: last trained 8.0 days ago")
+    assert decide(now=started + timedelta(days=1)).customer_model == []
+    # new outcomes since the uplift model last trained: at the threshold, and one short of it
+    facts = decide().facts
+    assert facts["matured_outcomes"] > 0
+    new = facts["matured_outcomes"] - facts["uplift_trained_on"]
+    fired = decide(VALUELOOP_RETRAIN_MIN_OUTCOMES=str(new), VALUELOOP_UPLIFT_MIN_OUTCOMES="0")
+    assert fired.uplift_model == [f"{new:,} new randomised outcomes (threshold {new:,})"]
+    short = decide(VALUELOOP_RETRAIN_MIN_OUTCOMES=str(new + 1), VALUELOOP_UPLIFT_MIN_OUTCOMES="0")
+    assert short.uplift_model == []

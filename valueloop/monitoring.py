@@ -1,8 +1,8 @@
 """Monitoring tables for BI, written by every scoring run (schema ``monitoring``).
 
 * ``feature_drift``: per feature, the population stability index (PSI) of the scored
-  customers against the reference, the training split of the marts the champion is trained on
-  (deciles of the reference; PSI < 0.1 stable, 0.1-0.25 moving, > 0.25 drifted);
+  customers against the champion's training data (deciles of it, logged with the model at
+  training: ``drift_reference.json``; PSI < 0.1 stable, 0.1-0.25 moving, > 0.25 drifted);
 * ``score_drift``: PSI of churn probability and P(high) against the previous scoring run;
 * ``tier_migration``: customers per (previous tier, current tier) between the two runs;
 * ``champion_performance``: for earlier scoring runs whose horizon has since passed, how the
@@ -39,9 +39,11 @@ DRIFT_FEATURES = (
     "avg_rating",
 )
 STABLE, DRIFTED = 0.1, 0.25
+REFERENCE_ARTIFACT = "drift_reference.json"  # logged with each training run
 DDL = {
     "feature_drift": "scoring_run_id varchar, computed_at timestamp, feature varchar,"
-    " psi double, reference_mean double, current_mean double, status varchar",
+    " psi double, reference_mean double, current_mean double, status varchar,"
+    " reference varchar",
     "score_drift": "scoring_run_id varchar, previous_run_id varchar, computed_at timestamp,"
     " score varchar, psi double, current_mean double, previous_mean double, status varchar",
     "tier_migration": "scoring_run_id varchar, previous_run_id varchar, from_tier varchar,"
@@ -52,18 +54,49 @@ DDL = {
 }
 
 
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """Population stability index over the reference's quantile bins."""
-    reference = reference[np.isfinite(reference)]
+def profile(values: np.ndarray, bins: int = 10) -> dict | None:
+    """A reference population as PSI needs it: its quantile bin edges, the share of it in each
+    bin, and its mean (None when it has no finite value)."""
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return None
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    return {
+        "edges": edges.tolist(),
+        "shares": (counts / counts.sum()).tolist(),
+        "mean": float(values.mean()),
+    }
+
+
+def reference_profiles(frame: pd.DataFrame) -> dict[str, dict]:
+    """Per drift feature, the :func:`profile` of what a model is trained on. Training logs it
+    with the model's run (``drift_reference.json``), so that scoring measures drift against the
+    champion's own training data, not against marts that have moved on since."""
+    out = {}
+    for feature in DRIFT_FEATURES:
+        if feature in frame:
+            found = profile(frame[feature].to_numpy(float))
+            if found is not None:
+                out[feature] = found
+    return out
+
+
+def psi_against(reference: dict | None, current: np.ndarray) -> float:
+    """Population stability index of ``current`` over a reference :func:`profile`'s bins."""
     current = current[np.isfinite(current)]
-    if len(reference) == 0 or len(current) == 0:
+    if reference is None or len(current) == 0:
         return float("nan")
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1)
+    edges = np.asarray(reference["edges"], dtype=float)
     cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1)
-    r = np.clip(ref / ref.sum(), 1e-4, None)
+    r = np.clip(np.asarray(reference["shares"], dtype=float), 1e-4, None)
     c = np.clip(cur / cur.sum(), 1e-4, None)
     return float(((c - r) * np.log(c / r)).sum())
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's quantile bins."""
+    return psi_against(profile(reference, bins), current)
 
 
 def _status(value: float) -> str:
@@ -73,12 +106,25 @@ def _status(value: float) -> str:
 
 
 def record(
-    con: duckdb.DuckDBPyConnection, run_id: str, horizon_days: int
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    horizon_days: int,
+    reference: dict[str, dict] | None = None,
+    reference_name: str | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Compute and store the four tables for scoring run ``run_id`` (already published)."""
+    """Compute and store the four tables for scoring run ``run_id`` (already published).
+
+    Feature drift is measured against ``reference`` (:func:`reference_profiles` of the
+    champion's training data, named ``reference_name``); a champion trained before it was
+    logged is measured against the training split of today's marts instead, and the table's
+    ``reference`` column says which."""
     now = datetime.now(UTC).replace(tzinfo=None)
     features = ", ".join(DRIFT_FEATURES)
-    reference = con.execute(f"select {features} from marts.training_set where split = 'train'").df()
+    if reference is None:
+        reference = reference_profiles(
+            con.execute(f"select {features} from marts.training_set where split = 'train'").df()
+        )
+        reference_name = "marts.training_set (today's; the champion logged no reference)"
     current = con.execute(f"select {features} from marts.scoring_set").df()
     feature_drift = pd.DataFrame(
         [
@@ -86,9 +132,10 @@ def record(
                 "scoring_run_id": run_id,
                 "computed_at": now,
                 "feature": f,
-                "psi": psi(reference[f].to_numpy(float), current[f].to_numpy(float)),
-                "reference_mean": float(reference[f].mean()),
+                "psi": psi_against(reference.get(f), current[f].to_numpy(float)),
+                "reference_mean": reference[f]["mean"] if f in reference else float("nan"),
                 "current_mean": float(current[f].mean()),
+                "reference": reference_name,
             }
             for f in DRIFT_FEATURES
         ]
@@ -225,6 +272,8 @@ def record(
     for name, frame in tables.items():
         con.register("_frame", frame)
         con.execute(f"create table if not exists monitoring.{name} ({DDL[name]})")
+        for column in DDL[name].split(","):  # a table from an earlier release gains new columns
+            con.execute(f"alter table monitoring.{name} add column if not exists {column}")
         con.execute(f"delete from monitoring.{name} where scoring_run_id = ?", [run_id])
         con.execute(f"insert into monitoring.{name} by name select * from _frame")
         con.unregister("_frame")

@@ -65,6 +65,32 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
         return 0
 
 
+def _largest_drift(con: duckdb.DuckDBPyConnection) -> tuple[str, float] | None:
+    """The largest PSI of the latest scoring run's monitoring, over the features (against the
+    champion's training reference) and the scores (against the previous run, when the same
+    model version scored both: a new champion's scores differ by design, not by drift), with
+    its name; None before the first monitored scoring run."""
+    try:
+        row = con.execute(
+            "with latest as (select scoring_run_id from monitoring.feature_drift"
+            " order by computed_at desc limit 1),"
+            " versions as (select scoring_run_id, any_value(model_version) as version"
+            " from marts.customer_scores_history group by 1),"
+            " measures as (select scoring_run_id, feature as name, psi"
+            " from monitoring.feature_drift union all"
+            " select drift.scoring_run_id, 'score ' || drift.score, drift.psi"
+            " from monitoring.score_drift as drift"
+            " inner join versions as now on now.scoring_run_id = drift.scoring_run_id"
+            " inner join versions as before on before.scoring_run_id = drift.previous_run_id"
+            " where now.version = before.version)"
+            " select name, psi from measures where scoring_run_id = (select * from latest)"
+            " and psi is not null and not isnan(psi) order by psi desc, name limit 1"
+        ).fetchone()
+    except duckdb.CatalogException:  # no scoring run has been monitored yet
+        return None
+    return (row[0], float(row[1])) if row else None
+
+
 def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
     from ml.config import TrainConfig
     from ml.registry import champion_version
@@ -77,14 +103,7 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
             con, "select count(*) from intermediate.int_campaign_results where is_matured"
         )
         corrections = _count(con, "select count(*) from raw.label_feedback")
-        try:
-            drift = con.execute(
-                "select max(psi) from monitoring.feature_drift where scoring_run_id ="
-                " (select scoring_run_id from monitoring.feature_drift"
-                " order by computed_at desc limit 1)"
-            ).fetchone()[0]
-        except duckdb.CatalogException:
-            drift = None
+        drift = _largest_drift(con)
 
     uplift_run = _latest_run(settings, UPLIFT_EXPERIMENT, "uplift")
     trained_on = int(uplift_run.data.params.get("outcomes", 0)) if uplift_run else 0
@@ -107,8 +126,10 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
             f"{corrections - seen:,} new label corrections"
             f" (threshold {settings.retrain_min_corrections:,})"
         )
-    if drift is not None and drift >= settings.retrain_drift_psi:
-        customer.append(f"drift: PSI {drift:.3f} (threshold {settings.retrain_drift_psi})")
+    if drift is not None and drift[1] >= settings.retrain_drift_psi:
+        customer.append(
+            f"drift: PSI {drift[1]:.3f} of {drift[0]} (threshold {settings.retrain_drift_psi})"
+        )
     if train_run is not None:
         age_days = (now.timestamp() * 1000 - train_run.info.start_time) / 86_400_000
         if age_days >= settings.retrain_every_days:
@@ -121,6 +142,7 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
             "uplift_trained_on": trained_on,
             "label_corrections": corrections,
             "corrections_trained_on": seen,
-            "max_feature_psi": drift,
+            "largest_psi": drift[1] if drift else None,
+            "largest_psi_of": drift[0] if drift else None,
         },
     )
