@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 
 import duckdb
@@ -57,6 +58,50 @@ def segment_map(
     ax.set(title="customers by segment (PCA of the fused embedding)", xlabel="PC 1", ylabel="PC 2")
     ax.legend(markerscale=3, fontsize=8)
     return fig
+
+
+def reason_drivers(texts: pd.Series, top: int = 8) -> pd.DataFrame:
+    """The reasons that most often appear among customers' top three (reason codes as
+    ``ml.explain`` writes them, "; "-separated), each customer's figures replaced by N so that
+    the same driver counts once whatever its value, with the share of customers it names."""
+    lists = texts.dropna().str.split("; ")
+    if lists.empty:
+        return pd.DataFrame(columns=["driver", "customers", "share"])
+    drivers = lists.map(lambda xs: sorted({re.sub(r"-?\d[\d,.]*", "N", x) for x in xs}))
+    counts = drivers.explode().value_counts().head(top)
+    return pd.DataFrame(
+        {
+            "driver": counts.index,
+            "customers": counts.to_numpy(),
+            "share": counts.to_numpy() / len(lists),
+        }
+    ).round({"share": 3})
+
+
+def _reasons_html(con: duckdb.DuckDBPyConnection) -> str:
+    """Reason codes: what drives churn risk among high-risk customers and the tier among
+    high-value ones, and the five riskiest customers' own reasons."""
+    rows = con.execute(
+        "select customer_id, churn_probability, churn_risk_band, value_tier, churn_reasons,"
+        " tier_reasons from marts.customer_scores"
+    ).df()
+    if rows["churn_reasons"].isna().all():
+        return "<p>No reason codes in this run (the setting VALUELOOP_SCORE_REASONS is off).</p>"
+    risky = rows[rows["churn_risk_band"] == "high"]
+    high = rows[rows["value_tier"] == "high"]
+    riskiest = rows.nlargest(5, "churn_probability")[
+        ["customer_id", "churn_probability", "churn_reasons", "tier_reasons"]
+    ].round({"churn_probability": 3})
+    return (
+        f"<p>Each customer's three strongest drivers of churn risk and of tier are in "
+        f"<code>marts.customer_scores</code> (<code>churn_reasons</code>, "
+        f"<code>tier_reasons</code>). The drivers named most often, figures left out, among "
+        f"the {len(risky):,} customers in the high churn-risk band:</p>"
+        f"{_table(reason_drivers(risky['churn_reasons']))}"
+        f"<p>and of the tier, among the {len(high):,} high-tier customers:</p>"
+        f"{_table(reason_drivers(high['tier_reasons']))}"
+        f"<p>The five customers most at risk:</p>{_table(riskiest)}"
+    )
 
 
 def write_report(
@@ -119,6 +164,7 @@ def write_report(
 <h2>Segments</h2><p>K-Means on the fused embedding, k = {stats["k"]} chosen by silhouette
 ({silhouettes}); Calinski-Harabasz {stats["calinski_harabasz"]:,.1f}.</p>
 {_table(summary)}<div class="grid">{_img(map_data, "segment map")}</div>
+<h2>Why: reason codes</h2>{_reasons_html(con)}
 <h2>Changes since the last run</h2>{changes_html}
 </body></html>"""
     path.write_text(page)

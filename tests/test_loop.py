@@ -770,3 +770,36 @@ def test_retraining_fires_on_drift_on_schedule_and_on_new_outcomes_each_past_its
     assert fired.uplift_model == [f"{new:,} new randomised outcomes (threshold {new:,})"]
     short = decide(VALUELOOP_RETRAIN_MIN_OUTCOMES=str(new + 1), VALUELOOP_UPLIFT_MIN_OUTCOMES="0")
     assert short.uplift_model == []
+
+
+def test_the_market_answers_the_exported_campaign_file_and_never_hears_of_the_controls(
+    pipeline_run: Settings, tmp_path: Path
+) -> None:
+    """`valueloop campaign simulate --file`: the demo market reads the activation tool's file
+    (treated customers only) and answers it; a missing file is named in the error."""
+    from valueloop.loop import latest_campaign, simulate_campaign
+
+    home = tmp_path / "home"
+    shutil.copytree(pipeline_run.home, home, ignore=shutil.ignore_patterns("airflow", "logs"))
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=home)
+    campaign_id = latest_campaign(settings)
+    exported = settings.campaigns_dir / f"{campaign_id}.csv"
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.csv"):
+        simulate_campaign(settings, campaign_id, tmp_path / "nowhere.csv")
+    window = simulate_campaign(settings, campaign_id, exported)
+    sent = pd.read_csv(exported)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        controls = {
+            r[0]
+            for r in con.execute(
+                "select customer_key from marts.campaign_assignments"
+                " where campaign_id = ? and group_name = 'control'",
+                [campaign_id],
+            ).fetchall()
+        }
+    assert controls and not controls & set(sent["customer_key"])
+    events = pd.read_csv(window.outcomes_file)
+    assert len(events) and set(events["customer_key"]) <= set(sent["customer_key"])
+    truth = pd.read_parquet(settings.demo_dir / "latent" / "campaigns" / f"{campaign_id}.parquet")
+    assert sorted(truth["customer_key"]) == sorted(sent["customer_key"])
+    assert (truth["group_name"] == "treatment").all()

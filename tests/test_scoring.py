@@ -13,6 +13,7 @@ import pytest
 
 from ml import registry
 from ml.config import DEFAULT_CONFIG, TrainConfig
+from ml.report import reason_drivers
 from ml.score import score
 from ml.train import train
 from tests.conftest import bi_connection_held_open
@@ -142,6 +143,8 @@ def test_bi_snapshot_report_and_mlflow_run(scored) -> None:
             assert bi.execute(count).fetchone() == tuple(query(settings, count)[0]), table
     page = report.report_path.read_text()
     assert "Tier mix" in page and "Segments" in page and "data:image/png;base64" in page
+    # the reason codes, summarised: the drivers named most often among high-risk customers
+    assert "Why: reason codes" in page and "(raises risk)" in page
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name("valueloop-scoring")
     runs = client.search_runs(
@@ -213,3 +216,19 @@ def test_a_bi_connection_held_open_never_blocks_a_publish(scored, monkeypatch, c
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
         newest = bi_snapshot.publish_snapshot(con, exports, "prune", timedelta(0))
     assert sorted((exports / "snapshots").iterdir()) == sorted([report.snapshot_dir, newest])
+
+
+def test_reason_drivers_count_each_driver_once_per_customer_whatever_its_figures() -> None:
+    texts = pd.Series(
+        [
+            "no order in 120 days (raises risk); spent 0 in the last 90 days (raises risk)",
+            "no order in 30 days (lowers risk); spent 1,204.5 in the last 90 days (lowers risk)",
+            "no order in 200 days (raises risk)",
+            None,
+        ]
+    )
+    drivers = reason_drivers(texts).set_index("driver")
+    assert drivers.loc["no order in N days (raises risk)", "customers"] == 2
+    assert drivers.loc["spent N in the last N days (lowers risk)", "customers"] == 1
+    assert drivers.loc["no order in N days (raises risk)", "share"] == round(2 / 3, 3)
+    assert list(drivers["customers"]) == sorted(drivers["customers"], reverse=True)

@@ -244,6 +244,12 @@ def _add_campaign(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", choices=["plan", "simulate"])
     p.add_argument("--campaign-id", help="default: cmp-<as_of> (plan), the latest (simulate)")
+    p.add_argument(
+        "--file",
+        type=Path,
+        help="simulate: the campaign file to answer (default: the exported "
+        "exports/campaigns/<id>.parquet; .csv works too)",
+    )
     p.set_defaults(func=_cmd_campaign)
 
 
@@ -348,7 +354,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     else:
         from valueloop.loop import simulate_campaign
 
-        print(simulate_campaign(settings, args.campaign_id).summary())
+        print(simulate_campaign(settings, args.campaign_id, args.file).summary())
     return 0
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from valueloop import market
-from valueloop.campaigns import ASSIGNMENTS, CAMPAIGNS, customer_key
+from valueloop.campaigns import CAMPAIGNS, customer_key
 from valueloop.config import Settings
 from valueloop.warehouse import connect
 
@@ -34,32 +35,53 @@ def latest_campaign(settings: Settings) -> str:
     return row[0]
 
 
-def simulate_campaign(settings: Settings, campaign_id: str | None = None) -> market.WindowSummary:
-    """Play the demo shop's market through a campaign's outcome window (module doc)."""
+def simulate_campaign(
+    settings: Settings, campaign_id: str | None = None, campaign_file: Path | None = None
+) -> market.WindowSummary:
+    """Play the demo shop's market through a campaign's outcome window (module doc), from the
+    campaign file the platform exported for the activation tool (``exports/campaigns/<id>
+    .parquet``, or ``campaign_file``: the treated customers only, as a real activation tool
+    gets them; the control group is never sent, so the market never hears of it)."""
     campaign_id = campaign_id or latest_campaign(settings)
-    with connect(settings.warehouse_path) as con:
-        meta = con.execute(
-            f"select assigned_at, window_days from {CAMPAIGNS} where campaign_id = ?",
-            [campaign_id],
-        ).fetchone()
+    path = campaign_file or settings.campaigns_dir / f"{campaign_id}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no exported file for campaign {campaign_id}; plan it first"
+            " (valueloop campaign plan)"
+        )
+    sent = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    missing = {"campaign_id", "customer_key", "action", "assigned_at", "window_days"} - set(sent)
+    if missing:
+        raise ValueError(f"{path}: a campaign file needs the columns {sorted(missing)}")
+    others = set(sent["campaign_id"].astype(str)) - {campaign_id}
+    if others:
+        raise ValueError(f"{path}: rows of campaigns {sorted(others)}, not only {campaign_id}")
+    if sent.empty:  # nobody was sent anything (a zero budget): the window still passes
+        with connect(settings.warehouse_path) as con:
+            meta = con.execute(
+                f"select assigned_at, window_days from {CAMPAIGNS} where campaign_id = ?",
+                [campaign_id],
+            ).fetchone()
         if meta is None:
             raise LookupError(f"no campaign {campaign_id} in {CAMPAIGNS}")
-        assignments = con.execute(
-            f"select campaign_id, customer_key, action, group_name from {ASSIGNMENTS}"
-            " where campaign_id = ?",
-            [campaign_id],
-        ).df()
+        sent = sent.astype({"campaign_id": str})
+        starts, windows = [pd.Timestamp(meta[0])], [meta[1]]
+    else:
+        starts = pd.to_datetime(sent["assigned_at"]).unique()
+        windows = sent["window_days"].unique()
+    if len(starts) != 1 or len(windows) != 1:
+        raise ValueError(f"{path}: one assigned_at and one window_days per campaign file")
     # The market is the outside world: it knows who its customers are.
     salt = settings.resolve_pii_salt()
     ids = pq.read_table(settings.demo_dir / "customers.parquet", columns=["customer_id"])
     keys = pd.DataFrame({"customer_id": ids.column("customer_id").to_pylist()})
     keys["customer_key"] = [customer_key(salt, c) for c in keys["customer_id"]]
-    assignments = assignments.merge(keys, on="customer_key", how="inner")
+    assignments = sent.assign(group_name="treatment").merge(keys, on="customer_key", how="inner")
     summary = market.advance(
         settings.demo_dir,
         assignments,
-        meta[0],
-        int(meta[1]),
+        pd.Timestamp(starts[0]).to_pydatetime(),
+        int(windows[0]),
         settings.feedback_dir / "campaign_outcomes",
         settings.demo_seed,
     )
@@ -123,8 +145,12 @@ class CycleResult:
             out.append("  champions unchanged (nothing retrained)")
         if self.customer_model:
             out.append(f"  customer model: {self.customer_model['reason']}")
+        elif self.uplift_model:
+            out.append("  customer model: not retrained, its champion unchanged")
         if self.uplift_model:
             out.append(f"  uplift model: {self.uplift_model['summary']}")
+        elif self.customer_model:
+            out.append("  uplift model: not retrained, its champion unchanged")
         policies = ", ".join(f"{p} {n:,}" for p, n in sorted(self.next_policies.items()))
         out.append(f"  next: {self.next_campaign} ({policies})")
         return out
