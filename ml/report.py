@@ -62,7 +62,7 @@ def segment_map(
 
 def reason_drivers(texts: pd.Series, top: int = 8) -> pd.DataFrame:
     """The reasons that most often appear among customers' top three (reason codes as
-    ``ml.explain`` writes them, "; "-separated), each customer's figures replaced by N so that
+    ``ml.reasons`` writes them, "; "-separated), each customer's figures replaced by N so that
     the same driver counts once whatever its value, with the share of customers it names."""
     lists = texts.dropna().str.split("; ")
     if lists.empty:
