@@ -43,7 +43,6 @@ from ml.ensemble import AveragedEnsemble, MeanEnsemble
 from ml.evaluate import Predictions, compute_metrics, paired_bootstrap, plot_all
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import as_predictions, predict_net
-from valueloop import monitoring
 
 log = logging.getLogger(__name__)
 # The classic champion candidates, by model name.
@@ -207,7 +206,10 @@ def train(
             }
         )
         mlflow.log_dict(info, "dataset_fingerprint.json")
-        # What this model is trained on, for drift at scoring (valueloop.monitoring).
+        # What this model is trained on, for drift at scoring. Imported here: the model's
+        # shipped code (``ml``) must not need the platform where it is served.
+        from valueloop import monitoring
+
         mlflow.log_dict(
             monitoring.reference_profiles(frames["train"]), monitoring.REFERENCE_ARTIFACT
         )

@@ -799,7 +799,8 @@ def test_the_market_answers_the_exported_campaign_file_and_never_hears_of_the_co
     exported = settings.campaigns_dir / f"{campaign_id}.csv"
     with pytest.raises(FileNotFoundError, match=r"nowhere\.csv"):
         simulate_campaign(settings, campaign_id, tmp_path / "nowhere.csv")
-    window = simulate_campaign(settings, campaign_id, exported)
+    window = simulate_campaign(settings, None, exported)  # the file names its campaign
+    assert window.outcomes_file.name == f"{campaign_id}.csv"
     sent = pd.read_csv(exported)
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
         controls = {

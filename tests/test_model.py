@@ -163,7 +163,8 @@ def test_every_model_is_tracked_side_by_side(warehouse: Settings, trained) -> No
     assert "tier_macro_f1" in trained.metrics["transformer"]
     parent = client.get_run(trained.parent_run_id)
     assert parent.data.params["data_sha256"] == transformer.data.params["data_sha256"]
-    assert "dataset_fingerprint.json" in {
+    # and what it was trained on, for drift at scoring (valueloop.monitoring)
+    assert {"dataset_fingerprint.json", "drift_reference.json"} <= {
         a.path for a in client.list_artifacts(trained.parent_run_id)
     }
 

@@ -243,7 +243,10 @@ def _add_campaign(sub: argparse._SubParsersAction) -> None:
         "landing/feedback/campaign_outcomes).",
     )
     p.add_argument("action", choices=["plan", "simulate"])
-    p.add_argument("--campaign-id", help="default: cmp-<as_of> (plan), the latest (simulate)")
+    p.add_argument(
+        "--campaign-id",
+        help="default: cmp-<as_of> (plan); the --file's campaign, else the latest (simulate)",
+    )
     p.add_argument(
         "--file",
         type=Path,

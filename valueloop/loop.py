@@ -42,17 +42,23 @@ def simulate_campaign(
     campaign file the platform exported for the activation tool (``exports/campaigns/<id>
     .parquet``, or ``campaign_file``: the treated customers only, as a real activation tool
     gets them; the control group is never sent, so the market never hears of it)."""
-    campaign_id = campaign_id or latest_campaign(settings)
+    if campaign_file is None:
+        campaign_id = campaign_id or latest_campaign(settings)
     path = campaign_file or settings.campaigns_dir / f"{campaign_id}.parquet"
     if not path.exists():
         raise FileNotFoundError(
-            f"{path}: no exported file for campaign {campaign_id}; plan it first"
-            " (valueloop campaign plan)"
+            f"{path}: no exported file for campaign {campaign_id or '(from the file)'};"
+            " plan it first (valueloop campaign plan)"
         )
     sent = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     missing = {"campaign_id", "customer_key", "action", "assigned_at", "window_days"} - set(sent)
     if missing:
         raise ValueError(f"{path}: a campaign file needs the columns {sorted(missing)}")
+    if campaign_id is None:  # a file given on its own names its campaign
+        found = sorted(set(sent["campaign_id"].astype(str)))
+        if len(found) != 1:
+            raise ValueError(f"{path}: one campaign per file, found {found or 'no rows'}")
+        campaign_id = found[0]
     others = set(sent["campaign_id"].astype(str)) - {campaign_id}
     if others:
         raise ValueError(f"{path}: rows of campaigns {sorted(others)}, not only {campaign_id}")
