@@ -338,8 +338,64 @@ def run(
         ],
     )
     if tracking_uri:
-        result.parent_run_id = _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir)
+        result.parent_run_id = _log(
+            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse
+        )
     return result
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a backtest of this warehouse says of some models: each one's mean of a metric."""
+
+    run_id: str
+    cutoffs: int
+    latest_cutoff: str
+    scores: dict[str, float]
+
+    @property
+    def winner(self) -> str:
+        return max(self.scores, key=self.scores.__getitem__)
+
+    def describe(self, metric: str) -> str:
+        ranked = sorted(self.scores.items(), key=lambda kv: -kv[1])
+        return (
+            f"mean {metric} over backtest run {self.run_id[:12]}'s {self.cutoffs} cutoffs "
+            f"through {self.latest_cutoff}: " + ", ".join(f"{m} {v:.4f}" for m, v in ranked)
+        )
+
+
+def verdict(
+    tracking_uri: str, warehouse: Path, latest_cutoff: str, models: tuple[str, ...], metric: str
+) -> Verdict | None:
+    """The latest backtest of ``warehouse`` whose latest cutoff is ``latest_cutoff`` (so it
+    tested on the labels a training run holds out now) and that ran every one of ``models``:
+    each model's mean ``metric`` over its cutoffs (``customer_score``: the mean of churn
+    ROC-AUC and tier macro-F1, as on the holdout). None when there is no such backtest."""
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            "tags.`valueloop.kind` = 'backtest' and attributes.status = 'FINISHED' "
+            f"and tags.`valueloop.warehouse` = '{Path(warehouse).resolve()}' "
+            f"and tags.`valueloop.latest_cutoff` = '{latest_cutoff}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+    )
+    parts = ("churn_roc_auc", "tier_macro_f1") if metric == "customer_score" else (metric,)
+    for run in runs:
+        found = run.data.metrics
+        if all(f"{m}_{p}" in found for m in models for p in parts):
+            return Verdict(
+                run.info.run_id,
+                int(run.data.params.get("cutoffs", 0)),
+                latest_cutoff,
+                {m: float(np.mean([found[f"{m}_{p}"] for p in parts])) for m in models},
+            )
+    return None
 
 
 def _paired(per_cutoff, replicates, names, cutoffs, reference) -> pd.DataFrame:
@@ -399,13 +455,21 @@ def plot(result: BacktestResult, path: Path) -> Path:
     return path
 
 
-def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir) -> str:
+def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse) -> str:
     registry.configure(tracking_uri, artifacts_dir, EXPERIMENT)
     with (
         tempfile.TemporaryDirectory(prefix="valueloop-backtest-") as tmp,
         mlflow.start_run(run_name=f"backtest-{datetime.now(UTC):%Y%m%dT%H%M%S}") as parent,
     ):
-        mlflow.set_tags({"valueloop.kind": "backtest", "valueloop.reference": result.reference})
+        mlflow.set_tags(
+            {
+                "valueloop.kind": "backtest",
+                "valueloop.reference": result.reference,
+                # what a training run of the same data looks for (``verdict``)
+                "valueloop.warehouse": str(Path(warehouse).resolve()),
+                "valueloop.latest_cutoff": result.origins[-1]["cutoff"],
+            }
+        )
         mlflow.log_params({"cutoffs": len(result.origins), "bootstrap": n_bootstrap})
         for origin in result.origins:
             cutoff = origin["cutoff"]

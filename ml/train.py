@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from ml import registry, sequence
+from ml import backtest, registry, sequence
 from ml.baselines import BGNBDBaseline, LightGBMBaseline, RFMRuleBaseline
 from ml.config import TrainConfig
 from ml.data import (
@@ -387,8 +387,11 @@ def _train_sequence(
 ) -> tuple[str, str, int]:
     """The behaviour-sequence transformer: CoLES pretraining (logged as a nested run, reused
     when the same sequences were pretrained before), fine-tuning, evaluation; then the stack
-    of it with the classic models. The one of the two that scores better on the validation
-    cutoff (never the holdout the gate reads) is registered. Returns (version, name, epochs)."""
+    of it with the classic models. The one of the two that wins the latest backtest of this
+    data (the same warehouse and latest labelled cutoff, ``backtest.verdict``) is registered;
+    without such a backtest, the one that scores better on the validation cutoff (never the
+    holdout the gate reads). The version's description says which decided and the figures.
+    Returns (version, name, epochs)."""
     mlflow_logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     with mlflow.start_run(run_name="pretrain-coles", nested=True):
         mlflow.set_tags({"valueloop.kind": "pretraining", "objective": "CoLES"})
@@ -441,6 +444,25 @@ def _train_sequence(
             ]
             for name, model in (("transformer", member), ("stack", stack))
         }
+        # The backtest of this data decides when there is one; else the validation cutoff.
+        ruling = backtest.verdict(
+            tracking_uri,
+            warehouse,
+            info["test_as_of"][-1],
+            ("transformer", "stack"),
+            cfg.primary_metric,
+        )
+        if ruling is not None:
+            chosen, chosen_by = ruling.winner, f"backtest {ruling.run_id}"
+            basis = ruling.describe(cfg.primary_metric)
+        else:
+            chosen = max(on_validation, key=on_validation.__getitem__)
+            chosen_by = "validation cutoff"
+            basis = (
+                f"{cfg.primary_metric} on the validation cutoff (no backtest of this data: "
+                f"valueloop evaluate --backtest): stack {on_validation['stack']:.4f}, the "
+                f"transformer alone {on_validation['transformer']:.4f}"
+            )
         here = mlflow.get_run(run_id)
         # A sibling of the transformer's run under the training run, so the UI lists it
         # (created by the client: start_run only nests under the active run).
@@ -450,7 +472,14 @@ def _train_sequence(
             tags={"mlflow.parentRunId": here.data.tags["mlflow.parentRunId"]},
         )
         with mlflow.start_run(run_id=sibling.info.run_id, nested=True):
-            mlflow.set_tags({"valueloop.model": "stack", "valueloop.kind": "candidate"})
+            mlflow.set_tags(
+                {
+                    "valueloop.model": "stack",
+                    "valueloop.kind": "candidate",
+                    "valueloop.chosen": chosen,
+                    "valueloop.chosen_by": chosen_by,
+                }
+            )
             mlflow.log_params(
                 {"data_sha256": info["sha256"], "members": "transformer,lightgbm,bg_nbd"}
             )
@@ -461,18 +490,21 @@ def _train_sequence(
             mlflow.log_metrics(
                 {f"validation_{k}_{cfg.primary_metric}": v for k, v in on_validation.items()}
             )
-            if on_validation["stack"] > on_validation["transformer"]:
+            if ruling is not None:
+                mlflow.log_metrics(
+                    {f"backtest_{k}_{cfg.primary_metric}": v for k, v in ruling.scores.items()}
+                )
+            if chosen == "stack":
                 why = (
                     f"stack of the {described}, LightGBM and BG/NBD (averaged, calibrated on "
-                    f"the validation cutoff): {cfg.primary_metric} on the validation cutoff "
-                    f"{on_validation['stack']:.4f}, the transformer alone "
-                    f"{on_validation['transformer']:.4f}"
+                    f"the validation cutoff), chosen over the transformer alone by {basis}"
                 )
                 model_dir = registry.save_baseline_artifacts(work / "stack", stack, scaler)
                 version = registry.log_pyfunc(
                     registry.BaselinePyfunc(), model_dir, example, cfg.registered_model, why
                 )
                 return version, "stack", fitted.epochs_trained
+        described += f", chosen over its stack with LightGBM and BG/NBD by {basis}"
     model_dir = registry.save_sequence_artifacts(
         work / "transformer",
         fitted.net,

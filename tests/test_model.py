@@ -17,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ml import registry
+from ml import backtest, registry
 from ml.config import DEFAULT_CONFIG, TrainConfig
 from ml.data import (
     CustomerDataModule,
@@ -202,6 +202,69 @@ def test_the_stack_is_tracked_and_chosen_on_the_validation_cutoff(
     assert version.description.startswith(
         "stack of the behaviour-sequence" if expected == "stack" else "behaviour-sequence"
     )
+
+
+def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_stack(
+    warehouse: Settings, trained, tmp_path: Path
+) -> None:
+    client = mlflow.MlflowClient(warehouse.mlflow_tracking_uri)
+    children = f"tags.mlflow.parentRunId = '{trained.parent_run_id}'"
+    experiment = client.get_run(trained.parent_run_id).info.experiment_id
+    [stack] = client.search_runs(
+        [experiment], filter_string=f"{children} and tags.`valueloop.model` = 'stack'"
+    )
+    # No backtest had run on this store: the validation cutoff decided, and said so.
+    assert stack.data.tags["valueloop.chosen_by"] == "validation cutoff"
+    assert stack.data.tags["valueloop.chosen"] == trained.challenger_name
+
+    # A store of its own, so the module's champion is untouched.
+    uri, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts"
+    cfg = TrainConfig.load(TINY)
+    result = backtest.run(
+        warehouse.warehouse_path,
+        uri,
+        artifacts,
+        n_cutoffs=2,
+        n_bootstrap=5,
+        models=("transformer", "stack"),
+        cfg=cfg,
+        cache_dir=warehouse.home / "cache",
+    )
+    latest = result.origins[-1]["cutoff"]
+    ruling = backtest.verdict(
+        uri, warehouse.warehouse_path, latest, ("transformer", "stack"), "customer_score"
+    )
+    assert ruling is not None and ruling.run_id == result.parent_run_id
+    mean = result.per_cutoff[result.per_cutoff.cutoff == "mean"].set_index(["model", "metric"])
+    for model in ("transformer", "stack"):
+        parts = [mean.loc[(model, m), "value"] for m in ("churn_roc_auc", "tier_macro_f1")]
+        assert ruling.scores[model] == pytest.approx(np.mean(parts))
+    # A backtest of other labels (another latest cutoff) or of other models says nothing.
+    assert (
+        backtest.verdict(uri, warehouse.warehouse_path, "1999-01-01", ("stack",), "customer_score")
+        is None
+    )
+    assert (
+        backtest.verdict(uri, warehouse.warehouse_path, latest, ("lightgbm",), "customer_score")
+        is None
+    )
+
+    report = train(cfg, warehouse.warehouse_path, uri, artifacts, warehouse.home / "cache")
+    assert report.challenger_name == ruling.winner
+    client = mlflow.MlflowClient(uri)
+    [stack] = client.search_runs(
+        [client.get_run(report.parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{report.parent_run_id}' "
+        "and tags.`valueloop.model` = 'stack'",
+    )
+    assert stack.data.tags["valueloop.chosen_by"] == f"backtest {ruling.run_id}"
+    assert stack.data.metrics["backtest_stack_customer_score"] == pytest.approx(
+        ruling.scores["stack"]
+    )
+    # The registry says which won and why, with the backtest's figures.
+    version = client.get_model_version(cfg.registered_model, report.challenger_version)
+    assert f"backtest run {ruling.run_id[:12]}" in version.description
+    assert f"{ruling.winner} {ruling.scores[ruling.winner]:.4f}" in version.description
 
 
 def test_the_first_champion_is_the_best_of_transformer_lightgbm_and_the_ensemble(
