@@ -33,8 +33,8 @@ LIGHTGBM_PARAMS = {
 # The churn model's trees have four leaves: churn is a noisy yes/no that a few smooth signals
 # (recency, frequency, tenure) carry, and deeper trees learn the customers of the training
 # cutoffs rather than the pattern. On the rolling backtest 31 leaves (the tier model's, which
-# needs the interactions) gave churn ROC-AUC 0.741 on Online Retail and 0.854 on the demo
-# shop, four leaves 0.754 and 0.860 (BENCHMARKS.md).
+# needs the interactions) gave churn ROC-AUC 0.741 on Online Retail and 0.850 on the demo
+# shop, four leaves 0.754 and 0.856 (BENCHMARKS.md).
 CHURN_LEAVES = 4
 
 
