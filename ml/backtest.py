@@ -16,7 +16,9 @@ Per cutoff and averaged over cutoffs: churn ROC-AUC, PR-AUC and Brier score, tie
 top-decile revenue capture, each with a bootstrap 95% interval (customers resampled within a
 cutoff), and each model's paired difference against the best baseline (the best classic
 peer by mean churn ROC-AUC) on the same resamples: a difference whose interval excludes zero
-is larger than the noise of the holdouts. Logged to MLflow (experiment
+is larger than the noise of the holdouts; and every model's paired lead in mean customer_score
+(the gate's metric) over every other, which the first-run gate of a training run on the same
+data reads (``verdict``, ``ml.train``). Logged to MLflow (experiment
 ``valueloop-backtest``) as one parent run with a child per cutoff, with a plot of every metric
 over the cutoffs and the full table.
 """
@@ -76,6 +78,8 @@ RFM_FEATURES = (
     "spend_last_90d",
 )
 BASELINES = ("lightgbm_rfm", "bg_nbd", "rfm_rule")
+# The paired leads in mean customer_score between every two models (BacktestResult.leads).
+LEADS_ARTIFACT = "backtest_customer_score_leads.csv"
 # Customers read per cutoff: bounds the backtest's memory (about 1.5 KiB a row in pandas).
 MAX_ROWS_PER_CUTOFF = 100_000
 
@@ -165,6 +169,9 @@ class BacktestResult:
     reference: str  # the best baseline
     parent_run_id: str | None = None
     origins: list[dict] = field(default_factory=list)
+    # Every ordered pair of models with a customer_score (model, versus, diff, low, high):
+    # the paired lead in mean customer_score over the cutoffs, for the first-run gate.
+    leads: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def summary(self) -> str:
         mean = self.per_cutoff[self.per_cutoff["cutoff"] == "mean"]
@@ -328,6 +335,7 @@ def run(
         per_cutoff,
         differences,
         reference,
+        leads=_leads(per_cutoff, replicates, names, cutoffs),
         origins=[
             {
                 "cutoff": str(o.cutoff.date()),
@@ -352,10 +360,22 @@ class Verdict:
     cutoffs: int
     latest_cutoff: str
     scores: dict[str, float]
+    # LEADS_ARTIFACT's table; None for a backtest logged before it was written.
+    leads: pd.DataFrame | None = field(default=None, compare=False)
 
     @property
     def winner(self) -> str:
         return max(self.scores, key=self.scores.__getitem__)
+
+    def lead(self, model: str, versus: str) -> tuple[float, float, float] | None:
+        """``model``'s paired lead in mean customer_score over ``versus`` and its 95%
+        interval; None when this backtest did not record it."""
+        if self.leads is None:
+            return None
+        row = self.leads[(self.leads["model"] == model) & (self.leads["versus"] == versus)]
+        if row.empty:
+            return None
+        return float(row["diff"].iloc[0]), float(row["low"].iloc[0]), float(row["high"].iloc[0])
 
     def describe(self, metric: str) -> str:
         ranked = sorted(self.scores.items(), key=lambda kv: -kv[1])
@@ -389,11 +409,18 @@ def verdict(
     for run in runs:
         found = run.data.metrics
         if all(f"{m}_{p}" in found for m in models for p in parts):
+            leads = None
+            if LEADS_ARTIFACT in {a.path for a in client.list_artifacts(run.info.run_id)}:
+                with tempfile.TemporaryDirectory() as tmp:
+                    leads = pd.read_csv(
+                        client.download_artifacts(run.info.run_id, LEADS_ARTIFACT, tmp)
+                    )
             return Verdict(
                 run.info.run_id,
                 int(run.data.params.get("cutoffs", 0)),
                 latest_cutoff,
                 {m: float(np.mean([found[f"{m}_{p}"] for p in parts])) for m in models},
+                leads,
             )
     return None
 
@@ -420,6 +447,46 @@ def _paired(per_cutoff, replicates, names, cutoffs, reference) -> pd.DataFrame:
             )
             rows.append(("mean", name, metric, point, *_interval(np.mean(per, axis=0))))
     return pd.DataFrame(rows, columns=["cutoff", "model", "metric", "diff", "low", "high"])
+
+
+def _customer_score(frame: pd.DataFrame) -> pd.Series:
+    """The gate's primary metric from the backtest's: mean of churn ROC-AUC and tier macro-F1."""
+    return (frame["churn_roc_auc"] + frame["tier_macro_f1"]) / 2
+
+
+def _leads(per_cutoff, replicates, names, cutoffs) -> pd.DataFrame:
+    """Each model's lead in mean customer_score over every other, paired: both scored on the
+    same customer resamples at each cutoff, the resamples' leads averaged over the cutoffs."""
+    points = {
+        name: np.mean(
+            [
+                (
+                    _value(per_cutoff, c, name, "churn_roc_auc")
+                    + _value(per_cutoff, c, name, "tier_macro_f1")
+                )
+                / 2
+                for c in cutoffs
+            ]
+        )
+        for name in names
+    }
+    scored = [n for n in names if np.isfinite(points[n])]  # BG/NBD predicts no tier
+    rows = []
+    for name in scored:
+        for versus in scored:
+            if versus == name:
+                continue
+            per = [
+                (
+                    _customer_score(replicates[(c, name)])
+                    - _customer_score(replicates[(c, versus)])
+                ).to_numpy()
+                for c in cutoffs
+            ]
+            rows.append(
+                (name, versus, points[name] - points[versus], *_interval(np.mean(per, axis=0)))
+            )
+    return pd.DataFrame(rows, columns=["model", "versus", "diff", "low", "high"])
 
 
 def _value(per_cutoff: pd.DataFrame, cutoff: str, model: str, metric: str) -> float:
@@ -500,5 +567,7 @@ def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse) -
         result.differences.to_csv(folder / "backtest_paired_differences.csv", index=False)
         mlflow.log_artifact(str(folder / "backtest_metrics.csv"))
         mlflow.log_artifact(str(folder / "backtest_paired_differences.csv"))
+        result.leads.to_csv(folder / LEADS_ARTIFACT, index=False)
+        mlflow.log_artifact(str(folder / LEADS_ARTIFACT))
         mlflow.log_text(json.dumps(result.origins, indent=2), "origins.json")
         return parent.info.run_id

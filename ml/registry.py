@@ -284,11 +284,13 @@ def decide(
     margin: float,
     calibration_tolerance: float,
     interval: tuple[float, float] | None = None,
+    basis: str = "",
 ) -> GateDecision:
     """Promote only if the challenger beats the incumbent by ``margin`` on the primary metric,
     by more than the noise (``interval``: the paired bootstrap 95% interval of the lead, whose
     lower end must be above zero), without losing calibration (churn Brier score or expected
-    calibration error worse by more than the tolerance)."""
+    calibration error worse by more than the tolerance). ``basis`` says where the scores
+    come from when not the holdout; it ends the reason."""
     if incumbent is None:
         return GateDecision(
             True,
@@ -338,6 +340,8 @@ def decide(
             f"{primary} {challenger[primary]:.4f} beats {incumbent_name}'s "
             f"{incumbent[primary]:.4f} by at least {margin}{noise}"
         )
+    if basis:
+        reason += f"; {basis}"
     return GateDecision(
         better and beyond_noise and calibrated,
         reason,

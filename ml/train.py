@@ -292,7 +292,6 @@ def train(
             mlflow.set_tag("valueloop.challenger", challenger)
             registry.set_alias(cfg.registered_model, registry.CHALLENGER, version)
 
-            classic = max((lightgbm, ensemble), key=lambda m: metrics[m.name][cfg.primary_metric])
             decision, champion = _gate(
                 cfg,
                 client,
@@ -301,11 +300,12 @@ def train(
                 predictions,
                 challenger,
                 version,
-                classic,
+                {"lightgbm": lightgbm, "ensemble": ensemble},
                 scaler,
                 example,
                 work,
                 info,
+                (tracking_uri, warehouse),
             )
             mlflow.log_text(decision.to_json(), "gate_decision.json")
             gate_tags = {
@@ -445,12 +445,8 @@ def _train_sequence(
             for name, model in (("transformer", member), ("stack", stack))
         }
         # The backtest of this data decides when there is one; else the validation cutoff.
-        ruling = backtest.verdict(
-            tracking_uri,
-            warehouse,
-            info["test_as_of"][-1],
-            ("transformer", "stack"),
-            cfg.primary_metric,
+        ruling = _backtest_of_this_data(
+            cfg, (tracking_uri, warehouse), info, ("transformer", "stack")
         )
         if ruling is not None:
             chosen, chosen_by = ruling.winner, f"backtest {ruling.run_id}"
@@ -538,6 +534,16 @@ def _lead_interval(
     return low, high
 
 
+def _backtest_of_this_data(
+    cfg: TrainConfig, source: tuple[str, Path], info: dict, models: tuple[str, ...]
+) -> backtest.Verdict | None:
+    """The latest backtest of this warehouse and labels that ran ``models`` (None: none)."""
+    tracking_uri, warehouse = source
+    return backtest.verdict(
+        tracking_uri, warehouse, info["test_as_of"][-1], models, cfg.primary_metric
+    )
+
+
 def _gate(
     cfg: TrainConfig,
     client: mlflow.MlflowClient,
@@ -546,11 +552,12 @@ def _gate(
     predictions: dict[str, Predictions],
     challenger: str,
     version: str,
-    classic: LightGBMBaseline | AveragedEnsemble,
+    classics: dict[str, LightGBMBaseline | AveragedEnsemble],
     scaler: FeatureScaler,
     example: pd.DataFrame,
     work: Path,
     info: dict,
+    source: tuple[str, Path],
 ):
     name = cfg.registered_model
     incumbent_version = registry.champion_version(client, name)
@@ -572,25 +579,55 @@ def _gate(
             registry.set_alias(name, registry.CHAMPION, version)
         return decision, version if decision.promote else incumbent_version
 
-    # First model: it must beat the better classic candidate on the holdout (LightGBM or the
-    # LightGBM + BG/NBD ensemble), else that one becomes champion.
-    label = CLASSIC_LABELS[classic.name]
-    decision = registry.decide(
-        metrics[challenger],
-        metrics[classic.name],
-        label,
-        cfg.primary_metric,
-        cfg.promotion_margin,
-        cfg.calibration_tolerance,
-        _lead_interval(cfg, holdout, predictions[challenger], predictions[classic.name]),
+    # First model: it must beat the better classic candidate (LightGBM or the LightGBM +
+    # BG/NBD ensemble), else that one becomes champion. All of them are trained on this data
+    # now, so a backtest of the same data compares them over its cutoffs, paired on the same
+    # customers: when there is one, it decides; else the holdout. (A champion, above, is a
+    # model trained earlier: only the holdout scores it.)
+    primary = cfg.primary_metric
+    # (The backtest's transformer is the sequence model: it says nothing of the document one.)
+    ruling = (
+        _backtest_of_this_data(cfg, source, info, (challenger, *classics))
+        if cfg.model == "sequence"
+        else None
     )
+    if ruling is not None:
+        best = max(classics, key=ruling.scores.__getitem__)
+        found = ruling.lead(challenger, best)
+    if ruling is not None and found is not None:
+        classic = classics[best]
+        scores = ruling.scores
+        decision = registry.decide(
+            {**metrics[challenger], primary: scores[challenger]},
+            {**metrics[best], primary: scores[best]},
+            CLASSIC_LABELS[best],
+            primary,
+            cfg.promotion_margin,
+            cfg.calibration_tolerance,
+            found[1:],
+            f"{ruling.describe(primary)} (the frozen holdout: {challenger} "
+            f"{metrics[challenger][primary]:.4f}, {best} {metrics[best][primary]:.4f}; "
+            "calibration read there)",
+        )
+    else:
+        classic = max(classics.values(), key=lambda m: metrics[m.name][primary])
+        scores = {m: metrics[m][primary] for m in CLASSIC_LABELS if m in metrics}
+        decision = registry.decide(
+            metrics[challenger],
+            metrics[classic.name],
+            CLASSIC_LABELS[classic.name],
+            primary,
+            cfg.promotion_margin,
+            cfg.calibration_tolerance,
+            _lead_interval(cfg, holdout, predictions[challenger], predictions[classic.name]),
+        )
     if decision.promote:
         registry.set_alias(name, registry.CHAMPION, version)
         return decision, version
-    others = {m: metrics[m][cfg.primary_metric] for m in CLASSIC_LABELS if m in metrics}
+    label = CLASSIC_LABELS[classic.name]
     why = (
-        f"{label} ({cfg.primary_metric} "
-        + ", ".join(f"{m} {v:.4f}" for m, v in others.items())
+        f"{label} ({primary} "
+        + ", ".join(f"{m} {scores[m]:.4f}" for m in CLASSIC_LABELS if m in scores)
         + f") is champion: the {challenger} did not beat it ({decision.reason})"
     )
     with mlflow.start_run(run_name=f"{classic.name}-champion", nested=True):

@@ -29,7 +29,7 @@ from ml.data import (
 from ml.evaluate import Predictions, compute_metrics, fit_tier_weights, paired_bootstrap
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import OUTPUT_COLUMNS, predict_net
-from ml.train import train
+from ml.train import CLASSIC_LABELS, train
 from valueloop import jobs, pipeline, transform
 from valueloop.config import REPO_ROOT, Settings, load_settings
 from valueloop.simulator import SimulationConfig, generate
@@ -226,7 +226,7 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
         artifacts,
         n_cutoffs=2,
         n_bootstrap=5,
-        models=("transformer", "stack"),
+        models=("transformer", "stack", "lightgbm", "ensemble"),
         cfg=cfg,
         cache_dir=warehouse.home / "cache",
     )
@@ -245,9 +245,27 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
         is None
     )
     assert (
-        backtest.verdict(uri, warehouse.warehouse_path, latest, ("lightgbm",), "customer_score")
+        backtest.verdict(uri, warehouse.warehouse_path, latest, ("rfm_rule",), "customer_score")
         is None
     )
+    # Its paired leads between every two models: one pair's lead is the other's loss, and the
+    # difference of their mean scores.
+    full = backtest.verdict(
+        uri,
+        warehouse.warehouse_path,
+        latest,
+        ("transformer", "stack", "lightgbm", "ensemble"),
+        "customer_score",
+    )
+    assert full is not None and len(full.leads) == 4 * 3
+    for a, b in [("stack", "ensemble"), ("transformer", "lightgbm"), ("ensemble", "lightgbm")]:
+        diff, low, high = full.lead(a, b)
+        assert diff == pytest.approx(full.scores[a] - full.scores[b])
+        assert (diff, low, high) == pytest.approx(
+            tuple(-x for x in (full.lead(b, a)[i] for i in (0, 2, 1)))
+        )
+        assert low <= high
+    assert full.lead("stack", "bg_nbd") is None  # BG/NBD predicts no tier: no customer_score
 
     report = train(cfg, warehouse.warehouse_path, uri, artifacts, warehouse.home / "cache")
     assert report.challenger_name == ruling.winner
@@ -265,6 +283,20 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
     version = client.get_model_version(cfg.registered_model, report.challenger_version)
     assert f"backtest run {ruling.run_id[:12]}" in version.description
     assert f"{ruling.winner} {ruling.scores[ruling.winner]:.4f}" in version.description
+    # This store had no champion: the first-run gate compared the challenger with the better
+    # classic model on the same backtest, paired, not on the one holdout.
+    best = max(("lightgbm", "ensemble"), key=full.scores.__getitem__)
+    decision = report.decision
+    assert decision.compared_with == CLASSIC_LABELS[best]
+    assert f"backtest run {ruling.run_id[:12]}" in decision.reason
+    assert decision.challenger_score == pytest.approx(full.scores[report.challenger_name])
+    assert decision.champion_score == pytest.approx(full.scores[best])
+    diff, low, high = full.lead(report.challenger_name, best)
+    assert f"[{low:+.4f}, {high:+.4f}]" in decision.reason
+    if decision.promote:
+        assert low > 0 and diff >= cfg.promotion_margin
+    champion = client.get_model_version_by_alias(cfg.registered_model, registry.CHAMPION)
+    assert (str(champion.version) == report.challenger_version) == decision.promote
 
 
 def test_the_first_champion_is_the_best_of_transformer_lightgbm_and_the_ensemble(
