@@ -24,8 +24,12 @@ Training uses matured outcome windows only (``intermediate.int_campaign_results`
 features frozen at planning time, ``marts.campaign_customer_features``). A fixed fifth of the
 customers (by a hash of their key) is held out; each action's model is judged there by its
 **Qini coefficient** (area between the Qini curve of incremental revenue and the random line,
-per customer) and **AUUC**. The gate promotes a challenger only if its mean Qini over actions
-on that same holdout beats the champion's.
+per customer) and **AUUC**. The gate is the customer model's kind (:func:`qini_lead`): a
+challenger is promoted only if its mean Qini over actions on that same holdout beats the
+champion's by more than the noise, the lower end of the paired bootstrap 95% interval of its
+lead above zero (both models scored on the same resamples of the held-out customers). The
+first model's bar is random targeting, whose Qini is zero: it must rank the held-out
+customers' uplift better than that beyond the noise, or the playbook stays.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ CONTROL = "control"
 HOLDOUT_SHARE = 0.2
 FEATURES = UPLIFT_FEATURES  # frozen per campaign customer at planning time
 MIN_ARM = 30  # fewest customers an action (or control) needs in training to get a model
+GATE_BOOTSTRAP = 200  # the gate's resamples of the held-out customers (0: point estimate only)
 
 
 def load_outcomes(warehouse: Path) -> pd.DataFrame:
@@ -697,6 +702,53 @@ def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
+def _mean_qini(
+    actions: list[str], effects: dict[str, np.ndarray], arms: np.ndarray, y: np.ndarray
+) -> float:
+    qinis = []
+    for action in actions:
+        chosen = (arms == action) | (arms == CONTROL)
+        if (arms == action).sum() < 10 or (arms == CONTROL).sum() < 10:
+            continue
+        qinis.append(qini_coefficient(y[chosen], arms[chosen] == action, effects[action][chosen]))
+    return float(np.mean(qinis)) if qinis else float("nan")
+
+
+def qini_lead(
+    challenger: TLearner,
+    incumbent: TLearner | None,
+    holdout: pd.DataFrame,
+    n_resamples: int = GATE_BOOTSTRAP,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """The challenger's lead in mean Qini over the incumbent's (None: random targeting, whose
+    Qini is zero) on ``holdout``, and its 95% interval: both scored on the same resamples of
+    the held-out customers (NaN bounds when ``n_resamples`` is 0)."""
+    arms, y = arm(holdout), holdout["revenue"].to_numpy(dtype="float64")
+    scored = []
+    for model in (challenger, incumbent):
+        if model is not None:
+            effects = model.effects(holdout)
+            scored.append((model.actions, {a: effects[a].to_numpy() for a in model.actions}))
+
+    def lead(rows: np.ndarray) -> float:
+        values = [
+            _mean_qini(actions, {a: e[rows] for a, e in effects.items()}, arms[rows], y[rows])
+            for actions, effects in scored
+        ]
+        return values[0] - (values[1] if len(values) > 1 else 0.0)
+
+    point = lead(np.arange(len(holdout)))
+    if n_resamples <= 0:
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    leads = np.array(
+        [lead(rng.integers(0, len(holdout), len(holdout))) for _ in range(n_resamples)]
+    )
+    low, high = np.percentile(leads[np.isfinite(leads)], [2.5, 97.5])
+    return point, float(low), float(high)
+
+
 def _plot(model: TLearner, holdout: pd.DataFrame, path: Path) -> None:
     arms = arm(holdout)
     effects = model.effects(holdout)
@@ -796,8 +848,10 @@ def train(
     reason: str = "manual",
     seed: int = 42,
     discounts: dict[str, float] | None = None,
+    n_bootstrap: int = GATE_BOOTSTRAP,
 ) -> UpliftReport:
-    """Fit, evaluate on the fixed holdout, log to MLflow, and gate against the champion."""
+    """Fit, evaluate on the fixed holdout, log to MLflow, and gate against the champion
+    (random targeting for the first model; :func:`qini_lead`, ``n_bootstrap`` resamples)."""
     frame = load_outcomes(warehouse)
     if len(frame) < min_outcomes:
         return UpliftReport(
@@ -856,22 +910,19 @@ def train(
             registered_model_name=UPLIFT_MODEL,
         )
         version = str(info.registered_model_version)
-        if champion_metrics is None:
-            promote, why = True, "no uplift champion yet"
-        elif metrics["qini_mean"] > champion_metrics["qini_mean"]:
-            promote, why = (
-                True,
-                f"mean Qini {metrics['qini_mean']:.3f} beats champion v{champion[1]}'s "
-                f"{champion_metrics['qini_mean']:.3f} on the same holdout",
-            )
-        else:
-            promote, why = (
-                False,
-                f"mean Qini {metrics['qini_mean']:.3f} does not beat champion v{champion[1]}'s "
-                f"{champion_metrics['qini_mean']:.3f} on the same holdout",
-            )
+        promote, why, lead = _gate(
+            model, champion, holdout, metrics, champion_metrics, n_bootstrap, seed
+        )
+        named = zip(("", "_low", "_high"), lead, strict=True)
+        mlflow.log_metrics({f"gate_qini_lead{k}": v for k, v in named if np.isfinite(v)})
         mlflow.log_dict(
-            {"promote": promote, "reason": why, "metrics": metrics, "champion": champion_metrics},
+            {
+                "promote": promote,
+                "reason": why,
+                "qini_lead": dict(zip(("lead", "low", "high"), lead, strict=True)),
+                "metrics": metrics,
+                "champion": champion_metrics,
+            },
             "gate_decision.json",
         )
         mlflow.set_tag("valueloop.gate", why)
@@ -889,6 +940,43 @@ def train(
         version if promote else (champion[1] if champion else None),
         metrics,
     )
+
+
+def _gate(
+    model: TLearner,
+    champion: tuple[TLearner, str] | None,
+    holdout: pd.DataFrame,
+    metrics: dict[str, float],
+    champion_metrics: dict[str, float] | None,
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[bool, str, tuple[float, float, float]]:
+    """Promote, why, and the lead in mean Qini with its paired interval (see the module)."""
+    lead = qini_lead(model, champion[0] if champion else None, holdout, n_bootstrap, seed)
+    diff, low, high = lead
+    ours = f"mean Qini {metrics['qini_mean']:.3f}"
+    bounded = np.isfinite(low)
+    noise = f" (paired 95% interval [{low:+.3f}, {high:+.3f}])" if bounded else ""
+    clear = not bounded or low > 0
+    if champion is None:
+        if diff > 0 and clear:
+            return True, f"no uplift champion yet; {ours} beats random targeting{noise}", lead
+        return (
+            False,
+            f"no uplift champion yet, and {ours} does not beat random targeting by more than "
+            f"the noise{noise}: the playbook stays",
+            lead,
+        )
+    theirs = f"champion v{champion[1]}'s {champion_metrics['qini_mean']:.3f}"
+    if diff <= 0:
+        return False, f"{ours} does not beat {theirs} on the same holdout{noise}", lead
+    if not clear:
+        return (
+            False,
+            f"{ours} leads {theirs} on the same holdout by {diff:+.3f}, within the noise{noise}",
+            lead,
+        )
+    return True, f"{ours} beats {theirs} on the same holdout{noise}", lead
 
 
 def to_json(report: UpliftReport) -> str:

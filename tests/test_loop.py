@@ -318,6 +318,31 @@ def test_the_cell_learner_measures_an_effect_per_cell_and_the_policy_respects_it
     assert (weak.shared_std_errors(small)["offer"] == 0).all()
 
 
+def test_the_uplift_gate_asks_for_a_lead_beyond_the_noise() -> None:
+    # The gate's paired test on held-out randomised outcomes: a model of a real effect ranks
+    # customers better than random targeting (Qini 0) beyond the noise; one fitted where
+    # nothing works does not; a model against itself leads by exactly nothing.
+    frame, _ = _planted(8000, 3)
+    held, _ = _planted(3000, 6)
+    discounts = {"offer": 0.0, "email": 0.0}
+    real = uplift.CellLearner(0, discounts).fit(frame)
+    lead, low, high = uplift.qini_lead(real, None, held, 200, 0)
+    assert 0 < low < lead < high
+    assert lead == pytest.approx(uplift.evaluate(real, held)["qini_mean"])
+    rng = np.random.default_rng(7)
+    null, null_held = (
+        f.assign(orders=rng.poisson(1.0, len(f))).eval("revenue = orders * 20.0")
+        for f in (frame, held)
+    )
+    noise = uplift.CellLearner(0, discounts).fit(null)
+    _, low, high = uplift.qini_lead(noise, None, null_held, 200, 0)
+    assert low < 0 < high
+    assert uplift.qini_lead(real, real, held, 50, 0) == (0.0, 0.0, 0.0)
+    # Without resamples, the point estimate alone.
+    lead, low, high = uplift.qini_lead(real, None, held, 0, 0)
+    assert lead > 0 and np.isnan(low) and np.isnan(high)
+
+
 def test_the_cell_learner_weights_quiet_customers_up_and_stays_unbiased() -> None:
     # Half the customers order 4 times a window, half 0.1 times; the offer brings 0.3 extra
     # orders to everyone. The frequent buyers' Poisson noise swamps 0.3; the quiet ones show
@@ -570,17 +595,36 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     assert set(before["action_policy"]) == {"playbook"}
 
     first = pipeline.train_uplift(settings, "test")
-    assert first["trained"] and first["promoted"] and first["champion"] == "1", first
-    again = pipeline.train_uplift(settings, "test again")
-    assert again["trained"] and not again["promoted"] and again["champion"] == "1", again
-    assert "does not beat champion v1" in again["reason"]  # same data, same holdout: a tie
     client = MlflowClient(settings.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name(uplift.UPLIFT_EXPERIMENT)
+    [run] = client.search_runs([experiment.experiment_id])
+    lead, low = (run.data.metrics[f"gate_qini_lead{k}"] for k in ("", "_low"))
+    # The first model's bar is random targeting (Qini 0), beyond the paired noise.
+    assert first["trained"] and first["promoted"] == (lead > 0 and low > 0), first
+    if first["promoted"]:
+        assert "beats random targeting (paired 95% interval" in first["reason"]
+        assert first["champion"] == "1"
+    else:  # a shop this small holds out few outcomes: the playbook stays
+        assert first["reason"].endswith("the playbook stays") and first["champion"] is None
+        assert uplift.champion_version(settings.mlflow_tracking_uri) is None
+        # A data scientist may promote it anyway, as any registered model.
+        promoted = run_valueloop(
+            "promote", "--model", uplift.UPLIFT_MODEL, "--version", "1", home=home
+        )
+        assert promoted.returncode == 0, promoted.stderr[-2000:]
+    assert uplift.champion_version(settings.mlflow_tracking_uri) == "1"
+    again = pipeline.train_uplift(settings, "test again")
+    assert again["trained"] and not again["promoted"] and again["champion"] == "1", again
+    # Same data, same holdout: a tie, with nothing between the two on any resample.
+    assert again["reason"].startswith("mean Qini")
+    assert "does not beat champion v1" in again["reason"]
+    assert "(paired 95% interval [+0.000, +0.000])" in again["reason"]
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
     assert {r.data.tags["valueloop.retrain_reason"] for r in runs} == {"test", "test again"}
     for run in runs:
         assert "qini_mean" in run.data.metrics
+        assert "gate_qini_lead_low" in run.data.metrics
         assert any(name.startswith("auuc_") for name in run.data.metrics)
         assert any(name.startswith("unsubscribe_rate_") for name in run.data.metrics)
         assert "plots/qini_curves.png" in {

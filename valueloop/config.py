@@ -63,6 +63,7 @@ class Settings:
     unsubscribe_cost: float
     uplift_min_outcomes: int  # randomised outcomes needed before uplift replaces the playbook
     uplift_confidence_z: float  # uplift departs from the playbook only on a gain > z std errors
+    uplift_gate_bootstrap: int  # resamples of the uplift gate's paired test (0: point estimate)
     retrain_min_outcomes: int  # new campaign outcomes (customers) that trigger retraining
     retrain_min_corrections: int  # new label corrections that trigger retraining
     retrain_drift_psi: float  # feature or score PSI that triggers retraining
@@ -201,6 +202,7 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         unsubscribe_cost=float(env.get(_env_name("unsubscribe_cost"), "1.0")),
         uplift_min_outcomes=int(env.get(_env_name("uplift_min_outcomes"), "2000")),
         uplift_confidence_z=float(env.get(_env_name("uplift_confidence_z"), "1.64")),
+        uplift_gate_bootstrap=int(env.get(_env_name("uplift_gate_bootstrap"), "200")),
         retrain_min_outcomes=int(env.get(_env_name("retrain_min_outcomes"), "1000")),
         retrain_min_corrections=int(env.get(_env_name("retrain_min_corrections"), "50")),
         retrain_drift_psi=float(env.get(_env_name("retrain_drift_psi"), "0.25")),

@@ -124,6 +124,7 @@ def train_uplift(settings: Settings, reason: str = "manual") -> dict[str, object
         settings.uplift_min_outcomes,
         reason,
         discounts={a.name: a.discount for a in load_actions(settings).values()},
+        n_bootstrap=settings.uplift_gate_bootstrap,
     )
     log.info("%s", report.summary())
     return {
