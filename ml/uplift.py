@@ -745,7 +745,10 @@ def qini_lead(
     leads = np.array(
         [lead(rng.integers(0, len(holdout), len(holdout))) for _ in range(n_resamples)]
     )
-    low, high = np.percentile(leads[np.isfinite(leads)], [2.5, 97.5])
+    leads = leads[np.isfinite(leads)]  # a resample with too few of an arm has no Qini
+    if not len(leads):
+        return point, float("nan"), float("nan")
+    low, high = np.percentile(leads, [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -956,8 +959,14 @@ def _gate(
     diff, low, high = lead
     ours = f"mean Qini {metrics['qini_mean']:.3f}"
     bounded = np.isfinite(low)
-    noise = f" (paired 95% interval [{low:+.3f}, {high:+.3f}])" if bounded else ""
-    clear = not bounded or low > 0
+    noise = (
+        f" (paired 95% interval [{low:+.3f}, {high:+.3f}])"
+        if bounded
+        else " (no interval: too few held-out customers per arm)"
+        if n_bootstrap > 0
+        else ""
+    )
+    clear = low > 0 if bounded else n_bootstrap <= 0  # no interval to read: not clear
     if champion is None:
         if diff > 0 and clear:
             return True, f"no uplift champion yet; {ours} beats random targeting{noise}", lead
