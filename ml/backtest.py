@@ -347,7 +347,7 @@ def run(
     )
     if tracking_uri:
         result.parent_run_id = _log(
-            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse
+            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg
         )
     return result
 
@@ -386,12 +386,19 @@ class Verdict:
 
 
 def verdict(
-    tracking_uri: str, warehouse: Path, latest_cutoff: str, models: tuple[str, ...], metric: str
+    tracking_uri: str,
+    warehouse: Path,
+    latest_cutoff: str,
+    models: tuple[str, ...],
+    metric: str,
+    model_config: str | None = None,
 ) -> Verdict | None:
     """The latest backtest of ``warehouse`` whose latest cutoff is ``latest_cutoff`` (so it
-    tested on the labels a training run holds out now) and that ran every one of ``models``:
-    each model's mean ``metric`` over its cutoffs (``customer_score``: the mean of churn
-    ROC-AUC and tier macro-F1, as on the holdout). None when there is no such backtest."""
+    tested on the labels a training run holds out now), that ran every one of ``models`` and,
+    when ``model_config`` is given, trained them with the settings of that fingerprint
+    (``TrainConfig.model_fingerprint``): each model's mean ``metric`` over its cutoffs
+    (``customer_score``: the mean of churn ROC-AUC and tier macro-F1, as on the holdout).
+    None when there is no such backtest."""
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
@@ -402,6 +409,7 @@ def verdict(
             "tags.`valueloop.kind` = 'backtest' and attributes.status = 'FINISHED' "
             f"and tags.`valueloop.warehouse` = '{Path(warehouse).resolve()}' "
             f"and tags.`valueloop.latest_cutoff` = '{latest_cutoff}'"
+            + (f" and tags.`valueloop.model_config` = '{model_config}'" if model_config else "")
         ),
         order_by=["attributes.start_time DESC"],
     )
@@ -522,7 +530,7 @@ def plot(result: BacktestResult, path: Path) -> Path:
     return path
 
 
-def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse) -> str:
+def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg) -> str:
     registry.configure(tracking_uri, artifacts_dir, EXPERIMENT)
     with (
         tempfile.TemporaryDirectory(prefix="valueloop-backtest-") as tmp,
@@ -535,6 +543,7 @@ def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse) -
                 # what a training run of the same data looks for (``verdict``)
                 "valueloop.warehouse": str(Path(warehouse).resolve()),
                 "valueloop.latest_cutoff": result.origins[-1]["cutoff"],
+                "valueloop.model_config": cfg.model_fingerprint(),
             }
         )
         mlflow.log_params({"cutoffs": len(result.origins), "bootstrap": n_bootstrap})

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
+# Settings that decide what happens to a trained model, not what is trained.
+_NOT_THE_MODEL = (
+    "experiment",
+    "registered_model",
+    "promotion_margin",
+    "gate_bootstrap",
+    "calibration_tolerance",
+    "num_threads",
+)
 
 
 @dataclass(frozen=True)
@@ -85,3 +96,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def model_fingerprint(self) -> str:
+        """A hash of the settings that shape the models: a backtest speaks for a training run
+        only when both trained the same models (``ml.backtest.verdict``)."""
+        shaping = {k: v for k, v in self.to_dict().items() if k not in _NOT_THE_MODEL}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

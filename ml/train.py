@@ -537,10 +537,16 @@ def _lead_interval(
 def _backtest_of_this_data(
     cfg: TrainConfig, source: tuple[str, Path], info: dict, models: tuple[str, ...]
 ) -> backtest.Verdict | None:
-    """The latest backtest of this warehouse and labels that ran ``models`` (None: none)."""
+    """The latest backtest of this warehouse and labels that ran ``models`` with this config's
+    model settings (None: none)."""
     tracking_uri, warehouse = source
     return backtest.verdict(
-        tracking_uri, warehouse, info["test_as_of"][-1], models, cfg.primary_metric
+        tracking_uri,
+        warehouse,
+        info["test_as_of"][-1],
+        models,
+        cfg.primary_metric,
+        cfg.model_fingerprint(),
     )
 
 

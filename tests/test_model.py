@@ -248,6 +248,18 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
         backtest.verdict(uri, warehouse.warehouse_path, latest, ("rfm_rule",), "customer_score")
         is None
     )
+    # Nor does a backtest of other model settings; one of these settings does.
+    models = ("transformer", "stack")
+    other = replace(cfg, seq_hidden=cfg.seq_hidden * 2).model_fingerprint()
+    assert (
+        backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score", other)
+        is None
+    )
+    gate_only = replace(cfg, promotion_margin=0.5, experiment="elsewhere").model_fingerprint()
+    assert (
+        backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score", gate_only)
+        == ruling
+    )
     # Its paired leads between every two models: one pair's lead is the other's loss, and the
     # difference of their mean scores.
     full = backtest.verdict(
