@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -684,19 +685,26 @@ def auuc(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> float:
     return float(q.mean() / max(len(y), 1))
 
 
-def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
-    arms = arm(holdout)
-    effects = model.effects(holdout)
-    metrics: dict[str, float] = {}
-    for action in model.actions:
-        chosen = (arms == action) | (arms == CONTROL)
+def _arms_with_controls(
+    actions: list[str], effects: dict[str, np.ndarray], arms: np.ndarray, y: np.ndarray
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per action with at least ten treated and ten controls: its customers' and the controls'
+    outcomes, whether each was treated, and the model's effect score for each."""
+    for action in actions:
         if (arms == action).sum() < 10 or (arms == CONTROL).sum() < 10:
             continue
-        y = holdout["revenue"].to_numpy()[chosen]
-        t = arms[chosen] == action
-        s = effects[action].to_numpy()[chosen]
-        metrics[f"qini_{action}"] = qini_coefficient(y, t, s)
-        metrics[f"auuc_{action}"] = auuc(y, t, s)
+        chosen = (arms == action) | (arms == CONTROL)
+        yield action, y[chosen], arms[chosen] == action, effects[action][chosen]
+
+
+def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
+    effects = model.effects(holdout)
+    scores = {a: effects[a].to_numpy() for a in model.actions}
+    y = holdout["revenue"].to_numpy(dtype="float64")
+    metrics: dict[str, float] = {}
+    for action, y_a, t, s in _arms_with_controls(model.actions, scores, arm(holdout), y):
+        metrics[f"qini_{action}"] = qini_coefficient(y_a, t, s)
+        metrics[f"auuc_{action}"] = auuc(y_a, t, s)
     qinis = [v for k, v in metrics.items() if k.startswith("qini_")]
     metrics["qini_mean"] = float(np.mean(qinis)) if qinis else float("nan")
     return metrics
@@ -705,12 +713,7 @@ def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
 def _mean_qini(
     actions: list[str], effects: dict[str, np.ndarray], arms: np.ndarray, y: np.ndarray
 ) -> float:
-    qinis = []
-    for action in actions:
-        chosen = (arms == action) | (arms == CONTROL)
-        if (arms == action).sum() < 10 or (arms == CONTROL).sum() < 10:
-            continue
-        qinis.append(qini_coefficient(y[chosen], arms[chosen] == action, effects[action][chosen]))
+    qinis = [qini_coefficient(*args) for _, *args in _arms_with_controls(actions, effects, arms, y)]
     return float(np.mean(qinis)) if qinis else float("nan")
 
 
