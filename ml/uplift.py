@@ -717,6 +717,11 @@ def _mean_qini(
     return float(np.mean(qinis)) if qinis else float("nan")
 
 
+# A resample without ten treated and ten controls of an action the whole holdout measures has
+# no mean Qini over the same actions; past this share of such resamples there is no interval.
+MIN_FINITE_RESAMPLES = 0.95
+
+
 def qini_lead(
     challenger: TLearner,
     incumbent: TLearner | None,
@@ -725,33 +730,53 @@ def qini_lead(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """The challenger's lead in mean Qini over the incumbent's (None: random targeting, whose
-    Qini is zero) on ``holdout``, and its 95% interval: both scored on the same resamples of
-    the held-out customers (NaN bounds when ``n_resamples`` is 0)."""
+    Qini is zero) on ``holdout``, and its 95% interval (NaN bounds when ``n_resamples`` is 0).
+
+    Both models are scored on the same resamples, and a resample draws held-out *customers*
+    with replacement, each with all their outcome rows (a customer held out is held out in
+    every campaign, and their rows are not independent). Each model's mean Qini always covers
+    the actions the whole holdout can measure (ten treated and ten controls): a resample that
+    cannot measure one of them counts as unmeasured, and with fewer than
+    :data:`MIN_FINITE_RESAMPLES` measured there is no interval."""
     arms, y = arm(holdout), holdout["revenue"].to_numpy(dtype="float64")
     scored = []
     for model in (challenger, incumbent):
         if model is not None:
             effects = model.effects(holdout)
-            scored.append((model.actions, {a: effects[a].to_numpy() for a in model.actions}))
+            effects = {a: effects[a].to_numpy() for a in model.actions}
+            measured = [a for a, *_ in _arms_with_controls(model.actions, effects, arms, y)]
+            scored.append((measured, effects))
 
     def lead(rows: np.ndarray) -> float:
-        values = [
-            _mean_qini(actions, {a: e[rows] for a, e in effects.items()}, arms[rows], y[rows])
-            for actions, effects in scored
-        ]
+        values = []
+        for actions, effects in scored:
+            per_action = list(
+                _arms_with_controls(
+                    actions, {a: e[rows] for a, e in effects.items()}, arms[rows], y[rows]
+                )
+            )
+            if len(per_action) < len(actions) or not actions:
+                return float("nan")
+            values.append(float(np.mean([qini_coefficient(*args) for _, *args in per_action])))
         return values[0] - (values[1] if len(values) > 1 else 0.0)
 
     point = lead(np.arange(len(holdout)))
     if n_resamples <= 0:
         return point, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
+    _, customer = np.unique(holdout["customer_key"].to_numpy(object), return_inverse=True)
+    order = np.argsort(customer, kind="stable")
+    rows_of = np.split(order, np.flatnonzero(np.diff(customer[order])) + 1)
     leads = np.array(
-        [lead(rng.integers(0, len(holdout), len(holdout))) for _ in range(n_resamples)]
+        [
+            lead(np.concatenate([rows_of[c] for c in rng.integers(0, len(rows_of), len(rows_of))]))
+            for _ in range(n_resamples)
+        ]
     )
-    leads = leads[np.isfinite(leads)]  # a resample with too few of an arm has no Qini
-    if not len(leads):
+    finite = leads[np.isfinite(leads)]
+    if len(finite) < MIN_FINITE_RESAMPLES * n_resamples:
         return point, float("nan"), float("nan")
-    low, high = np.percentile(leads, [2.5, 97.5])
+    low, high = np.percentile(finite, [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -828,7 +853,13 @@ class UpliftReport:
         return (
             f"uplift model v{self.version} on {self.outcomes:,} randomised outcomes: mean Qini "
             f"{self.metrics['qini_mean']:.3f}; "
-            + ("promoted to champion" if self.promoted else "champion stays")
+            + (
+                "promoted to champion"
+                if self.promoted
+                else f"champion v{self.champion} stays"
+                if self.champion
+                else "not promoted, no champion yet"
+            )
             + f" ({self.reason})"
         )
 
@@ -980,6 +1011,8 @@ def _gate(
             lead,
         )
     theirs = f"champion v{champion[1]}'s {champion_metrics['qini_mean']:.3f}"
+    if not np.isfinite(diff):
+        return False, f"{ours} and {theirs} cannot be compared on the same holdout", lead
     if diff <= 0:
         return False, f"{ours} does not beat {theirs} on the same holdout{noise}", lead
     if not clear:

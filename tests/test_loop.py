@@ -341,6 +341,19 @@ def test_the_uplift_gate_asks_for_a_lead_beyond_the_noise() -> None:
     # Without resamples, the point estimate alone.
     lead, low, high = uplift.qini_lead(real, None, held, 0, 0)
     assert lead > 0 and np.isnan(low) and np.isnan(high)
+    # A resample draws customers with all their rows: the same customers' outcomes twice (two
+    # campaigns) are no more evidence, and the interval is as wide as once (a resample of rows
+    # would narrow it by about 1/sqrt(2)).
+    _, low, high = uplift.qini_lead(real, None, held, 200, 0)
+    twice = pd.concat([held, held.assign(campaign_id="c2")], ignore_index=True)
+    _, low2, high2 = uplift.qini_lead(real, None, twice, 200, 0)
+    assert (high2 - low2) == pytest.approx(high - low, rel=0.15)
+    # A holdout that cannot measure the models (five controls) gives no lead, and no promotion.
+    few = pd.concat([held[held.group_name != "control"], held[held.group_name == "control"][:5]])
+    assert np.isnan(uplift.qini_lead(real, real, few, 50, 0)).all()
+    scored = uplift.evaluate(real, few)
+    promote, why, _ = uplift._gate(real, (real, "1"), few, scored, scored, 50, 0)
+    assert not promote and "cannot be compared" in why
 
 
 def test_the_cell_learner_weights_quiet_customers_up_and_stays_unbiased() -> None:
