@@ -79,7 +79,8 @@ RFM_FEATURES = (
 )
 BASELINES = ("lightgbm_rfm", "bg_nbd", "rfm_rule")
 # The paired leads in mean customer_score between every two models (BacktestResult.leads).
-LEADS_ARTIFACT = "backtest_customer_score_leads.csv"
+LEADS_METRIC = "customer_score"
+LEADS_ARTIFACT = f"backtest_{LEADS_METRIC}_leads.csv"
 # Customers read per cutoff: bounds the backtest's memory (about 1.5 KiB a row in pandas).
 MAX_ROWS_PER_CUTOFF = 100_000
 
@@ -208,6 +209,14 @@ class BacktestResult:
 
 # The stack: the sequence transformer averaged with the classic models (ml.ensemble.MeanEnsemble).
 STACK_MEMBERS = ("transformer", "lightgbm", "bg_nbd")
+
+
+def model_config_tag(cfg: TrainConfig, seed: int) -> str:
+    """The backtest run's ``valueloop.model_config``: the training settings' fingerprint, which
+    a training run looks for (``verdict``), marked when the classic models' seed (``seed``)
+    is not the training config's, so that such a backtest speaks for no training run."""
+    fingerprint = cfg.model_fingerprint()
+    return fingerprint if seed == cfg.seed else f"{fingerprint}-seed{seed}"
 
 
 def _models(numeric: list[str], seed: int, horizon: int, cfg, warehouse: Path, cache_dir) -> dict:
@@ -347,7 +356,7 @@ def run(
     )
     if tracking_uri:
         result.parent_run_id = _log(
-            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg
+            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg, seed
         )
     return result
 
@@ -530,7 +539,7 @@ def plot(result: BacktestResult, path: Path) -> Path:
     return path
 
 
-def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg) -> str:
+def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg, seed) -> str:
     registry.configure(tracking_uri, artifacts_dir, EXPERIMENT)
     with (
         tempfile.TemporaryDirectory(prefix="valueloop-backtest-") as tmp,
@@ -543,7 +552,7 @@ def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, c
                 # what a training run of the same data looks for (``verdict``)
                 "valueloop.warehouse": str(Path(warehouse).resolve()),
                 "valueloop.latest_cutoff": result.origins[-1]["cutoff"],
-                "valueloop.model_config": cfg.model_fingerprint(),
+                "valueloop.model_config": model_config_tag(cfg, seed),
             }
         )
         mlflow.log_params({"cutoffs": len(result.origins), "bootstrap": n_bootstrap})

@@ -388,7 +388,8 @@ def _train_sequence(
     """The behaviour-sequence transformer: CoLES pretraining (logged as a nested run, reused
     when the same sequences were pretrained before), fine-tuning, evaluation; then the stack
     of it with the classic models. The one of the two that wins the latest backtest of this
-    data (the same warehouse and latest labelled cutoff, ``backtest.verdict``) is registered;
+    data (the same warehouse, latest labelled cutoff and model settings, ``backtest.verdict``)
+    is registered;
     without such a backtest, the one that scores better on the validation cutoff (never the
     holdout the gate reads). The version's description says which decided and the figures.
     Returns (version, name, epochs)."""
@@ -591,10 +592,11 @@ def _gate(
     # customers: when there is one, it decides; else the holdout. (A champion, above, is a
     # model trained earlier: only the holdout scores it.)
     primary = cfg.primary_metric
-    # (The backtest's transformer is the sequence model: it says nothing of the document one.)
+    # (The backtest's transformer is the sequence model: it says nothing of the document one;
+    # and its paired leads are in customer_score, so a gate on another metric reads the holdout.)
     ruling = (
         _backtest_of_this_data(cfg, source, info, (challenger, *classics))
-        if cfg.model == "sequence"
+        if cfg.model == "sequence" and primary == backtest.LEADS_METRIC
         else None
     )
     if ruling is not None:
@@ -610,7 +612,7 @@ def _gate(
             primary,
             cfg.promotion_margin,
             cfg.calibration_tolerance,
-            found[1:],
+            found[1:] if cfg.gate_bootstrap > 0 else None,  # 0: no test, as on the holdout
             f"{ruling.describe(primary)} (the frozen holdout: {challenger} "
             f"{metrics[challenger][primary]:.4f}, {best} {metrics[best][primary]:.4f}; "
             "calibration read there)",

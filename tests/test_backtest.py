@@ -3,12 +3,15 @@ command runs through the real marts and a real MLflow store."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
 from ml import backtest
+from ml.config import TrainConfig
 from ml.data import SEQUENCE_COLUMN, TEXT_COLUMN, horizon_days, read_mart, read_per_cutoff
 from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop.config import Settings
@@ -50,6 +53,14 @@ def test_with_one_known_cutoff_a_fifth_of_its_customers_validates() -> None:
     _assert_no_leak(origins, 90)
     assert not set(origin.train["customer_id"]) & set(origin.validation["customer_id"])
     assert 0.1 < len(origin.validation) / 200 < 0.3
+
+
+def test_a_backtest_with_other_classic_seeds_speaks_for_no_training_run() -> None:
+    cfg = TrainConfig.load(REPO_ROOT / "ml" / "configs" / "tiny.yaml")
+    assert backtest.model_config_tag(cfg, cfg.seed) == cfg.model_fingerprint()
+    other = backtest.model_config_tag(cfg, cfg.seed + 1)
+    assert other != cfg.model_fingerprint()
+    assert other != replace(cfg, seed=cfg.seed + 1).model_fingerprint()
 
 
 def test_too_little_history_is_a_clear_error() -> None:

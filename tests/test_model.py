@@ -249,6 +249,8 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
         is None
     )
     # Nor does a backtest of other model settings; one of these settings does.
+    tag = mlflow.MlflowClient(uri).get_run(result.parent_run_id).data.tags
+    assert tag["valueloop.model_config"] == cfg.model_fingerprint()
     models = ("transformer", "stack")
     other = replace(cfg, seq_hidden=cfg.seq_hidden * 2).model_fingerprint()
     assert (

@@ -120,7 +120,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        help="YAML training config (default "
+        help="YAML training config (default $VALUELOOP_TRAIN_CONFIG, else "
         "ml/configs/default.yaml; ml/configs/tiny.yaml trains in seconds)",
     )
     p.add_argument(
@@ -263,7 +263,8 @@ def _add_uplift(sub: argparse._SubParsersAction) -> None:
         description="Incremental orders per cell of customers against their randomised "
         "controls (with standard errors), evaluated by Qini/AUUC on a fixed "
         "holdout, logged to MLflow (experiment valueloop-uplift) and promoted to champion "
-        "only if it beats the champion there.",
+        "only if it beats the champion there beyond the noise (the first model: random "
+        "targeting).",
     )
     p.set_defaults(func=_cmd_uplift)
 
@@ -308,7 +309,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        help="training config that sizes the transformer (default ml/configs/default.yaml)",
+        help="training config that sizes the transformer (default $VALUELOOP_TRAIN_CONFIG, else "
+        "ml/configs/default.yaml)",
     )
     p.add_argument(
         "--max-rows-per-cutoff",
@@ -477,7 +479,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     config = TrainConfig.load(
-        args.config,
+        args.config or settings.train_config,
         model=args.model,
         encoder=args.encoder,
         max_epochs=args.max_epochs,
@@ -504,7 +506,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from ml.registry import promote
 
     settings = load_settings()
-    name = args.model or TrainConfig.load().registered_model
+    name = args.model or TrainConfig.load(settings.train_config).registered_model
     previous = promote(settings.mlflow_tracking_uri, name, args.version)
     print(f"{name}: champion is now version {args.version} (was {previous})")
     return 0
