@@ -710,13 +710,6 @@ def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def _mean_qini(
-    actions: list[str], effects: dict[str, np.ndarray], arms: np.ndarray, y: np.ndarray
-) -> float:
-    qinis = [qini_coefficient(*args) for _, *args in _arms_with_controls(actions, effects, arms, y)]
-    return float(np.mean(qinis)) if qinis else float("nan")
-
-
 # A resample without ten treated and ten controls of an action the whole holdout measures has
 # no mean Qini over the same actions; past this share of such resamples there is no interval.
 MIN_FINITE_RESAMPLES = 0.95
