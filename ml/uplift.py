@@ -686,12 +686,16 @@ def auuc(y: np.ndarray, treated: np.ndarray, score: np.ndarray) -> float:
 
 
 def _arms_with_controls(
-    actions: list[str], effects: dict[str, np.ndarray], arms: np.ndarray, y: np.ndarray
+    actions: list[str],
+    effects: dict[str, np.ndarray],
+    arms: np.ndarray,
+    y: np.ndarray,
+    at_least: int = 10,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per action with at least ten treated and ten controls: its customers' and the controls'
-    outcomes, whether each was treated, and the model's effect score for each."""
+    """Per action with ``at_least`` treated and as many controls: its customers' and the
+    controls' outcomes, whether each was treated, and the model's effect score for each."""
     for action in actions:
-        if (arms == action).sum() < 10 or (arms == CONTROL).sum() < 10:
+        if (arms == action).sum() < at_least or (arms == CONTROL).sum() < at_least:
             continue
         chosen = (arms == action) | (arms == CONTROL)
         yield action, y[chosen], arms[chosen] == action, effects[action][chosen]
@@ -710,8 +714,8 @@ def evaluate(model: TLearner, holdout: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-# A resample without ten treated and ten controls of an action the whole holdout measures has
-# no mean Qini over the same actions; past this share of such resamples there is no interval.
+# A resample without a treated customer or a control of an action the whole holdout measures
+# has no mean Qini over the same actions; past this share of such resamples, no interval.
 MIN_FINITE_RESAMPLES = 0.95
 
 
@@ -728,9 +732,10 @@ def qini_lead(
     Both models are scored on the same resamples, and a resample draws held-out *customers*
     with replacement, each with all their outcome rows (a customer held out is held out in
     every campaign, and their rows are not independent). Each model's mean Qini always covers
-    the actions the whole holdout can measure (ten treated and ten controls): a resample that
-    cannot measure one of them counts as unmeasured, and with fewer than
-    :data:`MIN_FINITE_RESAMPLES` measured there is no interval."""
+    the actions the whole holdout can measure (ten treated and ten controls), in a resample
+    from however many of their customers it drew (a resample with none treated or no control
+    for one of them counts as unmeasured; with fewer than :data:`MIN_FINITE_RESAMPLES`
+    measured there is no interval)."""
     arms, y = arm(holdout), holdout["revenue"].to_numpy(dtype="float64")
     scored = []
     for model in (challenger, incumbent):
@@ -743,11 +748,8 @@ def qini_lead(
     def lead(rows: np.ndarray) -> float:
         values = []
         for actions, effects in scored:
-            per_action = list(
-                _arms_with_controls(
-                    actions, {a: e[rows] for a, e in effects.items()}, arms[rows], y[rows]
-                )
-            )
+            drawn = {a: e[rows] for a, e in effects.items()}
+            per_action = list(_arms_with_controls(actions, drawn, arms[rows], y[rows], 1))
             if len(per_action) < len(actions) or not actions:
                 return float("nan")
             values.append(float(np.mean([qini_coefficient(*args) for _, *args in per_action])))
