@@ -13,14 +13,18 @@ cutoff) and the stack of the transformer with LightGBM and BG/NBD. Nothing at or
 reaches its training rows (:func:`origins`, tested through the real marts).
 
 Per cutoff and averaged over cutoffs: churn ROC-AUC, PR-AUC and Brier score, tier macro-F1,
-top-decile revenue capture, each with a bootstrap 95% interval (customers resampled within a
-cutoff), and each model's paired difference against the best baseline (the best classic
-peer by mean churn ROC-AUC) on the same resamples: a difference whose interval excludes zero
-is larger than the noise of the holdouts; and every model's paired lead in mean customer_score
-(the gate's metric) over every other, which the first-run gate of a training run on the same
-data reads (``verdict``, ``ml.train``). Logged to MLflow (experiment
-``valueloop-backtest``) as one parent run with a child per cutoff, with a plot of every metric
-over the cutoffs and the full table.
+top-decile revenue capture, each with a bootstrap 95% interval, and each model's paired
+difference against the best baseline (the best classic peer by mean churn ROC-AUC) on the
+same resamples: a difference whose interval excludes zero is larger than the noise of the
+holdouts; and every model's paired lead in mean customer_score (the gate's metric) over every
+other, which the first-run gate of a training run on the same data reads (``verdict``,
+``ml.train``). Logged to MLflow (experiment ``valueloop-backtest``) as one parent run with a
+child per cutoff, with a plot of every metric over the cutoffs and the full table.
+
+The bootstrap resamples customers, not rows, once for all cutoffs (:class:`CustomerBootstrap`):
+a customer tested at several cutoffs is drawn the same number of times at each, so an
+average over cutoffs is as uncertain as its customers make it, not as if every cutoff
+brought new ones.
 """
 
 from __future__ import annotations
@@ -138,7 +142,36 @@ def origins(frame: pd.DataFrame, n_cutoffs: int, horizon: int) -> list[Origin]:
     return list(reversed(chosen))
 
 
+class CustomerBootstrap:
+    """``n`` resamples of ``customers`` with replacement (a cluster bootstrap). Resample ``b``
+    draws each customer the same number of times wherever it is read, so the same resample
+    at two cutoffs holds the same customers; each is regenerated from ``(seed, b)`` on
+    demand, so memory stays at one resample."""
+
+    def __init__(self, customers: pd.Index, n: int, seed: int) -> None:
+        if not customers.is_unique:
+            raise ValueError("CustomerBootstrap needs each customer once")
+        self.customers, self.n, self.seed = customers, n, seed
+
+    def counts(self, b: int) -> np.ndarray:
+        """How many times resample ``b`` draws each customer."""
+        size = len(self.customers)
+        draws = np.random.default_rng([self.seed, b]).integers(0, size, size)
+        return np.bincount(draws, minlength=size)
+
+    def rows(self, ids: pd.Series) -> list[np.ndarray]:
+        """Per resample, the positions of the rows of ``ids`` it draws (one row per
+        customer, repeated as often as the resample draws the customer)."""
+        where = self.customers.get_indexer(ids)
+        if (where < 0).any():
+            raise ValueError(f"{int((where < 0).sum())} customer(s) outside the bootstrap's")
+        everyone = np.arange(len(ids))
+        return [np.repeat(everyone, self.counts(b)[where]) for b in range(self.n)]
+
+
 def metric_values(test: pd.DataFrame, predictions: Predictions, rows: np.ndarray) -> dict:
+    if not len(rows):  # a resample that drew none of this cutoff's customers
+        return dict.fromkeys(METRICS, np.nan)
     churn = test["is_churned"].to_numpy(dtype=int)[rows]
     p = predictions.churn_prob[rows]
     spend = test["future_spend"].to_numpy(dtype="float64")[rows]
@@ -291,12 +324,14 @@ def run(
     if unknown:
         raise ValueError(f"unknown models {sorted(unknown)}; known: {sorted(builders)}")
     plan = origins(frame, n_cutoffs, horizon)
-    rng = np.random.default_rng(seed)
+    bootstrap = CustomerBootstrap(
+        pd.Index(pd.unique(pd.concat([o.test["customer_id"] for o in plan]))), n_bootstrap, seed
+    )
     records, replicates = [], {}
     for origin in tqdm(plan, desc="backtest cutoffs", unit="cutoff"):
         cutoff = str(origin.cutoff.date())
         test = origin.test.reset_index(drop=True)
-        samples = rng.integers(0, len(test), size=(n_bootstrap, len(test)))
+        samples = bootstrap.rows(test["customer_id"])
         everyone = np.arange(len(test))
         fitted = _fit_all(names, builders, origin)
         for name in names:
@@ -315,7 +350,8 @@ def run(
         records, columns=["cutoff", "model", "metric", "value", "low", "high"]
     )
     cutoffs = [str(o.cutoff.date()) for o in plan]
-    # The average over cutoffs, with its interval from averaging the cutoffs' replicates.
+    # The average over cutoffs, with its interval from averaging the cutoffs' replicates (the
+    # same customers in resample b at every cutoff).
     means = []
     for name in names:
         stacked = sum(replicates[(c, name)] for c in cutoffs) / len(cutoffs)
@@ -473,7 +509,8 @@ def _customer_score(frame: pd.DataFrame) -> pd.Series:
 
 def _leads(per_cutoff, replicates, names, cutoffs) -> pd.DataFrame:
     """Each model's lead in mean customer_score over every other, paired: both scored on the
-    same customer resamples at each cutoff, the resamples' leads averaged over the cutoffs."""
+    same customer resamples (the same customers at every cutoff), each resample's leads averaged
+    over the cutoffs."""
     points = {
         name: np.mean(
             [

@@ -102,6 +102,68 @@ def test_paired_intervals_separate_a_real_win_from_noise() -> None:
     assert low < 0 < high  # the same model with other noise: within the noise
 
 
+def test_the_bootstrap_draws_each_customer_alike_at_every_cutoff() -> None:
+    ids = pd.Index([f"c{i}" for i in range(400)])
+    bootstrap = backtest.CustomerBootstrap(ids, 30, seed=1)
+    early, late = pd.Series(ids[:300]), pd.Series(ids[100:][::-1])  # 200 shared, other order
+    shared = ids[100:300]
+    for a, b in zip(bootstrap.rows(early), bootstrap.rows(late), strict=True):
+        drawn_early = early.iloc[a].value_counts().reindex(shared, fill_value=0)
+        drawn_late = late.iloc[b].value_counts().reindex(shared, fill_value=0)
+        assert drawn_early.equals(drawn_late)
+        assert drawn_early.sum() > 0 and (drawn_early > 1).any()  # with replacement
+    # Reproducible, and another seed draws otherwise.
+    again = backtest.CustomerBootstrap(ids, 30, seed=1).rows(early)
+    assert all(np.array_equal(x, y) for x, y in zip(again, bootstrap.rows(early), strict=True))
+    other = backtest.CustomerBootstrap(ids, 30, seed=2).rows(early)
+    assert not all(np.array_equal(x, y) for x, y in zip(other, bootstrap.rows(early), strict=True))
+
+
+def test_the_same_customers_at_two_cutoffs_do_not_narrow_the_mean_interval() -> None:
+    """The paired interval of a mean over cutoffs counts a customer tested at several cutoffs
+    once: the same customers and predictions at two cutoffs (rows in another order) give the
+    mean the interval of one cutoff, where independent draws per cutoff would narrow it by
+    about 1/sqrt(2)."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    churn = rng.random(n) < 0.4
+    test = pd.DataFrame(
+        {
+            "customer_id": [f"c{i}" for i in range(n)],
+            "is_churned": churn,
+            "future_spend": np.where(churn, 0, rng.gamma(2, 50, n)),
+            "value_tier": np.where(churn, "lapsed", "active"),
+        }
+    )
+    signal = churn + rng.normal(0, 1.0, n)
+    models = {
+        name: 1 / (1 + np.exp(-(signal + rng.normal(0, noise, n))))
+        for name, noise in (("good", 0.3), ("worse", 1.5))
+    }
+    order = rng.permutation(n)
+    cutoffs = {"2025-01-01": test, "2025-02-01": test.iloc[order].reset_index(drop=True)}
+    probs = {"2025-01-01": models, "2025-02-01": {k: v[order] for k, v in models.items()}}
+    bootstrap = backtest.CustomerBootstrap(pd.Index(test["customer_id"]), 200, seed=3)
+    replicates, records = {}, []
+    for cutoff, frame in cutoffs.items():
+        samples = bootstrap.rows(frame["customer_id"])
+        for name, p in probs[cutoff].items():
+            predictions = backtest.Predictions(p, None, -p)
+            replicates[(cutoff, name)] = pd.DataFrame(
+                [backtest.metric_values(frame, predictions, s) for s in samples]
+            )
+            point = backtest.metric_values(frame, predictions, np.arange(n))
+            records += [(cutoff, name, m, point[m], np.nan, np.nan) for m in backtest.METRICS]
+    columns = ["cutoff", "model", "metric", "value", "low", "high"]
+    per_cutoff = pd.DataFrame(records, columns=columns)
+    paired = backtest._paired(per_cutoff, replicates, ["good", "worse"], list(cutoffs), "worse")
+    auc = paired[paired["metric"] == "churn_roc_auc"].set_index("cutoff")
+    one = auc.at["2025-01-01", "high"] - auc.at["2025-01-01", "low"]
+    mean = auc.at["mean", "high"] - auc.at["mean", "low"]
+    assert auc.at["mean", "low"] > 0
+    assert mean == pytest.approx(one, rel=1e-9)
+
+
 def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     pipeline_run: Settings,
 ) -> None:
