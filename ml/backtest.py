@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,8 +146,8 @@ def origins(frame: pd.DataFrame, n_cutoffs: int, horizon: int) -> list[Origin]:
 class CustomerBootstrap:
     """``n`` resamples of ``customers`` with replacement (a cluster bootstrap). Resample ``b``
     draws each customer the same number of times wherever it is read, so the same resample
-    at two cutoffs holds the same customers; each is regenerated from ``(seed, b)`` on
-    demand, so memory stays at one resample."""
+    at two cutoffs holds the same customers; each is regenerated from ``(seed, b)`` when it
+    is read, so only one resample is in memory at a time."""
 
     def __init__(self, customers: pd.Index, n: int, seed: int) -> None:
         if not customers.is_unique:
@@ -159,14 +160,15 @@ class CustomerBootstrap:
         draws = np.random.default_rng([self.seed, b]).integers(0, size, size)
         return np.bincount(draws, minlength=size)
 
-    def rows(self, ids: pd.Series) -> list[np.ndarray]:
-        """Per resample, the positions of the rows of ``ids`` it draws (one row per
+    def rows(self, ids: pd.Series) -> Iterator[np.ndarray]:
+        """Per resample, in order, the positions of the rows of ``ids`` it draws (one row per
         customer, repeated as often as the resample draws the customer)."""
         where = self.customers.get_indexer(ids)
         if (where < 0).any():
             raise ValueError(f"{int((where < 0).sum())} customer(s) outside the bootstrap's")
         everyone = np.arange(len(ids))
-        return [np.repeat(everyone, self.counts(b)[where]) for b in range(self.n)]
+        for b in range(self.n):
+            yield np.repeat(everyone, self.counts(b)[where])
 
 
 def metric_values(test: pd.DataFrame, predictions: Predictions, rows: np.ndarray) -> dict:
@@ -331,13 +333,14 @@ def run(
     for origin in tqdm(plan, desc="backtest cutoffs", unit="cutoff"):
         cutoff = str(origin.cutoff.date())
         test = origin.test.reset_index(drop=True)
-        samples = bootstrap.rows(test["customer_id"])
         everyone = np.arange(len(test))
         fitted = _fit_all(names, builders, origin)
         for name in names:
             predictions = fitted[name].predict(test)
             point = metric_values(test, predictions, everyone)
-            boot = pd.DataFrame([metric_values(test, predictions, s) for s in samples])
+            boot = pd.DataFrame(
+                [metric_values(test, predictions, s) for s in bootstrap.rows(test["customer_id"])]
+            )
             replicates[(cutoff, name)] = boot
             for metric in METRICS:
                 low, high = (

@@ -146,11 +146,13 @@ def test_the_same_customers_at_two_cutoffs_do_not_narrow_the_mean_interval() -> 
     bootstrap = backtest.CustomerBootstrap(pd.Index(test["customer_id"]), 200, seed=3)
     replicates, records = {}, []
     for cutoff, frame in cutoffs.items():
-        samples = bootstrap.rows(frame["customer_id"])
         for name, p in probs[cutoff].items():
             predictions = backtest.Predictions(p, None, -p)
             replicates[(cutoff, name)] = pd.DataFrame(
-                [backtest.metric_values(frame, predictions, s) for s in samples]
+                [
+                    backtest.metric_values(frame, predictions, s)
+                    for s in bootstrap.rows(frame["customer_id"])
+                ]
             )
             point = backtest.metric_values(frame, predictions, np.arange(n))
             records += [(cutoff, name, m, point[m], np.nan, np.nan) for m in backtest.METRICS]
