@@ -15,7 +15,8 @@ Runs when the marts are rebuilt or a new champion is promoted. Scores every cust
    report and the monitoring tables (drift, tier migration, measured performance); updates
    the scores asset;
 4. **plan_campaign**: the next campaign from the published scores, with randomised control
-   groups (`marts.campaign_assignments`, files in `exports/campaigns/`).
+   groups (`marts.campaign_assignments`, files in `exports/campaigns/`); a campaign planned
+   before (re-scoring the same data) is kept as it was exported.
 
 The scoring run id is the Airflow run id: re-running a run replaces its history rows.
 """
@@ -75,7 +76,7 @@ def score_customers():
 
         try:
             return plan(load_settings()).summary()
-        except CampaignSent as sent:  # re-scoring the same data: the campaign stays as sent
+        except CampaignSent as sent:  # its outcomes came back: the campaign stays as sent
             return str(sent)
 
     stats = score()

@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_the_campaign_split_is_reproducible_stratified_and_controls_are_never_ex
 ) -> None:
     published_scores(settings)
     first = campaigns.plan(settings, "cmp-a")
-    again = campaigns.plan(settings, "cmp-a")  # planning again replaces, identically
+    again = campaigns.plan(settings, "cmp-a", replace=True)  # planned afresh: identically
     rows = assignments(settings, "cmp-a")
     assert len(rows) == first.treated + first.control == again.treated + again.control
     assert rows.equals(assignments(settings, "cmp-a"))
@@ -113,6 +114,53 @@ def test_the_campaign_split_is_reproducible_stratified_and_controls_are_never_ex
     other = assignments(settings, "cmp-b")
     common = rows.merge(other, on="customer_key")
     assert (common["group_name_x"] != common["group_name_y"]).any()
+
+
+def test_a_planned_campaign_is_kept_as_exported_unless_planned_afresh(settings: Settings) -> None:
+    published_scores(settings)
+    first = campaigns.plan(settings, "cmp-a")
+    exported, before = first.export_csv.read_bytes(), assignments(settings, "cmp-a")
+    # The same data scored again with another policy (a new champion, say): the campaign may
+    # already have gone out, so planning it again returns it as it was exported.
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute("update marts.customer_scores set next_best_action = 'nurture_email'")
+    kept = campaigns.plan(settings, "cmp-a")
+    assert kept == replace(first, kept=True)
+    assert "kept as it was planned" in kept.summary()
+    assert assignments(settings, "cmp-a").equals(before)
+    assert first.export_csv.read_bytes() == exported
+    # Planned afresh on purpose, before any outcome came back: the new scores decide.
+    fresh = campaigns.plan(settings, "cmp-a", replace=True)
+    assert not fresh.kept
+    rows = assignments(settings, "cmp-a")
+    assert set(rows.loc[rows["policy"] == "playbook", "action"]) == {"nurture_email"}
+    assert first.export_csv.read_bytes() != exported
+
+
+def test_a_tight_budget_keeps_the_exploration_share_for_the_explored(tmp_path: Path) -> None:
+    settings = load_settings(env={"VALUELOOP_CAMPAIGN_BUDGET": "150"}, home=tmp_path / "h")
+    published_scores(settings)
+    # The uplift policy has an expected profit for every customer's action: before, those
+    # rows all came ahead of the explored ones, and a tight budget left no exploration.
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute(
+            "create or replace table marts.customer_scores as select *,"
+            " 'uplift-v1' as action_policy, hash(customer_id) % 500 / 100.0"
+            " as expected_incremental_profit from marts.customer_scores"
+        )
+    campaigns.plan(settings, "cmp-a")
+    rows = assignments(settings, "cmp-a")
+    actions = campaigns.load_actions(settings)
+    cost = rows["action"].map(lambda a: actions[a].cost)
+    share = settings.campaign_exploration_share
+    explored = cost[rows["policy"] == "explore"].sum()
+    assert cost.sum() <= 150 + 1e-9
+    most = max(a.cost for a in actions.values())
+    # (The policy's prefix may leave a little of its part unspent, which exploration takes.)
+    assert 150 * share - most <= explored <= 150 * share + most
+    # The rest went to the policy's customers, best expected profit first.
+    uplift_rows = rows[rows["policy"] == "uplift-v1"]
+    assert len(uplift_rows) and uplift_rows["expected_incremental_profit"].min() >= 1.0
 
 
 def test_customers_in_an_open_campaign_or_unsubscribed_are_left_out(settings: Settings) -> None:
@@ -466,6 +514,58 @@ def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> No
     assert monitoring.psi(reference, rng.normal(1.0, 1.0, 5000)) > monitoring.DRIFTED
 
 
+def test_tier_migration_counts_the_customers_gone_as_well_as_the_new(settings: Settings) -> None:
+    """Between two scoring runs a customer can appear (`new`) or drop out (`gone`); both are
+    in the migration table and in the previous run's score distribution."""
+    runs = {
+        "run-1": {"a": "high", "b": "active", "c": "lapsed"},
+        "run-2": {"b": "high", "d": "active"},
+    }
+    history = pd.DataFrame(
+        [
+            {
+                "scoring_run_id": run,
+                "scored_at": pd.Timestamp("2025-01-01") + pd.Timedelta(days=k),
+                "as_of": pd.Timestamp("2025-01-01").date(),
+                "customer_id": customer,
+                "model_version": "1",
+                "value_tier": tier,
+                "churn_probability": 0.1 + 0.2 * k + 0.1 * j,
+                "p_high": 0.5,
+            }
+            for k, (run, tiers) in enumerate(runs.items())
+            for j, (customer, tier) in enumerate(tiers.items())
+        ]
+    )
+    features = pd.DataFrame({f: [1.0, 2.0] for f in monitoring.DRIFT_FEATURES}).assign(
+        customer_id=["b", "d"]
+    )
+    settings.ensure_dirs()
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute("create schema marts")
+        con.execute("create schema intermediate")
+        con.register("_h", history)
+        con.register("_f", features)
+        con.execute("create table marts.customer_scores_history as select * from _h")
+        con.execute("create table marts.scoring_set as select * from _f")
+        con.execute(
+            "create table intermediate.int_order_lines_enriched (customer_id varchar,"
+            " ordered_on date, is_purchase boolean, is_merchandise boolean)"
+        )
+        tables = monitoring.record(con, "run-2", 90, reference={}, reference_name="none")
+    migration = {
+        (r.from_tier, r.to_tier): r.customers for r in tables["tier_migration"].itertuples()
+    }
+    assert migration == {
+        ("high", "gone"): 1,
+        ("active", "high"): 1,
+        ("lapsed", "gone"): 1,
+        ("new", "active"): 1,
+    }
+    score = tables["score_drift"].set_index("score")
+    assert score.at["churn_probability", "previous_mean"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+
+
 def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: Path) -> None:
     shop = tmp_path / "shop"
     generate(shop, SimulationConfig(customers=1500, seed=5))
@@ -513,6 +613,9 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
     assert len(truth) == len(plan) and "expected_incremental_revenue_vip_perk" in truth
     with pytest.raises(ValueError, match="already played campaign cmp-x"):
         market.advance(shop, plan, start, 30, tmp_path / "outcomes", 5)
+    # A rerun of the loop after a later step failed carries on from the window played.
+    assert market.played(shop, "cmp-x") == window
+    assert market.played(shop, "cmp-y") is None
 
 
 def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
@@ -840,6 +943,47 @@ def test_retraining_fires_on_drift_on_schedule_and_on_new_outcomes_each_past_its
     assert fired.uplift_model == [f"{new:,} new randomised outcomes (threshold {new:,})"]
     short = decide(VALUELOOP_RETRAIN_MIN_OUTCOMES=str(new + 1), VALUELOOP_UPLIFT_MIN_OUTCOMES="0")
     assert short.uplift_model == []
+
+
+def test_a_drift_that_a_retraining_answered_fires_again_only_when_measured_again(
+    pipeline_run: Settings, tmp_path: Path
+) -> None:
+    """A drift-triggered challenger that loses its gate changes nothing, so the latest
+    monitoring row stays: without memory, every later decision would retrain on it again."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("warehouse.duckdb", "mlflow.db"):  # a copy: the session's run stays as it is
+        shutil.copy(pipeline_run.home / name, home / name)
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=home)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        largest = retraining._largest_drift(con)
+    assert largest is not None
+    env = {
+        "VALUELOOP_PII_SALT": "s",
+        "VALUELOOP_TRAIN_CONFIG": str(pipeline_run.train_config),
+        "VALUELOOP_RETRAIN_DRIFT_PSI": repr(largest[1]),
+    }
+    settings = load_settings(env=env, home=home)
+
+    def drifted() -> list[str]:
+        return [r for r in retraining.decide(settings).customer_model if r.startswith("drift")]
+
+    assert drifted()
+    # A training run starts after the drift was measured (and, say, loses its gate).
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(TrainConfig.load(settings.train_config).experiment)
+    run = client.create_run(experiment.experiment_id, tags={"valueloop.kind": "training"})
+    client.set_terminated(run.info.run_id)
+    assert drifted() == []
+    # A later scoring run measures the drift again: it fires again.
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute(
+            "update monitoring.feature_drift set computed_at = ? where scoring_run_id ="
+            " (select scoring_run_id from monitoring.feature_drift order by computed_at desc"
+            " limit 1)",
+            [datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=1)],
+        )
+    assert drifted()
 
 
 def test_the_market_answers_the_exported_campaign_file_and_never_hears_of_the_controls(

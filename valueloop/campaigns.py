@@ -9,17 +9,25 @@ it) and writes one row per selected customer to ``marts.campaign_assignments``:
 2. **Exploration**: a random share (``VALUELOOP_CAMPAIGN_EXPLORATION_SHARE``) of the eligible
    customers gets a random eligible action instead (policy ``explore``), so the uplift model
    sees every action on every kind of customer, not only where the policy already sends it.
-3. **Budget**: customers are taken in order of priority (the uplift policy's expected
-   incremental profit; the playbook's have none and come in random order) until the contact
-   costs reach ``VALUELOOP_CAMPAIGN_BUDGET``.
+3. **Budget**: contact costs stop at ``VALUELOOP_CAMPAIGN_BUDGET``. The exploration share of
+   it is kept for the explored customers (in random order), so a binding budget does not
+   starve the uplift model of them; the rest goes to the policy's customers in order of
+   priority (the uplift policy's expected incremental profit; the playbook's, and actions
+   without an estimate, in random order after them). What one part leaves unspent goes to
+   the other.
 4. **Control groups**: within each action, stratified by segment and predicted tier, a share
    (``VALUELOOP_CAMPAIGN_CONTROL_SHARE``) is held out: systematic sampling in a random order,
    so each stratum gives floor or ceil of its share. Control customers are never contacted.
 
 Every random draw is a hash of the campaign id and the customer, so planning a campaign again
-gives the same rows. The customer is pseudonymised (``customer_key``: the salted SHA-256 the
-dbt macro ``pseudonymise`` computes), and only the treatment group is exported, as CSV and
-Parquet, to ``exports/campaigns/<campaign_id>.*`` for the activation tool.
+gives the same rows. A campaign that has been planned is kept as it was exported: planning it
+again (re-scoring the same data, a rerun of the DAG) returns it unchanged, since the
+activation tool may already have sent the file; ``replace=True`` (``valueloop campaign plan
+--replace``) plans it afresh, and only while none of its outcomes has come back.
+
+The customer is pseudonymised (``customer_key``: the salted SHA-256 the dbt macro
+``pseudonymise`` computes), and only the treatment group is exported, as CSV and Parquet, to
+``exports/campaigns/<campaign_id>.*`` for the activation tool.
 """
 
 from __future__ import annotations
@@ -83,7 +91,9 @@ create table if not exists {CAMPAIGNS} (
     policies varchar not null,
     planned_at timestamp not null,
     export_csv varchar not null,
-    export_parquet varchar not null
+    export_parquet varchar not null,
+    excluded_open integer,
+    excluded_unsubscribed integer
 )
 """
 
@@ -92,6 +102,8 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("create schema if not exists marts")
     con.execute(ASSIGNMENTS_DDL)
     con.execute(CAMPAIGNS_DDL)
+    for column in ("excluded_open", "excluded_unsubscribed"):  # planned by an older version
+        con.execute(f"alter table {CAMPAIGNS} add column if not exists {column} integer")
     features = ", ".join(f"{f} double" for f in UPLIFT_FEATURES)
     con.execute(
         f"create table if not exists {FEATURES} (campaign_id varchar not null, "
@@ -181,15 +193,23 @@ class CampaignPlan:
     excluded_unsubscribed: int
     export_csv: Path
     export_parquet: Path
+    # Planned earlier and returned as it was (planning again does not rewrite a campaign).
+    kept: bool = False
 
     def summary(self) -> str:
         actions = ", ".join(f"{a} {t}+{c}" for a, (t, c) in sorted(self.by_action.items()))
         policies = ", ".join(f"{p} {n}" for p, n in sorted(self.policies.items()))
+        kept = (
+            " (kept as it was planned and exported; `valueloop campaign plan --replace` plans it"
+            " afresh while no outcome has come back)"
+            if self.kept
+            else ""
+        )
         return (
-            f"campaign {self.campaign_id} (as of {self.as_of}, goes out {self.assigned_at:%Y-%m-%d}"
-            f"): {self.treated:,} treated + {self.control:,} control, contact cost "
-            f"{self.cost:,.2f}; per action (treated+control): {actions}; policies: {policies}; "
-            f"left out: {self.excluded_open:,} in an open campaign, "
+            f"campaign {self.campaign_id}{kept} (as of {self.as_of}, goes out "
+            f"{self.assigned_at:%Y-%m-%d}): {self.treated:,} treated + {self.control:,} control, "
+            f"contact cost {self.cost:,.2f}; per action (treated+control): {actions}; "
+            f"policies: {policies}; left out: {self.excluded_open:,} in an open campaign, "
             f"{self.excluded_unsubscribed:,} unsubscribed\nexport: {self.export_csv}"
         )
 
@@ -218,9 +238,10 @@ def _candidates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     ).df()
 
 
-def plan(settings: Settings, campaign_id: str | None = None) -> CampaignPlan:
-    """Plan a campaign from the published scores (see the module doc); replaces a campaign of
-    the same id, so planning again is idempotent."""
+def plan(settings: Settings, campaign_id: str | None = None, replace: bool = False) -> CampaignPlan:
+    """Plan a campaign from the published scores (see the module doc). A campaign of the same
+    id that was planned before is returned as it is (``kept``), unless ``replace``; one whose
+    outcomes have come back is never planned again (:class:`CampaignSent`)."""
     actions = load_actions(settings)
     salt = settings.resolve_pii_salt()
     with connect(settings.warehouse_path) as con:
@@ -239,6 +260,10 @@ def plan(settings: Settings, campaign_id: str | None = None) -> CampaignPlan:
                 f"campaign {campaign_id} already went out ({answered:,} outcomes came back); "
                 "it is not planned again (name a new one with --campaign-id)"
             )
+        if not replace:
+            stored = _stored(con, campaign_id)
+            if stored is not None:
+                return stored
         assigned_at = datetime.combine(as_of + timedelta(days=1), datetime.min.time())
         scores["customer_key"] = [customer_key(salt, c) for c in scores["customer_id"]]
         open_keys = {
@@ -272,8 +297,20 @@ def plan(settings: Settings, campaign_id: str | None = None) -> CampaignPlan:
             assigned_at=assigned_at,
             window_days=settings.campaign_window_days,
         )
+        excluded_open = int(scores["customer_key"].isin(open_keys).sum())
+        excluded_unsubscribed = int(scores["customer_key"].isin(unsubscribed - open_keys).sum())
         export_csv, export_parquet = _export(settings, chosen, campaign_id)
-        _store(con, chosen, settings, campaign_id, as_of, assigned_at, export_csv, export_parquet)
+        _store(
+            con,
+            chosen,
+            settings,
+            campaign_id,
+            as_of,
+            assigned_at,
+            export_csv,
+            export_parquet,
+            (excluded_open, excluded_unsubscribed),
+        )
     treated = chosen["group_name"] == "treatment"
     by_action = {
         a: (
@@ -291,10 +328,53 @@ def plan(settings: Settings, campaign_id: str | None = None) -> CampaignPlan:
         float(chosen["expected_cost"].sum()),
         by_action,
         chosen["policy"].value_counts().to_dict(),
-        int(scores["customer_key"].isin(open_keys).sum()),
-        int(scores["customer_key"].isin(unsubscribed - open_keys).sum()),
+        excluded_open,
+        excluded_unsubscribed,
         export_csv,
         export_parquet,
+    )
+
+
+def _stored(con: duckdb.DuckDBPyConnection, campaign_id: str) -> CampaignPlan | None:
+    """The campaign as it was planned, from ``marts.campaigns`` and its assignments."""
+    row = con.execute(
+        f"select as_of, assigned_at, treated, control, cost, excluded_open,"
+        f" excluded_unsubscribed, export_csv, export_parquet from {CAMPAIGNS}"
+        " where campaign_id = ?",
+        [campaign_id],
+    ).fetchone()
+    if row is None:
+        return None
+    as_of, assigned_at, treated, control, cost, excluded_open, excluded_unsub, csv_, pq = row
+    by_action = {
+        action: (int(t), int(c))
+        for action, t, c in con.execute(
+            f"select action, count(*) filter (where group_name = 'treatment'),"
+            f" count(*) filter (where group_name = 'control') from {ASSIGNMENTS}"
+            " where campaign_id = ? group by action",
+            [campaign_id],
+        ).fetchall()
+    }
+    policies = dict(
+        con.execute(
+            f"select policy, count(*) from {ASSIGNMENTS} where campaign_id = ? group by policy",
+            [campaign_id],
+        ).fetchall()
+    )
+    return CampaignPlan(
+        campaign_id,
+        as_of,
+        assigned_at,
+        int(treated),
+        int(control),
+        float(cost),
+        by_action,
+        policies,
+        int(excluded_open or 0),
+        int(excluded_unsub or 0),
+        Path(csv_),
+        Path(pq),
+        kept=True,
     )
 
 
@@ -327,16 +407,36 @@ def _choose(
             policy.append(pol)
     rows["action"], rows["policy"] = action, policy
     rows = rows[rows["action"] != NO_ACTION].copy()
-    # Priority: expected incremental profit where the uplift policy estimated it, exploration
-    # and playbook rows after, in random order; contact costs stop at the budget.
-    rows["_priority"] = rows["expected_incremental_profit"].where(
-        rows["policy"].str.startswith("uplift"), -np.inf
-    )
     rows["_u"] = [unit_hash(campaign_id, "budget", k) for k in rows["customer_key"]]
-    rows = rows.sort_values(["_priority", "_u"], ascending=[False, True])
-    cost = rows["action"].map({a: x.cost for a, x in actions.items()}).to_numpy()
-    rows = rows[np.cumsum(cost) <= settings.campaign_budget]
-    return rows.drop(columns=["_priority", "_u"]).reset_index(drop=True)
+    rows["_cost"] = rows["action"].map({a: x.cost for a, x in actions.items()})
+    # The policy's customers: expected incremental profit first where the uplift policy
+    # estimated it, then the playbook's and those without an estimate, in random order.
+    policy = rows[rows["policy"] != EXPLORE].assign(
+        _priority=lambda r: (
+            r["expected_incremental_profit"]
+            .where(r["policy"].str.startswith("uplift"))
+            .fillna(-np.inf)
+        )
+    )
+    policy = policy.sort_values(["_priority", "_u"], ascending=[False, True])
+    explored = rows[rows["policy"] == EXPLORE].sort_values("_u")
+    budget = settings.campaign_budget
+    # The exploration share of the budget is the explored customers'; what either part
+    # leaves unspent goes to the other.
+    explore_spent = _spent(explored["_cost"], budget * settings.campaign_exploration_share)
+    take_policy = _within(policy["_cost"], budget - explore_spent)
+    take_explored = _within(explored["_cost"], budget - policy["_cost"][take_policy].sum())
+    chosen = pd.concat([policy[take_policy], explored[take_explored]])
+    return chosen.drop(columns=["_priority", "_u", "_cost"]).reset_index(drop=True)
+
+
+def _within(costs: pd.Series, budget: float) -> np.ndarray:
+    """Which of ``costs``, taken in order, fit in ``budget`` (a prefix)."""
+    return np.cumsum(costs.to_numpy(dtype=float)) <= budget + 1e-9
+
+
+def _spent(costs: pd.Series, budget: float) -> float:
+    return float(costs[_within(costs, budget)].sum())
 
 
 def _export(settings: Settings, chosen: pd.DataFrame, campaign_id: str) -> tuple[Path, Path]:
@@ -362,6 +462,7 @@ def _store(
     assigned_at: datetime,
     export_csv: Path,
     export_parquet: Path,
+    excluded: tuple[int, int],
 ) -> None:
     columns = [
         "campaign_id",
@@ -392,7 +493,10 @@ def _store(
         )
         treated = chosen["group_name"] == "treatment"
         con.execute(
-            f"insert into {CAMPAIGNS} values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
+            f"insert into {CAMPAIGNS} (campaign_id, as_of, assigned_at, window_days, budget,"
+            " control_share, exploration_share, treated, control, cost, policies, planned_at,"
+            " export_csv, export_parquet, excluded_open, excluded_unsubscribed)"
+            " values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?, ?)",
             [
                 campaign_id,
                 as_of,
@@ -407,6 +511,7 @@ def _store(
                 ", ".join(f"{p} {n}" for p, n in chosen["policy"].value_counts().items()),
                 str(export_csv),
                 str(export_parquet),
+                *excluded,
             ],
         )
         con.execute("commit")

@@ -253,6 +253,12 @@ def _add_campaign(sub: argparse._SubParsersAction) -> None:
         help="simulate: the campaign file to answer (default: the exported "
         "exports/campaigns/<id>.parquet; .csv works too)",
     )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="plan: plan a campaign that was planned before afresh (without it, planning the "
+        "same campaign again returns it as it was exported); refused once outcomes came back",
+    )
     p.set_defaults(func=_cmd_campaign)
 
 
@@ -355,7 +361,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     if args.action == "plan":
         from valueloop.campaigns import plan
 
-        print(plan(settings, args.campaign_id).summary())
+        print(plan(settings, args.campaign_id, replace=args.replace).summary())
     else:
         from valueloop.loop import simulate_campaign
 

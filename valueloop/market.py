@@ -219,6 +219,33 @@ class WindowSummary:
         )
 
 
+def played(shop: Path, campaign_id: str) -> WindowSummary | None:
+    """The summary of the window the market already played for ``campaign_id``; None when it
+    has not played it. (A window played before summaries were kept is an error: its files are
+    there, its figures are not.)"""
+    manifest = json.loads((shop / "manifest.json").read_text())
+    if campaign_id not in manifest.get("windows", {}):
+        return None
+    kept = manifest.get("window_summaries", {}).get(campaign_id)
+    if kept is None:
+        raise ValueError(
+            f"{shop}: the market played campaign {campaign_id}'s window with an earlier version"
+            " that kept no summary of it; plan a new campaign"
+        )
+    return WindowSummary(
+        campaign_id,
+        datetime.fromisoformat(kept["start"]),
+        datetime.fromisoformat(kept["end"]),
+        kept["orders"],
+        kept["order_lines"],
+        kept["incremental_orders"],
+        kept["revived"],
+        kept["dropped_out"],
+        kept["events"],
+        Path(kept["outcomes_file"]),
+    )
+
+
 def advance(
     shop: Path,
     assignments: pd.DataFrame,
@@ -386,8 +413,7 @@ def advance(
     end = start + timedelta(days=days)
     manifest["end"] = max(manifest["end"], (end - timedelta(days=1)).date().isoformat())
     manifest.setdefault("windows", {})[campaign_id] = f"{start:%Y-%m-%d}/{end:%Y-%m-%d}"
-    (shop / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return WindowSummary(
+    summary = WindowSummary(
         campaign_id,
         start,
         end,
@@ -399,6 +425,20 @@ def advance(
         len(events),
         outcomes_file,
     )
+    # What a rerun of the loop needs once the market has moved on (``played``).
+    manifest.setdefault("window_summaries", {})[campaign_id] = {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "orders": int(summary.orders),
+        "order_lines": int(summary.order_lines),
+        "incremental_orders": int(summary.incremental_orders),
+        "revived": int(summary.revived),
+        "dropped_out": int(summary.dropped_out),
+        "events": int(summary.events),
+        "outcomes_file": str(outcomes_file),
+    }
+    (shop / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return summary
 
 
 def _activation_events(

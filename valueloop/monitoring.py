@@ -4,7 +4,8 @@
   customers against the champion's training data (deciles of it, logged with the model at
   training: ``drift_reference.json``; PSI < 0.1 stable, 0.1-0.25 moving, > 0.25 drifted);
 * ``score_drift``: PSI of churn probability and P(high) against the previous scoring run;
-* ``tier_migration``: customers per (previous tier, current tier) between the two runs;
+* ``tier_migration``: customers per (previous tier, current tier) between the two runs (``new``:
+  not scored before; ``gone``: scored before, not now);
 * ``champion_performance``: for earlier scoring runs whose horizon has since passed, how the
   scores did against what happened (churn ROC-AUC, tier accuracy), per model version.
 
@@ -159,10 +160,10 @@ def record(
             "select now.customer_id, now.churn_probability, now.p_high, now.value_tier,"
             " before.churn_probability as churn_before, before.p_high as p_high_before,"
             " before.value_tier as tier_before"
-            " from marts.customer_scores_history as now"
+            " from (select * from marts.customer_scores_history where scoring_run_id = ?) as now"
             " full join (select * from marts.customer_scores_history where scoring_run_id = ?)"
-            " as before using (customer_id) where now.scoring_run_id = ?",
-            [previous_run, run_id],
+            " as before using (customer_id)",
+            [run_id, previous_run],
         ).df()
         for metric, before in (("churn_probability", "churn_before"), ("p_high", "p_high_before")):
             value = psi(both[before].to_numpy(float), both[metric].to_numpy(float))
@@ -179,7 +180,10 @@ def record(
                 }
             )
         migration = (
-            both.assign(from_tier=both["tier_before"].fillna("new"), to_tier=both["value_tier"])
+            both.assign(
+                from_tier=both["tier_before"].fillna("new"),
+                to_tier=both["value_tier"].fillna("gone"),
+            )
             .groupby(["from_tier", "to_tier"], as_index=False)
             .size()
             .rename(columns={"size": "customers"})

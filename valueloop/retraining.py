@@ -4,8 +4,10 @@
   (``VALUELOOP_RETRAIN_MIN_OUTCOMES``), and at least ``VALUELOOP_UPLIFT_MIN_OUTCOMES`` in all;
 * **customer model**: no champion yet; enough new label corrections since its last training
   (``VALUELOOP_RETRAIN_MIN_CORRECTIONS``); a feature or score drift (PSI) in the latest
-  monitoring run at or past ``VALUELOOP_RETRAIN_DRIFT_PSI``; or its last training is older
-  than ``VALUELOOP_RETRAIN_EVERY_DAYS`` (the schedule).
+  monitoring run at or past ``VALUELOOP_RETRAIN_DRIFT_PSI``, measured since its last training
+  started (a drift that a retraining already answered, promoted or not, fires again only when
+  a later scoring run measures it again); or its last training is older than
+  ``VALUELOOP_RETRAIN_EVERY_DAYS`` (the schedule).
 
 What counts as "since the last training" is read from MLflow (the outcomes and corrections a
 run trained on are its parameters), so the decision is the same wherever it is taken.
@@ -65,11 +67,14 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
         return 0
 
 
-def _largest_drift(con: duckdb.DuckDBPyConnection) -> tuple[str, float] | None:
+def _largest_drift(
+    con: duckdb.DuckDBPyConnection, since: datetime | None = None
+) -> tuple[str, float] | None:
     """The largest PSI of the latest scoring run's monitoring, over the features (against the
     champion's training reference) and the scores (against the previous run, when the same
     model version scored both: a new champion's scores differ by design, not by drift), with
-    its name; None before the first monitored scoring run."""
+    its name; None before the first monitored scoring run, or when that run's drift was
+    computed before ``since`` (UTC)."""
     try:
         row = con.execute(
             "with latest as (select scoring_run_id from monitoring.feature_drift"
@@ -84,7 +89,10 @@ def _largest_drift(con: duckdb.DuckDBPyConnection) -> tuple[str, float] | None:
             " inner join versions as before on before.scoring_run_id = drift.previous_run_id"
             " where now.version = before.version)"
             " select name, psi from measures where scoring_run_id = (select * from latest)"
-            " and psi is not null and not isnan(psi) order by psi desc, name limit 1"
+            " and (select max(computed_at) from monitoring.feature_drift where scoring_run_id ="
+            " (select * from latest)) > ?"
+            " and psi is not null and not isnan(psi) order by psi desc, name limit 1",
+            [(since or datetime(1970, 1, 1, tzinfo=UTC)).astimezone(UTC).replace(tzinfo=None)],
         ).fetchone()
     except duckdb.CatalogException:  # no scoring run has been monitored yet
         return None
@@ -98,12 +106,16 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
 
     now = now or datetime.now(UTC)
     cfg = TrainConfig.load(settings.train_config)
+    train_run = _latest_run(settings, cfg.experiment, "training")
+    trained_at = (
+        datetime.fromtimestamp(train_run.info.start_time / 1000, UTC) if train_run else None
+    )
     with connect(settings.warehouse_path) as con:
         outcomes = _count(
             con, "select count(*) from intermediate.int_campaign_results where is_matured"
         )
         corrections = _count(con, "select count(*) from raw.label_feedback")
-        drift = _largest_drift(con)
+        drift = _largest_drift(con, since=trained_at)
 
     uplift_run = _latest_run(settings, UPLIFT_EXPERIMENT, "uplift")
     trained_on = int(uplift_run.data.params.get("outcomes", 0)) if uplift_run else 0
@@ -119,7 +131,6 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
     client = MlflowClient(settings.mlflow_tracking_uri)
     if champion_version(client, cfg.registered_model) is None:
         customer.append("no champion yet")
-    train_run = _latest_run(settings, cfg.experiment, "training")
     seen = int(train_run.data.params.get("label_corrections", 0)) if train_run else 0
     if corrections - seen >= settings.retrain_min_corrections:
         customer.append(
