@@ -427,6 +427,13 @@ def _choose(
     take_policy = _within(policy["_cost"], budget - explore_spent)
     take_explored = _within(explored["_cost"], budget - policy["_cost"][take_policy].sum())
     chosen = pd.concat([policy[take_policy], explored[take_explored]])
+    # The campaign's rows in priority order: the uplift policy's best expected profit first,
+    # then the playbook's and the explored customers in random order (those without an
+    # estimate last).
+    chosen["_priority"] = chosen["expected_incremental_profit"].where(
+        chosen["policy"].str.startswith("uplift"), -np.inf
+    )
+    chosen = chosen.sort_values(["_priority", "_u"], ascending=[False, True])
     return chosen.drop(columns=["_priority", "_u", "_cost"]).reset_index(drop=True)
 
 
