@@ -18,10 +18,14 @@ grouped as (
         campaign_id,
         action,
         -- `all` only for the rollup; a segment or tier missing at planning time is `unknown`
-        case when grouping(segment_name) = 1 then 'all'
-            else coalesce(segment_name, 'unknown') end as segment_name,
-        case when grouping(value_tier) = 1 then 'all'
-            else coalesce(value_tier, 'unknown') end as value_tier,
+        case
+            when grouping(segment_name) = 1 then 'all'
+            else coalesce(segment_name, 'unknown')
+        end as segment_name,
+        case
+            when grouping(value_tier) = 1 then 'all'
+            else coalesce(value_tier, 'unknown')
+        end as value_tier,
         count(*) filter (where group_name = 'treatment') as treated,
         count(*) filter (where group_name = 'control') as control,
         avg(purchased::int) filter (where group_name = 'treatment') as conversion_treated,
