@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -326,6 +326,58 @@ def run(
     if unknown:
         raise ValueError(f"unknown models {sorted(unknown)}; known: {sorted(builders)}")
     plan = origins(frame, n_cutoffs, horizon)
+    per_cutoff, replicates = evaluate_cutoffs(
+        plan,
+        names,
+        lambda origin, test: {
+            name: model.predict(test) for name, model in _fit_all(names, builders, origin).items()
+        },
+        n_bootstrap,
+        seed,
+    )
+    cutoffs = [str(o.cutoff.date()) for o in plan]
+    mean_auc = per_cutoff[(per_cutoff.cutoff == "mean") & (per_cutoff.metric == "churn_roc_auc")]
+    candidates = mean_auc[mean_auc.model.isin(BASELINES)]
+    reference = (
+        candidates.sort_values("value", ascending=False)["model"].iloc[0]
+        if len(candidates)
+        else mean_auc.sort_values("value", ascending=False)["model"].iloc[0]
+    )
+    differences = _paired(per_cutoff, replicates, names, cutoffs, reference)
+    result = BacktestResult(
+        per_cutoff,
+        differences,
+        reference,
+        leads=_leads(per_cutoff, replicates, names, cutoffs),
+        origins=[
+            {
+                "cutoff": str(o.cutoff.date()),
+                "training_cutoffs": o.training_cutoffs,
+                "test_rows": len(o.test),
+            }
+            for o in plan
+        ],
+    )
+    if tracking_uri:
+        result.parent_run_id = _log(
+            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg, seed
+        )
+    return result
+
+
+def evaluate_cutoffs(
+    plan: list[Origin],
+    names: list[str],
+    predict: Callable[[Origin, pd.DataFrame], dict[str, Predictions]],
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[pd.DataFrame, dict[tuple[str, str], pd.DataFrame]]:
+    """Every model's metrics at each cutoff of ``plan`` and averaged over them, with bootstrap
+    95% intervals (cutoff, model, metric, value, low, high; cutoff ``mean`` for the average),
+    and the bootstrap replicates per (cutoff, model) that paired differences are read from.
+    ``predict(origin, test)`` fits the models at a cutoff and predicts its ``test`` rows. One
+    :class:`CustomerBootstrap` serves every cutoff, so resample b holds the same customers
+    at each and the interval of an average counts each customer once."""
     bootstrap = CustomerBootstrap(
         pd.Index(pd.unique(pd.concat([o.test["customer_id"] for o in plan]))), n_bootstrap, seed
     )
@@ -334,9 +386,9 @@ def run(
         cutoff = str(origin.cutoff.date())
         test = origin.test.reset_index(drop=True)
         everyone = np.arange(len(test))
-        fitted = _fit_all(names, builders, origin)
+        predicted = predict(origin, test)
         for name in names:
-            predictions = fitted[name].predict(test)
+            predictions = predicted[name]
             point = metric_values(test, predictions, everyone)
             boot = pd.DataFrame(
                 [metric_values(test, predictions, s) for s in bootstrap.rows(test["customer_id"])]
@@ -371,33 +423,7 @@ def run(
     per_cutoff = pd.concat(
         [per_cutoff, pd.DataFrame(means, columns=per_cutoff.columns)], ignore_index=True
     )
-    mean_auc = per_cutoff[(per_cutoff.cutoff == "mean") & (per_cutoff.metric == "churn_roc_auc")]
-    candidates = mean_auc[mean_auc.model.isin(BASELINES)]
-    reference = (
-        candidates.sort_values("value", ascending=False)["model"].iloc[0]
-        if len(candidates)
-        else mean_auc.sort_values("value", ascending=False)["model"].iloc[0]
-    )
-    differences = _paired(per_cutoff, replicates, names, cutoffs, reference)
-    result = BacktestResult(
-        per_cutoff,
-        differences,
-        reference,
-        leads=_leads(per_cutoff, replicates, names, cutoffs),
-        origins=[
-            {
-                "cutoff": str(o.cutoff.date()),
-                "training_cutoffs": o.training_cutoffs,
-                "test_rows": len(o.test),
-            }
-            for o in plan
-        ],
-    )
-    if tracking_uri:
-        result.parent_run_id = _log(
-            result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, cfg, seed
-        )
-    return result
+    return per_cutoff, replicates
 
 
 @dataclass(frozen=True)

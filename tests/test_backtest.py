@@ -120,10 +120,10 @@ def test_the_bootstrap_draws_each_customer_alike_at_every_cutoff() -> None:
 
 
 def test_the_same_customers_at_two_cutoffs_do_not_narrow_the_mean_interval() -> None:
-    """The paired interval of a mean over cutoffs counts a customer tested at several cutoffs
-    once: the same customers and predictions at two cutoffs (rows in another order) give the
-    mean the interval of one cutoff, where independent draws per cutoff would narrow it by
-    about 1/sqrt(2)."""
+    """The backtest's interval of a mean over cutoffs counts a customer tested at several
+    cutoffs once: the same customers and predictions at two cutoffs (rows in another order)
+    give the mean the interval of one cutoff, where draws of its own at each cutoff would
+    narrow it by about 1/sqrt(2) (measured here as well, on the same replicates' shapes)."""
     rng = np.random.default_rng(0)
     n = 1500
     churn = rng.random(n) < 0.4
@@ -136,34 +136,43 @@ def test_the_same_customers_at_two_cutoffs_do_not_narrow_the_mean_interval() -> 
         }
     )
     signal = churn + rng.normal(0, 1.0, n)
-    models = {
-        name: 1 / (1 + np.exp(-(signal + rng.normal(0, noise, n))))
+    probs = {
+        name: pd.Series(1 / (1 + np.exp(-(signal + rng.normal(0, noise, n)))), test["customer_id"])
         for name, noise in (("good", 0.3), ("worse", 1.5))
     }
-    order = rng.permutation(n)
-    cutoffs = {"2025-01-01": test, "2025-02-01": test.iloc[order].reset_index(drop=True)}
-    probs = {"2025-01-01": models, "2025-02-01": {k: v[order] for k, v in models.items()}}
-    bootstrap = backtest.CustomerBootstrap(pd.Index(test["customer_id"]), 200, seed=3)
-    replicates, records = {}, []
-    for cutoff, frame in cutoffs.items():
-        for name, p in probs[cutoff].items():
-            predictions = backtest.Predictions(p, None, -p)
-            replicates[(cutoff, name)] = pd.DataFrame(
-                [
-                    backtest.metric_values(frame, predictions, s)
-                    for s in bootstrap.rows(frame["customer_id"])
-                ]
-            )
-            point = backtest.metric_values(frame, predictions, np.arange(n))
-            records += [(cutoff, name, m, point[m], np.nan, np.nan) for m in backtest.METRICS]
-    columns = ["cutoff", "model", "metric", "value", "low", "high"]
-    per_cutoff = pd.DataFrame(records, columns=columns)
-    paired = backtest._paired(per_cutoff, replicates, ["good", "worse"], list(cutoffs), "worse")
+    empty = test.iloc[:0]
+    plan = [
+        backtest.Origin(pd.Timestamp("2025-01-01"), empty, empty, test),
+        backtest.Origin(
+            pd.Timestamp("2025-02-01"), empty, empty, test.sample(frac=1, random_state=1)
+        ),
+    ]
+
+    def predict(origin: backtest.Origin, rows: pd.DataFrame) -> dict:
+        out = {}
+        for name, p in probs.items():
+            aligned = p.loc[rows["customer_id"]].to_numpy()
+            out[name] = backtest.Predictions(aligned, None, -aligned)
+        return out
+
+    names = ["good", "worse"]
+    per_cutoff, replicates = backtest.evaluate_cutoffs(plan, names, predict, 200, seed=3)
+    cutoffs = ["2025-01-01", "2025-02-01"]
+    paired = backtest._paired(per_cutoff, replicates, names, cutoffs, "worse")
     auc = paired[paired["metric"] == "churn_roc_auc"].set_index("cutoff")
     one = auc.at["2025-01-01", "high"] - auc.at["2025-01-01", "low"]
     mean = auc.at["mean", "high"] - auc.at["mean", "low"]
     assert auc.at["mean", "low"] > 0
     assert mean == pytest.approx(one, rel=1e-9)
+    # Independent draws per cutoff (the second cutoff's replicates shifted by one resample)
+    # would have made the same mean's interval narrower.
+    shifted = {
+        k: (v if k[0] == cutoffs[0] else pd.concat([v.iloc[1:], v.iloc[:1]], ignore_index=True))
+        for k, v in replicates.items()
+    }
+    narrow = backtest._paired(per_cutoff, shifted, names, cutoffs, "worse")
+    narrow = narrow[narrow["metric"] == "churn_roc_auc"].set_index("cutoff")
+    assert narrow.at["mean", "high"] - narrow.at["mean", "low"] < 0.85 * one
 
 
 def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(

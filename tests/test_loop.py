@@ -163,6 +163,17 @@ def test_a_tight_budget_keeps_the_exploration_share_for_the_explored(tmp_path: P
     assert len(uplift_rows) and uplift_rows["expected_incremental_profit"].min() >= 1.0
 
 
+def test_a_campaign_with_every_customer_left_out_is_empty(settings: Settings) -> None:
+    scores = published_scores(settings, n=40).assign(
+        policy="playbook", expected_incremental_profit=np.nan
+    )
+    scores["customer_key"] = [f"k{i}" for i in range(len(scores))]
+    chosen = campaigns._choose(
+        scores, campaigns.load_actions(settings), "cmp-z", settings, set(scores["customer_key"])
+    )
+    assert chosen.empty
+
+
 def test_customers_in_an_open_campaign_or_unsubscribed_are_left_out(settings: Settings) -> None:
     published_scores(settings)
     first = campaigns.plan(settings, "cmp-a")
@@ -553,6 +564,10 @@ def test_tier_migration_counts_the_customers_gone_as_well_as_the_new(settings: S
             " ordered_on date, is_purchase boolean, is_merchandise boolean)"
         )
         tables = monitoring.record(con, "run-2", 90, reference={}, reference_name="none")
+        # Rerunning the same scoring run measures no new data: it keeps when it was measured.
+        again = monitoring.record(con, "run-2", 90, reference={}, reference_name="none")
+    for name in ("feature_drift", "score_drift"):
+        assert again[name]["computed_at"].equals(tables[name]["computed_at"])
     migration = {
         (r.from_tier, r.to_tier): r.customers for r in tables["tier_migration"].itertuples()
     }
@@ -969,9 +984,13 @@ def test_a_drift_that_a_retraining_answered_fires_again_only_when_measured_again
         return [r for r in retraining.decide(settings).customer_model if r.startswith("drift")]
 
     assert drifted()
-    # A training run starts after the drift was measured (and, say, loses its gate).
     client = MlflowClient(settings.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name(TrainConfig.load(settings.train_config).experiment)
+    # A training run that crashed trained nothing: the drift still stands.
+    crashed = client.create_run(experiment.experiment_id, tags={"valueloop.kind": "training"})
+    client.set_terminated(crashed.info.run_id, status="FAILED")
+    assert drifted()
+    # A training run starts after the drift was measured (and, say, loses its gate).
     run = client.create_run(experiment.experiment_id, tags={"valueloop.kind": "training"})
     client.set_terminated(run.info.run_id)
     assert drifted() == []

@@ -189,8 +189,8 @@ class CampaignPlan:
     cost: float
     by_action: dict[str, tuple[int, int]]  # action -> (treated, control)
     policies: dict[str, int]
-    excluded_open: int
-    excluded_unsubscribed: int
+    excluded_open: int | None  # None: a campaign planned before these were recorded
+    excluded_unsubscribed: int | None
     export_csv: Path
     export_parquet: Path
     # Planned earlier and returned as it was (planning again does not rewrite a campaign).
@@ -209,9 +209,13 @@ class CampaignPlan:
             f"campaign {self.campaign_id}{kept} (as of {self.as_of}, goes out "
             f"{self.assigned_at:%Y-%m-%d}): {self.treated:,} treated + {self.control:,} control, "
             f"contact cost {self.cost:,.2f}; per action (treated+control): {actions}; "
-            f"policies: {policies}; left out: {self.excluded_open:,} in an open campaign, "
-            f"{self.excluded_unsubscribed:,} unsubscribed\nexport: {self.export_csv}"
+            f"policies: {policies}; left out: {_count(self.excluded_open)} in an open campaign, "
+            f"{_count(self.excluded_unsubscribed)} unsubscribed\nexport: {self.export_csv}"
         )
+
+
+def _count(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
 
 
 def _candidates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
@@ -370,8 +374,8 @@ def _stored(con: duckdb.DuckDBPyConnection, campaign_id: str) -> CampaignPlan | 
         float(cost),
         by_action,
         policies,
-        int(excluded_open or 0),
-        int(excluded_unsub or 0),
+        None if excluded_open is None else int(excluded_open),
+        None if excluded_unsub is None else int(excluded_unsub),
         Path(csv_),
         Path(pq),
         kept=True,
@@ -405,7 +409,9 @@ def _choose(
         else:  # no action, or one this customer may not receive
             action.append(NO_ACTION)
             policy.append(pol)
-    rows["action"], rows["policy"] = action, policy
+    # object columns even with no row left (every customer excluded)
+    rows["action"] = pd.Series(action, index=rows.index, dtype=object)
+    rows["policy"] = pd.Series(policy, index=rows.index, dtype=object)
     rows = rows[rows["action"] != NO_ACTION].copy()
     rows["_u"] = [unit_hash(campaign_id, "budget", k) for k in rows["customer_key"]]
     rows["_cost"] = rows["action"].map({a: x.cost for a, x in actions.items()})

@@ -106,6 +106,16 @@ def _status(value: float) -> str:
     return "stable" if value < STABLE else "moving" if value < DRIFTED else "drifted"
 
 
+def _first_measured(con: duckdb.DuckDBPyConnection, run_id: str) -> datetime | None:
+    try:
+        return con.execute(
+            "select min(computed_at) from monitoring.feature_drift where scoring_run_id = ?",
+            [run_id],
+        ).fetchone()[0]
+    except duckdb.CatalogException:  # the first monitored run
+        return None
+
+
 def record(
     con: duckdb.DuckDBPyConnection,
     run_id: str,
@@ -119,7 +129,9 @@ def record(
     champion's training data, named ``reference_name``); a champion trained before it was
     logged is measured against the training split of today's marts instead, and the table's
     ``reference`` column says which."""
-    now = datetime.now(UTC).replace(tzinfo=None)
+    # A rerun of the same scoring run keeps when it was first measured: the retraining
+    # trigger reads drift measured since the last training, and a rerun measures no new data.
+    now = _first_measured(con, run_id) or datetime.now(UTC).replace(tzinfo=None)
     features = ", ".join(DRIFT_FEATURES)
     if reference is None:
         reference = reference_profiles(
