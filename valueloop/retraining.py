@@ -9,9 +9,9 @@
   a later scoring run measures it again); or its last training is older than
   ``VALUELOOP_RETRAIN_EVERY_DAYS`` (the schedule).
 
-What counts as "since the last training" is read from MLflow (the last run that finished; the
-outcomes and corrections a run trained on are its parameters), so the decision is the same
-wherever it is taken.
+What counts as "since the last training" is read from MLflow (the last run that finished or
+is running, not one that failed; the outcomes and corrections a run trained on are its
+parameters), so the decision is the same wherever it is taken.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ def _latest_run(settings: Settings, experiment: str, kind: str) -> mlflow.entiti
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs(  # a run that crashed trained nothing
+    runs = client.search_runs(  # a run that crashed trained nothing; one running will have
         [found.experiment_id],
-        f"tags.`valueloop.kind` = '{kind}' and attributes.status = 'FINISHED'",
+        f"tags.`valueloop.kind` = '{kind}' and attributes.status != 'FAILED'"
+        " and attributes.status != 'KILLED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
