@@ -45,7 +45,6 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 from tqdm.auto import tqdm
 
 from ml import registry
@@ -54,14 +53,13 @@ from ml.config import TrainConfig
 from ml.data import (
     SEQUENCE_COLUMN,
     TEXT_COLUMN,
-    TIERS,
     horizon_days,
     numeric_columns,
     read_per_cutoff,
     tier_index,
 )
 from ml.ensemble import AveragedEnsemble, MeanEnsemble
-from ml.evaluate import Predictions
+from ml.evaluate import Predictions, average_precision, brier, macro_f1, roc_auc
 from ml.sequence import SequenceClassifier, read_texts
 
 log = logging.getLogger(__name__)
@@ -178,20 +176,14 @@ def metric_values(test: pd.DataFrame, predictions: Predictions, rows: np.ndarray
     p = predictions.churn_prob[rows]
     spend = test["future_spend"].to_numpy(dtype="float64")[rows]
     out = {
-        "churn_roc_auc": roc_auc_score(churn, p) if 0 < churn.sum() < len(churn) else np.nan,
-        "churn_pr_auc": average_precision_score(churn, p) if churn.sum() else np.nan,
-        "churn_brier": brier_score_loss(churn, p),
+        "churn_roc_auc": roc_auc(churn, p) if 0 < churn.sum() < len(churn) else np.nan,
+        "churn_pr_auc": average_precision(churn, p) if churn.sum() else np.nan,
+        "churn_brier": brier(churn, p),
         "tier_macro_f1": np.nan,
     }
     if predictions.tier_probs is not None:
         tiers = tier_index(test["value_tier"])[rows]
-        out["tier_macro_f1"] = f1_score(
-            tiers,
-            predictions.predicted_tiers(rows),
-            average="macro",
-            labels=list(range(len(TIERS))),
-            zero_division=0,
-        )
+        out["tier_macro_f1"] = macro_f1(tiers, predictions.predicted_tiers(rows))
     total = spend.clip(min=0).sum()
     top = np.argsort(-predictions.value_score[rows], kind="stable")[: max(1, len(rows) // 10)]
     out["top_decile_capture"] = float(spend.clip(min=0)[top].sum() / total) if total > 0 else np.nan

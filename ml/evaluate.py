@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     average_precision_score,
@@ -52,6 +53,55 @@ def decide_tiers(tier_probs: np.ndarray, weights: np.ndarray | None = None) -> n
     return (tier_probs if weights is None else tier_probs * np.asarray(weights)).argmax(1)
 
 
+# The metrics that bootstraps and the tier-weight search compute thousands of times, in
+# NumPy: the same figures as scikit-learn's (tests/test_evaluate.py checks them against it),
+# without its input validation, which cost more than the metric itself on every call.
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int = len(TIERS)) -> float:
+    """``f1_score(labels, predicted, average="macro", labels=range(n_classes),
+    zero_division=0)``: a class neither labelled nor predicted scores 0."""
+    counts = np.bincount(
+        np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(predicted, dtype=np.int64),
+        minlength=n_classes * n_classes,
+    ).reshape(n_classes, n_classes)
+    hits = np.diag(counts).astype(float)
+    denominator = counts.sum(0) + counts.sum(1)  # 2 hits + false positives + false negatives
+    f1 = np.divide(2 * hits, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    return float(f1.mean())
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """``roc_auc_score(y, p)`` for 0/1 labels of both kinds: the Mann-Whitney statistic, ties
+    counted half."""
+    y = np.asarray(y).astype(bool)
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC-AUC needs both classes among the labels")
+    ranks = rankdata(p)
+    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    """``average_precision_score(y, p)``: precision at each distinct score, weighted by the
+    recall gained there."""
+    order = np.argsort(-np.asarray(p), kind="mergesort")
+    y, p = np.asarray(y, dtype=float)[order], np.asarray(p)[order]
+    if y.sum() == 0:
+        raise ValueError("average precision needs a positive label")
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last row of each distinct score
+    hits = np.cumsum(y)[last]
+    precision = hits / (last + 1)
+    recall = hits / hits[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    """``brier_score_loss(y, p)`` for 0/1 labels."""
+    return float(np.mean((np.asarray(p, dtype=float) - np.asarray(y, dtype=float)) ** 2))
+
+
 def fit_tier_weights(tier_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Weights on the high and lapsed probabilities (active fixed at 1) that maximise macro-F1
     on these rows (the validation cutoff): argmax of calibrated probabilities is the rule for
@@ -62,13 +112,7 @@ def fit_tier_weights(tier_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for high in grid:
         for lapsed in grid:
             weights = np.array([high, 1.0, lapsed])
-            f1 = f1_score(
-                labels,
-                decide_tiers(tier_probs, weights),
-                average="macro",
-                labels=list(range(len(TIERS))),
-                zero_division=0,
-            )
+            f1 = macro_f1(labels, decide_tiers(tier_probs, weights))
             distance = abs(np.log(high)) + abs(np.log(lapsed))
             if f1 > best + 1e-12 or (
                 abs(f1 - best) <= 1e-12 and distance < np.abs(np.log(chosen)).sum()
@@ -141,17 +185,10 @@ def paired_bootstrap(
 
     def score(predictions: Predictions, rows: np.ndarray) -> float:
         if metric in ("customer_score", "churn_roc_auc"):  # the gate's metrics, computed alone
-            auc = roc_auc_score(churn[rows], predictions.churn_prob[rows])
+            auc = roc_auc(churn[rows], predictions.churn_prob[rows])
             if metric == "churn_roc_auc":
-                return float(auc)
-            f1 = f1_score(
-                tiers[rows],
-                predictions.predicted_tiers(rows),
-                average="macro",
-                labels=list(range(len(TIERS))),
-                zero_division=0,
-            )
-            return float((auc + f1) / 2)
+                return auc
+            return (auc + macro_f1(tiers[rows], predictions.predicted_tiers(rows))) / 2
         part = Predictions(
             predictions.churn_prob[rows],
             None if predictions.tier_probs is None else predictions.tier_probs[rows],
