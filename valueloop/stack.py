@@ -122,6 +122,8 @@ class Stack:
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://{pg}/airflow",
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.ports['redis']}/0",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+            # Warm workers: dbt, GX and the models imported once, before each task's fork.
+            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "valueloop.celery_config.CELERY_CONFIG",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
             "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text(),
             "AIRFLOW__API__WORKERS": "1",
@@ -160,8 +162,43 @@ class Stack:
         except httpx.TransportError:
             return False
 
+    def discard_postgres_data(self) -> None:
+        """Remove Postgres's data (stopped first): the Airflow metadata and MLflow registry."""
+        if self.running():
+            raise RuntimeError("stop the stack before discarding its Postgres data")
+        if self.postgres_data.exists():
+            shutil.rmtree(self.postgres_data)
+
+    def _claim_postgres_data(self) -> None:
+        """Postgres's data outside the home (as root, in /var/tmp) belongs to this home only
+        while both hold the same token. A home deleted and made again at the same path (``make
+        clean``, a test's temporary folder) would otherwise inherit a registry whose artifacts
+        and a warehouse whose runs are gone: that data is discarded and Postgres starts afresh."""
+        data, token_file = self.postgres_data, self.root / "postgres-token"
+        if data.is_relative_to(self.root):
+            return  # inside the home: it goes with it
+        claimed, mark = data / "valueloop-home-token", None
+        token = token_file.read_text() if token_file.exists() else None
+        if (data / "PG_VERSION").exists():
+            mark = claimed.read_text() if claimed.exists() else None
+            # Made before tokens: kept when the home still has the stack's artifacts.
+            legacy = mark is None and token is None and (self.root / "mlartifacts").exists()
+            if not legacy and (token is None or mark != token):
+                log.warning(
+                    "Postgres data %s belonged to an earlier home at %s: starting afresh",
+                    data,
+                    self.settings.home,
+                )
+                shutil.rmtree(data)
+        if token is None:
+            token = secrets.token_hex(16)
+            token_file.write_text(token)
+        if (data / "PG_VERSION").exists() and mark != token:  # a legacy pair, adopted
+            claimed.write_text(token)
+
     def _start_postgres(self) -> None:
         data = self.postgres_data
+        self._claim_postgres_data()
         if not (data / "PG_VERSION").exists():
             data.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
@@ -173,6 +210,10 @@ class Stack:
                 check=True,
                 capture_output=True,
             )
+            if not data.is_relative_to(self.root):
+                (data / "valueloop-home-token").write_text(
+                    (self.root / "postgres-token").read_text()
+                )
         command = [_postgres_bin("postgres"), "-D", str(data), "-p", str(self.ports["postgres"])]
         command += ["-h", "127.0.0.1", "-k", str(data)]
         self._spawn("postgres", _as_postgres_user(command))
