@@ -55,14 +55,41 @@ def decide_tiers(tier_probs: np.ndarray, weights: np.ndarray | None = None) -> n
 
 # The metrics that bootstraps and the tier-weight search compute thousands of times, in
 # NumPy: the same figures as scikit-learn's (tests/test_evaluate.py checks them against it),
-# without its input validation, which cost more than the metric itself on every call.
+# with the few checks that matter here instead of its general validation, which cost more
+# than the metric itself on every call.
 
 
-def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int = len(TIERS)) -> float:
+def _binary(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels (bool, int or float) as a mask of positives, and finite scores, both 1-D and
+    as long as each other; anything else raises."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    if y.ndim != 1 or p.shape != y.shape:
+        raise ValueError(f"labels and scores must be 1-D and as long: {y.shape} and {p.shape}")
+    if not np.isfinite(p).all():
+        raise ValueError("the scores contain NaN or infinity")
+    positive = y == 1
+    if not (positive | (y == 0)).all():
+        raise ValueError(f"labels must be 0 or 1, got {np.unique(y)[:5].tolist()}")
+    return positive, p
+
+
+def macro_f1(labels, predicted, n_classes: int = len(TIERS)) -> float:
     """``f1_score(labels, predicted, average="macro", labels=range(n_classes),
-    zero_division=0)``: a class neither labelled nor predicted scores 0."""
+    zero_division=0)`` for class indices in ``[0, n_classes)``: a class neither labelled nor
+    predicted scores 0."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    if labels.ndim != 1 or predicted.shape != labels.shape:
+        raise ValueError(
+            f"labels and predictions differ in shape: {labels.shape}, {predicted.shape}"
+        )
+    for name, values in (("labels", labels), ("predictions", predicted)):
+        if len(values) and not (
+            np.issubdtype(values.dtype, np.integer)
+            and 0 <= values.min() <= values.max() < n_classes
+        ):
+            raise ValueError(f"{name} must be class indices 0 to {n_classes - 1}")
     counts = np.bincount(
-        np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(predicted, dtype=np.int64),
+        labels.astype(np.int64) * n_classes + predicted.astype(np.int64),
         minlength=n_classes * n_classes,
     ).reshape(n_classes, n_classes)
     hits = np.diag(counts).astype(float)
@@ -71,35 +98,39 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int = len(TIE
     return float(f1.mean())
 
 
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+def roc_auc(y, p) -> float:
     """``roc_auc_score(y, p)`` for 0/1 labels of both kinds: the Mann-Whitney statistic, ties
     counted half."""
-    y = np.asarray(y).astype(bool)
-    positives = int(y.sum())
-    negatives = len(y) - positives
+    positive, p = _binary(y, p)
+    positives = int(positive.sum())
+    negatives = len(positive) - positives
     if positives == 0 or negatives == 0:
         raise ValueError("ROC-AUC needs both classes among the labels")
     ranks = rankdata(p)
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return float(
+        (ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+    )
 
 
-def average_precision(y: np.ndarray, p: np.ndarray) -> float:
+def average_precision(y, p) -> float:
     """``average_precision_score(y, p)``: precision at each distinct score, weighted by the
     recall gained there."""
-    order = np.argsort(-np.asarray(p), kind="mergesort")
-    y, p = np.asarray(y, dtype=float)[order], np.asarray(p)[order]
-    if y.sum() == 0:
+    positive, p = _binary(y, p)
+    if not positive.any():
         raise ValueError("average precision needs a positive label")
+    order = np.argsort(-p, kind="mergesort")
+    positive, p = positive[order], p[order]
     last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last row of each distinct score
-    hits = np.cumsum(y)[last]
+    hits = np.cumsum(positive)[last]
     precision = hits / (last + 1)
     recall = hits / hits[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def brier(y: np.ndarray, p: np.ndarray) -> float:
+def brier(y, p) -> float:
     """``brier_score_loss(y, p)`` for 0/1 labels."""
-    return float(np.mean((np.asarray(p, dtype=float) - np.asarray(y, dtype=float)) ** 2))
+    positive, p = _binary(y, p)
+    return float(np.mean((p - positive) ** 2))
 
 
 def fit_tier_weights(tier_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

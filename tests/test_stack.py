@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +54,14 @@ def test_the_pipeline_runs_through_postgres_redis_two_celery_workers_and_mlflow(
     )
     jobs.generate_demo(settings, customers=600, seed=3)
     stack = Stack(settings, workers=2, schedules=False)  # as `make run-distributed`
+    try:
+        _run_and_check(stack, settings)
+    finally:
+        stack.stop()
+        stack.discard_postgres_data()  # as root it lives in /var/tmp, outside tmp_path
+
+
+def _run_and_check(stack: Stack, settings) -> None:
     with stack:
         runs = stack.run_pipeline()
 
@@ -63,6 +72,9 @@ def test_the_pipeline_runs_through_postgres_redis_two_celery_workers_and_mlflow(
         # Both Celery workers ran tasks.
         per_worker = stack.worker_task_counts()
         assert all(n > 0 for n in per_worker.values()), per_worker
+        # Each warmed up before forking tasks (valueloop/celery_config.py).
+        for n in (1, 2):
+            assert "warm-up: imported dbt.cli.main" in (stack.logs / f"worker{n}.log").read_text()
 
         # The one-slot pool kept the warehouse's writers serial, across all three DAGs.
         pooled = []
@@ -93,13 +105,16 @@ def test_the_pipeline_runs_through_postgres_redis_two_celery_workers_and_mlflow(
     # Stopped cleanly: every service exited.
     assert stack.running() == []
     assert not stack.postgres_data.joinpath("postmaster.pid").exists()
-    stack.discard_postgres_data()  # as root it lives in /var/tmp, outside tmp_path
+
+
+def _connect(stack: Stack):
+    import psycopg2  # the stack's requirements (requirements-stack.txt)
+
+    return psycopg2.connect(host="127.0.0.1", port=stack.ports["postgres"], user="postgres")
 
 
 def _databases(stack: Stack) -> set[str]:
-    import psycopg2
-
-    con = psycopg2.connect(host="127.0.0.1", port=stack.ports["postgres"], user="postgres")
+    con = _connect(stack)
     with con, con.cursor() as cur:
         cur.execute("select datname from pg_database")
         names = {row[0] for row in cur.fetchall()}
@@ -107,41 +122,53 @@ def _databases(stack: Stack) -> set[str]:
     return names
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="only as root does Postgres's data live outside the home"
+)
 def test_a_home_made_afresh_at_the_same_path_does_not_inherit_its_postgres(
     tmp_path: Path,
 ) -> None:
     """Postgres's data outlives the home when it lives in /var/tmp (as root): after `make
     clean`, the registry in it would name models whose artifacts went with the home."""
+    home = tmp_path / "home"
 
-    def postgres_of(home: Path) -> Stack:
+    def postgres_of() -> Stack:
         stack = Stack(load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=home), workers=1)
         stack.ports["postgres"] = _free_port()
         stack.root.mkdir(parents=True, exist_ok=True)
         stack._start_postgres()
         return stack
 
-    home = tmp_path / "home"
-    first = postgres_of(home)
-    try:
-        first_databases = _databases(first)
-        import psycopg2
+    started: list[Stack] = []
 
-        con = psycopg2.connect(host="127.0.0.1", port=first.ports["postgres"], user="postgres")
+    def databases_then_stop() -> set[str]:
+        stack = postgres_of()
+        started.append(stack)
+        try:
+            return _databases(stack)
+        finally:
+            stack.stop()
+
+    try:
+        first = postgres_of()
+        started.append(first)
+        first_databases = _databases(first)
+        con = _connect(first)
         con.autocommit = True
         with con.cursor() as cur:
             cur.execute("create database left_by_the_first_home")
         con.close()
-    finally:
+        # Nobody discards data a server runs on, not even another Stack of the same home.
+        with pytest.raises(RuntimeError, match="stop the stack that uses it"):
+            Stack(first.settings).discard_postgres_data()
         first.stop()
-    again = postgres_of(home)  # the same home: its data kept
-    try:
-        assert "left_by_the_first_home" in _databases(again)
+        # The same home: its data kept.
+        assert "left_by_the_first_home" in databases_then_stop()
+        # A new home at the same path: fresh data.
+        shutil.rmtree(home)
+        assert databases_then_stop() == first_databases
     finally:
-        again.stop()
-    shutil.rmtree(home)
-    afresh = postgres_of(home)  # a new home at the same path: fresh data
-    try:
-        assert _databases(afresh) == first_databases
-    finally:
-        afresh.stop()
-        afresh.discard_postgres_data()
+        for stack in started:
+            stack.stop()
+        if started:
+            started[0].discard_postgres_data()

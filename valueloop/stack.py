@@ -162,10 +162,22 @@ class Stack:
         except httpx.TransportError:
             return False
 
+    def _refuse_if_postgres_runs(self, doing: str) -> None:
+        """Raise when a Postgres server (this stack's or another process's) runs on the data."""
+        pid_file = self.postgres_data / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, 0)
+        except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+            return  # no server, or a stale pid file left by a crash
+        raise RuntimeError(
+            f"a Postgres server (pid {pid}) runs on {self.postgres_data}: stop the stack that "
+            f"uses it (`valueloop stack` for home {self.settings.home}) before {doing}"
+        )
+
     def discard_postgres_data(self) -> None:
         """Remove Postgres's data (stopped first): the Airflow metadata and MLflow registry."""
-        if self.running():
-            raise RuntimeError("stop the stack before discarding its Postgres data")
+        self._refuse_if_postgres_runs("discarding its data")
         if self.postgres_data.exists():
             shutil.rmtree(self.postgres_data)
 
@@ -184,6 +196,7 @@ class Stack:
             # Made before tokens: kept when the home still has the stack's artifacts.
             legacy = mark is None and token is None and (self.root / "mlartifacts").exists()
             if not legacy and (token is None or mark != token):
+                self._refuse_if_postgres_runs("starting afresh for a new home at that path")
                 log.warning(
                     "Postgres data %s belonged to an earlier home at %s: starting afresh",
                     data,
