@@ -13,6 +13,7 @@ import glob
 import itertools
 import os
 import shutil
+import subprocess
 from datetime import datetime
 from pathlib import Path
 
@@ -172,3 +173,20 @@ def test_a_home_made_afresh_at_the_same_path_does_not_inherit_its_postgres(
             stack.stop()
         if started:
             started[0].discard_postgres_data()
+
+
+def test_postgres_data_is_discarded_only_when_no_server_runs_on_it(tmp_path: Path) -> None:
+    stack = Stack(load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path / "home"))
+    data = stack.postgres_data
+    data.mkdir(parents=True)
+    try:
+        (data / "postmaster.pid").write_text(f"{os.getpid()}\n/some/data\n")  # alive
+        with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+            stack.discard_postgres_data()
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        (data / "postmaster.pid").write_text(f"{dead.pid}\n")  # a crash's stale pid file
+        stack.discard_postgres_data()
+        assert not data.exists()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)

@@ -167,9 +167,14 @@ class Stack:
         pid_file = self.postgres_data / "postmaster.pid"
         try:
             pid = int(pid_file.read_text().split()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            return  # no server
+        try:
             os.kill(pid, 0)
-        except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
-            return  # no server, or a stale pid file left by a crash
+        except ProcessLookupError:
+            return  # a stale pid file, left by a crash
+        except PermissionError:
+            pass  # alive, under another user
         raise RuntimeError(
             f"a Postgres server (pid {pid}) runs on {self.postgres_data}: stop the stack that "
             f"uses it (`valueloop stack` for home {self.settings.home}) before {doing}"
