@@ -6,6 +6,13 @@ from __future__ import annotations
 import logging
 import sys
 
+import pytest
+
+pytest.importorskip(
+    "airflow.providers.celery",
+    reason="needs the stack's packages (requirements-stack.txt): `make test` installs them",
+)
+
 from celery.signals import celeryd_init
 
 from valueloop import celery_config
