@@ -614,6 +614,7 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
             "group_name": np.where(np.arange(len(chosen)) % 10 == 0, "control", "treatment"),
         }
     )
+    truth_before = pd.read_parquet(shop / "latent" / "customer_truth.parquet")
     window = market.advance(shop, plan, start, 30, tmp_path / "outcomes", 5)
     events = pd.read_csv(window.outcomes_file)
     assert set(events["customer_key"]) <= set(
@@ -631,6 +632,33 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
     # A rerun of the loop after a later step failed carries on from the window played.
     assert market.played(shop, "cmp-x") == window
     assert market.played(shop, "cmp-y") is None
+    # The B2B account team: customers who stopped buying here because they moved to the B2B
+    # account did not churn, from their last order here on; its first file has the year's moves.
+    moved = pd.read_csv(window.corrections_file, dtype=str, keep_default_na=False)
+    assert window.corrections == len(moved) > 0
+    assert window.corrections_file.parent.name == "label_feedback"
+    assert market.moved_to_b2b(5, moved["customer_id"]).all()
+    assert set(moved["label"]) == {"is_churned"} and set(moved["corrected_value"]) == {"false"}
+    assert set(moved["valid_to"]) == {""} and moved["feedback_id"].is_unique
+    after = pd.read_parquet(shop / "latent" / "customer_truth.parquet").set_index("customer_id")
+    # a customer won back by the campaign has no dropout now; before it, the one listed
+    last_order = after["dropped_out_at"].fillna(
+        truth_before.set_index("customer_id")["dropped_out_at"]
+    )
+    assert list(last_order[moved["customer_id"]].dt.strftime("%Y-%m-%d")) == list(
+        moved["valid_from"]
+    )
+    assert moved["valid_from"].min() >= "2025-01-01" and moved["valid_from"].max() <= "2026-01-31"
+    dropped = last_order[last_order >= "2025-01-01"].index
+    assert set(moved["customer_id"]) == set(dropped[market.moved_to_b2b(5, dropped)])
+    # Later files list only their window's moves.
+    later = market.advance(
+        shop, plan.assign(campaign_id="cmp-z"), start + timedelta(30), 30, tmp_path / "outcomes", 5
+    )
+    if later.corrections:
+        again = pd.read_csv(later.corrections_file, dtype=str)
+        assert again["valid_from"].min() >= "2026-01-31"
+        assert not set(again["customer_id"]) & set(moved["customer_id"])
 
 
 def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
@@ -664,6 +692,16 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
         ).fetchall()
         migration = con.execute("select sum(customers) from monitoring.tier_migration").fetchone()
         scored = con.execute("select count(*) from marts.customer_scores").fetchone()[0]
+        label_batches = con.execute(
+            "select rows_read, rows_accepted from raw.ingest_batches"
+            " where entity = 'label_feedback'"
+        ).fetchall()
+        sent = con.execute("select count(*), min(source) from raw.label_feedback").fetchone()
+        followed = con.execute(
+            "select count(*), count(*) filter (where is_churned),"
+            " count(*) filter (where derived_value_tier = 'lapsed') from marts.customer_labels"
+            " where label_source like 'feedback:b2b-%'"
+        ).fetchone()
     assert planned == 3  # the first scoring's campaign and one after each cycle
     assert len(measured) == 2
     for campaign_id, treated, control in measured:
@@ -672,6 +710,12 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
     assert len(policies) == 1  # one policy chose every row of a scoring run
     assert policies[0][0] == "playbook" or policies[0][0].startswith("uplift-v")
     assert drift_runs >= 3 and migration[0] >= scored
+    # The demo market's B2B account team sent label corrections; they reached the labels.
+    assert label_batches and all(read == accepted for read, accepted in label_batches)
+    assert sent[0] > 0 and sent[1] == market.B2B_SOURCE
+    assert "label corrections: " in output and market.B2B_REASON in output
+    corrected, churned, derived_lapsed = followed
+    assert corrected > 0 and churned == 0 and derived_lapsed > 0
     # drift is measured against what the champion was trained on, logged with its training run
     client = MlflowClient(settings.mlflow_tracking_uri)
     for (reference,) in references:

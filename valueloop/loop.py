@@ -90,6 +90,7 @@ def simulate_campaign(
         int(windows[0]),
         settings.feedback_dir / "campaign_outcomes",
         settings.demo_seed,
+        settings.feedback_dir / "label_feedback",
     )
     log.info("%s", summary.summary())
     return summary
@@ -122,6 +123,16 @@ def measured(settings: Settings, campaign_id: str) -> list[ActionResult]:
     return [ActionResult(*row) for row in rows]
 
 
+def corrected_labels(settings: Settings) -> tuple[int, int]:
+    """Labelled rows (customer and cutoff) whose label a correction decided, of all."""
+    with connect(settings.warehouse_path) as con:
+        corrected, labelled = con.execute(
+            "select count(*) filter (where label_source <> 'derived'), count(*)"
+            " from marts.customer_labels"
+        ).fetchone()
+    return int(corrected), int(labelled)
+
+
 @dataclass(frozen=True)
 class CycleResult:
     cycle: int
@@ -133,6 +144,7 @@ class CycleResult:
     uplift_model: dict | None
     next_campaign: str
     next_policies: dict[str, int]
+    labels_corrected: tuple[int, int] = (0, 0)  # (corrected, labelled) after the cycle
 
     def lines(self) -> list[str]:
         out = [
@@ -145,6 +157,13 @@ class CycleResult:
                 f"  incremental revenue {a.incremental_revenue:+,.0f}"
                 f"  profit {a.incremental_profit:+,.0f}  unsubscribed {a.unsubscribe_rate:.1%}"
                 f"  ({a.treated}+{a.control})" + ("  too small to tell" if a.too_small else "")
+            )
+        if self.window.corrections:
+            corrected, labelled = self.labels_corrected
+            out.append(
+                f"  label corrections: {self.window.corrections:,} from the"
+                f" {market.B2B_SOURCE} ({market.B2B_REASON}); {corrected:,} of"
+                f" {labelled:,} labels now follow a correction"
             )
         out.append(f"  retraining: {self.retrain_reason}")
         if not self.customer_model and not self.uplift_model:
@@ -220,6 +239,7 @@ def run_cycle(settings: Settings, cycle: int, board=None) -> CycleResult:
         uplift,
         plan.campaign_id,
         plan.policies,
+        corrected_labels(settings),
     )
 
 

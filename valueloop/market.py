@@ -10,12 +10,17 @@
   bought anyway only costs margin), a chance to come back after dropping out, and a chance to
   unsubscribe;
 * the activation tool reports delivered, opened, clicked, converted (with the order's
-  revenue) and unsubscribed events for the treated group.
+  revenue) and unsubscribed events for the treated group;
+* some customers who stop buying have not left: they moved to the shop's B2B account, where
+  this shop's data does not follow them (:data:`B2B_MOVE_SHARE` of those who drop out). The
+  B2B account team says so, as label corrections (``is_churned`` = false from the day of their
+  last order here); its first file also lists the moves of the year before.
 
 It writes what a shop would send (new order lines as a simulator part file, the outcome file
-in the landing folder), updates the latent state (dropouts, revivals) and records the true
-expected effect of every action on every campaign customer under ``latent/campaigns/``, which
-only benchmarks read. :func:`expected_incremental_profit` is that truth for any customers.
+and the label corrections in the landing folder), updates the latent state (dropouts,
+revivals) and records the true expected effect of every action on every campaign customer
+under ``latent/campaigns/``, which only benchmarks read. :func:`expected_incremental_profit`
+is that truth for any customers.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ from valueloop.simulator import (
 
 TYPE_NAMES = tuple(t.name for t in CUSTOMER_TYPES)
 GUEST_ORDER_SHARE = 0.12
+# Of the customers who stop buying, the share who moved to the shop's B2B account (decided by
+# a hash of the seed and the customer, so the same customers in every window and rerun).
+B2B_MOVE_SHARE = 0.03
+B2B_SOURCE = "b2b account team"
+B2B_REASON = "did not churn: moved to the B2B account"
+B2B_BACKLOG_DAYS = 365  # the team's first file lists the moves of the year before
 
 
 @dataclass(frozen=True)
@@ -208,14 +219,21 @@ class WindowSummary:
     dropped_out: int
     events: int
     outcomes_file: Path
+    corrections: int = 0  # label corrections the B2B account team sent
+    corrections_file: Path | None = None
 
     def summary(self) -> str:
+        sent = (
+            f"; {self.corrections:,} label corrections in {self.corrections_file}"
+            if self.corrections
+            else ""
+        )
         return (
             f"market {self.start:%Y-%m-%d} to {self.end:%Y-%m-%d} after {self.campaign_id}: "
             f"{self.orders:,} orders ({self.order_lines:,} lines; {self.incremental_orders:,} "
             f"caused by the campaign, {self.revived:,} customers won back), "
             f"{self.dropped_out:,} customers dropped out, {self.events:,} activation events "
-            f"in {self.outcomes_file}"
+            f"in {self.outcomes_file}{sent}"
         )
 
 
@@ -243,6 +261,36 @@ def played(shop: Path, campaign_id: str) -> WindowSummary | None:
         kept["dropped_out"],
         kept["events"],
         Path(kept["outcomes_file"]),
+        kept.get("corrections", 0),  # windows played before the B2B account team existed
+        Path(kept["corrections_file"]) if kept.get("corrections_file") else None,
+    )
+
+
+def moved_to_b2b(seed: int, customer_ids) -> np.ndarray:
+    """Whether each customer, once they stop buying here, moved to the B2B account."""
+    from valueloop.campaigns import unit_hash
+
+    return np.array([unit_hash("b2b", str(seed), str(c)) < B2B_MOVE_SHARE for c in customer_ids])
+
+
+def b2b_corrections(
+    customer_ids: np.ndarray, last_orders: pd.DatetimeIndex, submitted_at: datetime
+) -> pd.DataFrame:
+    """The B2B account team's file: each moved customer did not churn, from the day of their
+    last order in this shop on (a ``raw.label_feedback`` file, by the contract)."""
+    days = pd.DatetimeIndex(last_orders).normalize()
+    return pd.DataFrame(
+        {
+            "feedback_id": [f"b2b-{c}-{d:%Y%m%d}" for c, d in zip(customer_ids, days, strict=True)],
+            "customer_id": pd.Series(customer_ids, dtype=object).astype(str),
+            "label": "is_churned",
+            "corrected_value": "false",
+            "valid_from": days.strftime("%Y-%m-%d"),
+            "valid_to": "",
+            "reason": B2B_REASON,
+            "source": B2B_SOURCE,
+            "submitted_at": f"{submitted_at:%Y-%m-%d} 09:00:00",
+        }
     )
 
 
@@ -253,12 +301,15 @@ def advance(
     days: int,
     outcomes_dir: Path,
     seed: int,
+    corrections_dir: Path | None = None,
 ) -> WindowSummary:
     """Play the shop forward ``days`` from ``start`` under a campaign (see the module doc).
 
     ``assignments`` has customer_id, customer_key, action and group_name per campaign customer
     and campaign_id; customers not in it are untreated. Re-running the same window rewrites the
-    same files (the draws are seeded by the seed and the campaign id).
+    same files (the draws are seeded by the seed and the campaign id). The B2B account team's
+    label corrections go to ``corrections_dir`` (default: ``label_feedback/`` beside
+    ``outcomes_dir``), ``<campaign id>.csv``, when it has any.
     """
     campaign_id = str(assignments["campaign_id"].iloc[0]) if len(assignments) else "none"
     rng = np.random.default_rng([seed, *campaign_id.encode()])
@@ -399,6 +450,33 @@ def advance(
         pd.Timestamp(start) + pd.to_timedelta(np.where(dropped_now, first_drop, 0), unit="D"),
         index=truth.index,
     ).dt.floor("s")
+
+    # Who of those who stopped buying moved to the B2B account, as its team reports at the
+    # window's end: the window's moves, and with its first file the year's before.
+    end = start + timedelta(days=days)
+    moved = moved_to_b2b(seed, truth["customer_id"])
+    reported = dropped_now & moved
+    last_order = dropped_at.where(reported)
+    if not manifest.get("windows"):
+        before = truth["dropped_out_at"]
+        backlog = (
+            moved
+            & (before >= pd.Timestamp(start) - pd.Timedelta(days=B2B_BACKLOG_DAYS)).to_numpy()
+            & (before < pd.Timestamp(start)).to_numpy()
+        )
+        last_order = last_order.where(~backlog, before)
+        reported |= backlog
+    corrections = b2b_corrections(
+        truth["customer_id"].to_numpy(object)[reported],
+        pd.DatetimeIndex(last_order[reported]),
+        end,
+    )
+    corrections_file = None
+    if len(corrections):
+        corrections_dir = corrections_dir or outcomes_dir.parent / "label_feedback"
+        corrections_dir.mkdir(parents=True, exist_ok=True)
+        corrections_file = corrections_dir / f"{campaign_id}.csv"
+        corrections.to_csv(corrections_file, index=False)
     truth["dropped_out_at"] = truth["dropped_out_at"].where(~came_back, pd.NaT)
     truth["dropped_out_at"] = truth["dropped_out_at"].where(~dropped_now, dropped_at)
     truth["purchases"] = truth["purchases"] + np.bincount(owner, minlength=n)
@@ -410,7 +488,6 @@ def advance(
         ),
         shop / "latent" / "customer_truth.parquet",
     )
-    end = start + timedelta(days=days)
     manifest["end"] = max(manifest["end"], (end - timedelta(days=1)).date().isoformat())
     manifest.setdefault("windows", {})[campaign_id] = f"{start:%Y-%m-%d}/{end:%Y-%m-%d}"
     summary = WindowSummary(
@@ -424,6 +501,8 @@ def advance(
         int(dropped_now.sum()),
         len(events),
         outcomes_file,
+        len(corrections),
+        corrections_file,
     )
     # What a rerun of the loop needs once the market has moved on (``played``).
     manifest.setdefault("window_summaries", {})[campaign_id] = {
@@ -436,6 +515,8 @@ def advance(
         "dropped_out": int(summary.dropped_out),
         "events": int(summary.events),
         "outcomes_file": str(outcomes_file),
+        "corrections": len(corrections),
+        "corrections_file": str(corrections_file) if corrections_file else None,
     }
     (shop / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return summary
