@@ -129,3 +129,28 @@ def test_online_retail_loads_with_exact_accounting(tmp_path: Path) -> None:
         """).fetchone()
     assert (rows, customers, float(total)) == (541_909, 4_372, 9_747_747.93)
     assert (cancelled, guests) == (9_288, 135_080)
+
+
+def test_the_summary_says_when_its_model_table_is_from_a_refused_retraining(
+    tmp_path: Path,
+) -> None:
+    """After a retraining the gate refused, the table is that training's, not the champion's."""
+    from rich.console import Console
+
+    from valueloop import run_summary
+    from valueloop.config import load_settings
+
+    settings = load_settings(home=tmp_path / "home")
+    models = {"lightgbm": {"churn_roc_auc": 0.83}, "stack": {"churn_roc_auc": 0.84}}
+
+    def shown(decision: str) -> str:
+        console = Console(record=True, width=240)
+        champion = run_summary.Champion("1", "stack", decision, "the gate's reason", "stack")
+        summary = run_summary.RunSummary([], [], models, champion, {"active": 3}, None)
+        run_summary.render(console, summary, settings, tmp_path / "logs")
+        return console.export_text()
+
+    assert "on the frozen holdout (★ champion):" in shown("promoted")
+    refused = shown("refused")
+    assert "the latest training, on its frozen holdout (refused;" in refused
+    assert "(★ champion)" not in refused and "stack ★" in refused

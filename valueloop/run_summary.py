@@ -221,7 +221,13 @@ def render(console: Console, summary: RunSummary, settings: Settings, logs: Path
     else:
         print_("  [bold]model[/]    no champion yet")
     if summary.models:
-        print_("           on the frozen holdout (★ champion):")
+        refused = summary.champion is not None and summary.champion.decision == "refused"
+        print_(
+            "           the latest training, on its frozen holdout (refused; ★ the champion's"
+            " kind of model):"
+            if refused
+            else "           on the frozen holdout (★ champion):"
+        )
         console.print(_models_table(summary))
     tiers = " · ".join(f"{tier} {n:,}" for tier, n in summary.tiers.items())
     print_(
