@@ -7,13 +7,17 @@ policy's actions, 20% exploration, 10% stratified control, `valueloop.campaigns`
 are drawn from the market's true effects (``valueloop.market.TRUE_EFFECTS``: Poisson orders
 with the effect's extra order or comeback, Gamma order values with the true means, the
 discount taken off), and the uplift model (``ml.uplift``, ``--learner``) is refitted on
-everything randomised so far. After each cycle every policy is scored by the **true expected
+everything randomised so far and gated as the platform gates it (``--gate``, default the
+setting ``VALUELOOP_UPLIFT_GATE``: the same learner fitted on four fifths of the customers,
+its policy weighed against the incumbent's on the held-out fifth, the refit deployed when
+it passes). After each cycle every policy is scored by the **true expected
 incremental profit** of the actions it picks for all eligible customers
 (``market.expected_incremental_profit``, each expected unsubscribe charged at the setting
-``VALUELOOP_UNSUBSCRIBE_COST``): the learned policy, the static playbook, random
-targeting (a random eligible action for as many customers as the playbook targets), no
-action, the oracle that knows the true effects, and the *feature ceiling*: a model of the
-uplift features fitted on the true profits, the most any learner of those features could
+``VALUELOOP_UNSUBSCRIBE_COST``): the learned policy (the uplift champion's, as deployed;
+``ungated``: the latest refit's), the static playbook, random targeting (a random eligible
+action for as many customers as the playbook targets), no action, the oracle that knows
+the true effects, and the *feature ceiling*: a model of the uplift features fitted on the
+true profits, the most any learner of those features could
 earn (:func:`feature_ceiling`).
 
     python benchmarks/loop_policy.py --seeds 1 2 3 --cycles 3 --customers 10000
@@ -47,6 +51,7 @@ LEARNER = "cells"
 CONFIDENCE_Z = None  # None: the setting VALUELOOP_UPLIFT_CONFIDENCE_Z
 VERBOSE = False
 BLIND_TO_UNSUBSCRIBES = False  # the policy ignores unsubscribes (the truth still counts them)
+GATE = "guardrail"  # the uplift gate the platform applies (ml.uplift.GATES), or "none"
 
 
 def playbook(settings, scores: pd.DataFrame) -> np.ndarray:
@@ -187,13 +192,29 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
     }
     salt = "benchmark"
     scores["customer_key"] = [campaigns.customer_key(salt, c) for c in scores["customer_id"]]
+    target = uplift.PolicyTarget(
+        frame=scores,
+        playbook=book,
+        eligible=eligible,
+        costs=costs,
+        bounded=frozenset(a for a, x in actions.items() if x.discount == 0),
+        margin=settings.margin_rate,
+        confidence_z=settings.uplift_confidence_z if CONFIDENCE_Z is None else CONFIDENCE_Z,
+        unsubscribe_cost=0.0 if BLIND_TO_UNSUBSCRIBES else settings.unsubscribe_cost,
+    )
+
+    def fit(data: pd.DataFrame):
+        learner = uplift.LEARNERS[LEARNER](seed)
+        learner.discounts = {a: x.discount for a, x in actions.items()}
+        return learner.fit(data)
+
     history: list[pd.DataFrame] = []
-    current, results = book.copy(), []
+    current, champion, results = book.copy(), None, []
     for cycle in range(1, cycles + 1):
         campaign_id = f"bench-{seed}-{cycle}"
         frame = scores.assign(
             next_best_action=current,
-            policy="playbook" if cycle == 1 else "uplift",
+            policy="playbook" if champion is None else "uplift",
             expected_incremental_profit=np.nan,
             segment_name="all",
         )
@@ -217,29 +238,30 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
         chosen["campaign_id"] = campaign_id
         history.append(chosen)
         data = pd.concat(history, ignore_index=True)
-        learner = uplift.LEARNERS[LEARNER](seed)
-        learner.discounts = {a: x.discount for a, x in actions.items()}
-        learner.fit(data)
-        effects = learner.effects(scores)
-        errors = learner.std_errors(scores) if hasattr(learner, "std_errors") else None
-        shared = (
-            learner.shared_std_errors(scores) if hasattr(learner, "shared_std_errors") else None
-        )
-        learned, _ = uplift.choose(
-            effects,
-            costs,
-            settings.margin_rate,
-            eligible,
-            book,
-            errors,
-            settings.uplift_confidence_z if CONFIDENCE_Z is None else CONFIDENCE_Z,
-            shared,
-            {a for a, x in actions.items() if x.discount == 0},
-            None
-            if BLIND_TO_UNSUBSCRIBES
-            else uplift.unsubscribe_costs(learner, scores, settings.unsubscribe_cost),
-        )
-        current = learned
+        learner = fit(data)
+        ungated = target.actions(learner)
+        lead, true_lead = (np.nan, np.nan, np.nan, 0), None
+        if GATE == "none":  # each refit used directly
+            current, promoted = ungated, True
+        else:  # as the platform does (ml.uplift.train): check on four fifths, deploy the refit
+            held = uplift.holdout_mask(data)
+            challenger = fit(data[~held].reset_index(drop=True))
+            lead = uplift.policy_lead(
+                challenger,
+                champion,
+                data[held].reset_index(drop=True),
+                target,
+                settings.uplift_gate_bootstrap,
+                seed,
+            )
+            incumbent = (champion, "the champion") if champion is not None else None
+            promoted, _ = uplift.gate_decision(lead, incumbent, GATE, len(scores))
+            true_lead = (
+                policy_value(profit, target.actions(challenger)) - policy_value(profit, current)
+            ) / len(scores)
+            if promoted:
+                champion, current = learner, ungated
+        learned = current
         value = policy_value(profit, learned)
         results.append(
             {
@@ -247,6 +269,12 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
                 "cycle": cycle,
                 "outcomes": len(data),
                 "learned": value,
+                "promoted": bool(promoted),
+                # the gate's held-out lead per customer, its 95% interval, customers switched
+                "gate": [round(float(v), 4) for v in lead],
+                # what the challenger's policy truly earns over the incumbent's, per customer
+                "true_lead": true_lead,
+                "ungated": policy_value(profit, ungated),
                 **reference,
                 "vs_playbook": value / reference["playbook"] if reference["playbook"] else None,
                 "share_of_oracle": value / reference["oracle"] if reference["oracle"] else None,
@@ -268,13 +296,25 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="print oracle vs learned actions")
     parser.add_argument("--confidence-z", type=float, help="default: the platform's setting")
     parser.add_argument(
+        "--gate",
+        choices=[*uplift.GATES, "none"],
+        help="the uplift gate (default: the setting VALUELOOP_UPLIFT_GATE); none: every "
+        "refit used directly, as this benchmark did until 2026-11-27",
+    )
+    parser.add_argument(
         "--blind-to-unsubscribes",
         action="store_true",
         help="the learned policy does not charge unsubscribes (the truth still does)",
     )
     args = parser.parse_args()
-    global LEARNER, VERBOSE, CONFIDENCE_Z, BLIND_TO_UNSUBSCRIBES
+    if args.learner != "cells" and args.gate != "none":
+        parser.error(
+            "the uplift gate measures the cells' effects again: "
+            "with a --learner other than cells, pass --gate none"
+        )
+    global LEARNER, VERBOSE, CONFIDENCE_Z, BLIND_TO_UNSUBSCRIBES, GATE
     LEARNER, VERBOSE, CONFIDENCE_Z = args.learner, args.verbose, args.confidence_z
+    GATE = args.gate or load_settings().uplift_gate
     BLIND_TO_UNSUBSCRIBES = args.blind_to_unsubscribes
     rows = []
     with tempfile.TemporaryDirectory(prefix="valueloop-loop-bench-") as tmp:
@@ -282,7 +322,17 @@ def main() -> None:
             rows += run_seed(seed, args.customers, args.cycles, Path(tmp))
     table = pd.DataFrame(rows)
     mean = table.groupby("cycle")[
-        ["learned", "playbook", "random", "ceiling", "oracle", "vs_playbook", "share_of_oracle"]
+        [
+            "learned",
+            "ungated",
+            "promoted",
+            "playbook",
+            "random",
+            "ceiling",
+            "oracle",
+            "vs_playbook",
+            "share_of_oracle",
+        ]
     ].mean()
     print("\nmean over seeds, expected incremental profit of each policy (true effects):")
     print(mean.round(3).to_string())

@@ -284,6 +284,58 @@ def score_candidates(
     return stats
 
 
+def _uplift_frame(settings: Settings, predictions: pd.DataFrame) -> pd.DataFrame:
+    """The uplift features of the customers in ``predictions``: their scores, and their
+    behaviour from the scoring set."""
+    from ml import uplift
+
+    behaviour = [f for f in uplift.FEATURES if f not in predictions.columns]
+    with connect(settings.warehouse_path) as con:
+        features = con.execute(
+            f"select customer_id, {', '.join(behaviour)} from marts.scoring_set"
+        ).df()
+    return predictions[["customer_id", "p_high", "churn_probability"]].merge(
+        features, on="customer_id", how="left"
+    )
+
+
+def policy_target(settings: Settings):
+    """The customers the next campaign would act on, for the uplift gate: the published
+    scores with the playbook's action and the eligible actions of each, and the policy's
+    settings (``ml.uplift.PolicyTarget``). None before the first scoring run."""
+    from ml import uplift
+    from valueloop.campaigns import eligible_actions, load_actions
+
+    with connect(settings.warehouse_path) as con:
+        published = {
+            r[0]
+            for r in con.execute(
+                "select column_name from information_schema.columns "
+                "where table_schema = 'marts' and table_name = 'customer_scores'"
+            ).fetchall()
+        }
+        if "playbook_action" not in published:  # never scored, or scored before it was kept
+            return None
+        scores = con.execute(
+            "select customer_id, p_high, churn_probability, value_tier, churn_risk_band,"
+            " playbook_action from marts.customer_scores order by customer_id"
+        ).df()
+    actions = load_actions(settings)
+    return uplift.PolicyTarget(
+        frame=_uplift_frame(settings, scores),
+        playbook=scores["playbook_action"].to_numpy(object),
+        eligible=[
+            eligible_actions(actions, t, b)
+            for t, b in zip(scores["value_tier"], scores["churn_risk_band"], strict=True)
+        ],
+        costs={a.name: a.cost for a in actions.values()},
+        bounded=frozenset(a.name for a in actions.values() if a.discount == 0),
+        margin=settings.margin_rate,
+        confidence_z=settings.uplift_confidence_z,
+        unsubscribe_cost=settings.unsubscribe_cost,
+    )
+
+
 def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataFrame:
     """Each action's expected incremental profit per customer, from the uplift champion (long
     format; dbt picks the best eligible action). Empty, with its columns, before there is one:
@@ -304,14 +356,7 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
             {c: pd.Series(dtype="float64" if "profit" in c else "object") for c in columns}
         )
     model, version = champion
-    behaviour = [f for f in uplift.FEATURES if f not in predictions.columns]
-    with connect(settings.warehouse_path) as con:
-        features = con.execute(
-            f"select customer_id, {', '.join(behaviour)} from marts.scoring_set"
-        ).df()
-    frame = predictions[["customer_id", "p_high", "churn_probability"]].merge(
-        features, on="customer_id", how="left"
-    )
+    frame = _uplift_frame(settings, predictions)
     from valueloop.campaigns import load_actions
 
     costs = {a.name: a.cost for a in load_actions(settings).values()}

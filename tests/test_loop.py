@@ -377,42 +377,91 @@ def test_the_cell_learner_measures_an_effect_per_cell_and_the_policy_respects_it
     assert (weak.shared_std_errors(small)["offer"] == 0).all()
 
 
-def test_the_uplift_gate_asks_for_a_lead_beyond_the_noise() -> None:
-    # The gate's paired test on held-out randomised outcomes: a model of a real effect ranks
-    # customers better than random targeting (Qini 0) beyond the noise; one fitted where
-    # nothing works does not; a model against itself leads by exactly nothing.
+def _target(population: pd.DataFrame) -> uplift.PolicyTarget:
+    """The customers a campaign would act on: the playbook sends everyone the email."""
+    return uplift.PolicyTarget(
+        frame=population[list(uplift.FEATURES)],
+        playbook=np.full(len(population), "email", object),
+        eligible=[["offer", "email"]] * len(population),
+        costs={"offer": 2.0, "email": 0.1},
+        bounded=frozenset({"email"}),
+        margin=0.35,
+        confidence_z=1.64,
+        unsubscribe_cost=0.0,
+    )
+
+
+def test_the_uplift_gate_weighs_the_policy_on_held_out_outcomes() -> None:
+    # The gate's paired test: what the challenger's policy would earn over the incumbent's on
+    # the customers a campaign would act on, measured on held-out randomised outcomes alone.
     frame, _ = _planted(8000, 3)
     held, _ = _planted(3000, 6)
+    target = _target(_planted(2000, 9)[0])
     discounts = {"offer": 0.0, "email": 0.0}
     real = uplift.CellLearner(0, discounts).fit(frame)
-    lead, low, high = uplift.qini_lead(real, None, held, 200, 0)
-    assert 0 < low < lead < high
-    assert lead == pytest.approx(uplift.evaluate(real, held)["qini_mean"])
-    rng = np.random.default_rng(7)
-    null, null_held = (
-        f.assign(orders=rng.poisson(1.0, len(f))).eval("revenue = orders * 20.0")
-        for f in (frame, held)
-    )
-    noise = uplift.CellLearner(0, discounts).fit(null)
-    _, low, high = uplift.qini_lead(noise, None, null_held, 200, 0)
-    assert low < 0 < high
-    assert uplift.qini_lead(real, real, held, 50, 0) == (0.0, 0.0, 0.0)
+    # A model of the real effect sends the offer where it works (0.8 orders x 20 x 0.35 = 5.6
+    # for a cost of 2, against the email's 0.1): a gain of about 1.8 a customer over the
+    # playbook, as half the customers have a churn risk above 0.5.
+    lead, low, high, switched = uplift.policy_lead(real, None, held, target, 200, 0)
+    assert 1.0 < low < lead < high < 2.6, (lead, low, high)
+    once = high - low
+    assert switched > 900  # the offer to about 1,000; the rest, the email dropped in noisy cells
+    # A model fitted where the offer worked for the other half: its policy sends the offer
+    # where it does nothing, a loss beyond the noise on the same held-out outcomes.
+    wrong_frame = frame.assign(churn_probability=1 - frame["churn_probability"])
+    wrong = uplift.CellLearner(0, discounts).fit(wrong_frame)
+    lead, low, high, _ = uplift.policy_lead(wrong, None, held, target, 200, 0)
+    assert low < lead < high < 0, (lead, low, high)
+    # ... and against the real model as champion, a larger loss.
+    assert uplift.policy_lead(wrong, real, held, target, 0, 0)[0] < lead
+    # A model against itself changes nothing.
+    assert uplift.policy_lead(real, real, held, target, 50, 0) == (0.0, 0.0, 0.0, 0)
     # Without resamples, the point estimate alone.
-    lead, low, high = uplift.qini_lead(real, None, held, 0, 0)
-    assert lead > 0 and np.isnan(low) and np.isnan(high)
+    point = uplift.policy_lead(real, None, held, target, 0, 0)
+    assert point[0] > 0 and np.isnan(point[1]) and np.isnan(point[2])
     # A resample draws customers with all their rows: the same customers' outcomes twice (two
     # campaigns) are no more evidence, and the interval is as wide as once (a resample of rows
     # would narrow it by about 1/sqrt(2)).
-    _, low, high = uplift.qini_lead(real, None, held, 200, 0)
     twice = pd.concat([held, held.assign(campaign_id="c2")], ignore_index=True)
-    _, low2, high2 = uplift.qini_lead(real, None, twice, 200, 0)
-    assert (high2 - low2) == pytest.approx(high - low, rel=0.15)
-    # A holdout that cannot measure the models (five controls) gives no lead, and no promotion.
-    few = pd.concat([held[held.group_name != "control"], held[held.group_name == "control"][:5]])
-    assert np.isnan(uplift.qini_lead(real, real, few, 50, 0)).all()
-    scored = uplift.evaluate(real, few)
-    promote, why, _ = uplift._gate(real, (real, "1"), few, scored, scored, 50, 0)
-    assert not promote and "cannot be compared" in why
+    _, low, high, _ = uplift.policy_lead(real, None, twice, target, 200, 0)
+    assert (high - low) == pytest.approx(once, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("lead", "champion", "gate", "promote", "why"),
+    [
+        ((0.05, -0.2, 0.3, 900), None, "guardrail", True, "no loss beyond the noise"),
+        (
+            (0.05, -0.2, 0.3, 900),
+            None,
+            "superiority",
+            False,
+            "no gain beyond the noise, the playbook stays",
+        ),
+        ((0.4, 0.1, 0.7, 900), "3", "superiority", True, "over champion v3 on held-out"),
+        (
+            (-0.4, -0.7, -0.1, 900),
+            "3",
+            "guardrail",
+            False,
+            "a loss beyond the noise, champion v3 stays",
+        ),
+        (
+            (0.0, 0.0, 0.0, 0),
+            None,
+            "guardrail",
+            True,
+            "the same action as the playbook for all 1,000",
+        ),
+        ((0.0, 0.0, 0.0, 0), None, "superiority", False, "the playbook stays"),
+        ((-0.1, float("nan"), float("nan"), 9), None, "guardrail", False, "no interval"),
+        (None, "3", "guardrail", False, "no published scores"),
+    ],
+)
+def test_the_uplift_gate_rules(lead, champion, gate, promote, why) -> None:
+    incumbent = (None, champion) if champion else None
+    decided, reason = uplift.gate_decision(lead, incumbent, gate, 1000)
+    assert decided == promote and why in reason, reason
 
 
 def test_the_cell_learner_weights_quiet_customers_up_and_stays_unbiased() -> None:
@@ -775,14 +824,25 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     first = pipeline.train_uplift(settings, "test")
     client = MlflowClient(settings.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name(uplift.UPLIFT_EXPERIMENT)
-    [run] = client.search_runs([experiment.experiment_id])
-    lead, low = (run.data.metrics[f"gate_qini_lead{k}"] for k in ("", "_low"))
-    # The first model's bar is random targeting (Qini 0), beyond the paired noise.
-    assert first["trained"] and first["promoted"] == (lead > 0 and low > 0), first
+
+    def gate_figures(reason: str) -> tuple[float, float, float, int]:
+        [run] = client.search_runs(
+            [experiment.experiment_id], f"tags.valueloop.retrain_reason = '{reason}'"
+        )
+        named = ("gate_policy_lead", "gate_policy_lead_low", "gate_policy_lead_high")
+        switched = int(run.data.metrics["gate_switched_customers"])
+        return (*(run.data.metrics.get(k, 0.0) for k in named), switched)
+
+    # The first model is weighed against the playbook on the published scores' customers:
+    # the default gate (a guardrail) refuses it only on a loss beyond the noise.
+    _, _, high, switched = gate_figures("test")
+    assert first["trained"] and first["promoted"] == (switched == 0 or high >= 0), first
     if first["promoted"]:
-        assert "beats random targeting (paired 95% interval" in first["reason"]
         assert first["champion"] == "1"
-    else:  # a shop this small holds out few outcomes: the playbook stays
+        assert "over the playbook on held-out randomised outcomes" in first["reason"] or (
+            "the same action as the playbook" in first["reason"]
+        )
+    else:
         assert first["reason"].endswith("the playbook stays") and first["champion"] is None
         assert uplift.champion_version(settings.mlflow_tracking_uri) is None
         # A data scientist may promote it anyway, as any registered model.
@@ -791,18 +851,22 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
         )
         assert promoted.returncode == 0, promoted.stderr[-2000:]
     assert uplift.champion_version(settings.mlflow_tracking_uri) == "1"
-    again = pipeline.train_uplift(settings, "test again")
-    assert again["trained"] and not again["promoted"] and again["champion"] == "1", again
-    # Same data, same holdout: a tie, with nothing between the two on any resample.
-    assert again["reason"].startswith("mean Qini")
-    assert "does not beat champion v1" in again["reason"]
-    assert "(paired 95% interval [+0.000, +0.000])" in again["reason"]
+    # Asked for a gain beyond the noise, the same data's challenger against the champion:
+    # the champion is the same learner on every outcome, the challenger on four fifths.
+    strict = load_settings(env=env | {"VALUELOOP_UPLIFT_GATE": "superiority"}, home=home)
+    again = pipeline.train_uplift(strict, "test again")
+    _, low, _, switched = gate_figures("test again")
+    assert again["trained"] and again["promoted"] == (switched > 0 and low > 0), again
+    if not again["promoted"]:
+        assert again["reason"].endswith("champion v1 stays") and again["champion"] == "1"
+    champion = again["champion"]
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
     assert {r.data.tags["valueloop.retrain_reason"] for r in runs} == {"test", "test again"}
+    assert {r.data.params["gate"] for r in runs} == {"guardrail", "superiority"}
     for run in runs:
         assert "qini_mean" in run.data.metrics
-        assert "gate_qini_lead_low" in run.data.metrics
+        assert "gate_switched_customers" in run.data.metrics
         assert any(name.startswith("auuc_") for name in run.data.metrics)
         assert any(name.startswith("unsubscribe_rate_") for name in run.data.metrics)
         assert "plots/qini_curves.png" in {
@@ -829,18 +893,18 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     )
     assert loaded.returncode == 0, loaded.stderr[-4000:]
     model, version = uplift.load_champion(settings.mlflow_tracking_uri)
-    assert version == "1"
+    assert version == champion
     # The market's unsubscribes came through the outcome files and the marts into the model:
-    # every one the activation tool reported is an outcome, and the model's rates are the
-    # treated customers' shares in the part it was fitted on (how many there are, and whether
-    # any falls outside the holdout, is up to the market's draws on a shop this small).
+    # every one the activation tool reported is an outcome, and the registered model's rates
+    # are the treated customers' shares over every outcome (it is refitted on all of them;
+    # how many there are is up to the market's draws on a shop this small).
     reported = sum(
         int((pd.read_csv(f)["event"] == "unsubscribed").sum())
         for f in (settings.feedback_dir / "campaign_outcomes").glob("*.csv")
     )
     outcomes = uplift.load_outcomes(settings.warehouse_path)
     assert int(outcomes["unsubscribed"].sum()) == reported
-    fitted = outcomes[~uplift.holdout_mask(outcomes)]
+    fitted = outcomes
     arms = uplift.arm(fitted)
     sent = np.isin(arms, model.arms) & (arms != uplift.CONTROL)
     shares = fitted.loc[sent, "unsubscribed"].astype("float64").groupby(arms[sent]).mean()
@@ -854,7 +918,7 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
         after = con.execute(read).df()
         candidates = con.execute("select * from scoring.candidate_uplift").df()
-    assert set(after["action_policy"]) == {"uplift-v1"}
+    assert set(after["action_policy"]) == {f"uplift-v{champion}"}
     # The same customer champion scored the same marts: same tiers, bands and segments, so
     # the playbook's action is the one published before.
     same = ["customer_id", "value_tier", "churn_risk_band", "segment_id", "model_version"]

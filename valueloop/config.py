@@ -64,6 +64,9 @@ class Settings:
     uplift_min_outcomes: int  # randomised outcomes needed before uplift replaces the playbook
     uplift_confidence_z: float  # uplift departs from the playbook only on a gain > z std errors
     uplift_gate_bootstrap: int  # resamples of the uplift gate's paired test (0: point estimate)
+    # What the uplift gate asks of a challenger's policy (ml/uplift.py): "guardrail" (no loss
+    # beyond the noise) or "superiority" (a gain beyond the noise)
+    uplift_gate: str
     retrain_min_outcomes: int  # new campaign outcomes (customers) that trigger retraining
     retrain_min_corrections: int  # new label corrections that trigger retraining
     retrain_drift_psi: float  # feature or score PSI that triggers retraining
@@ -203,6 +206,7 @@ def load_settings(env: Mapping[str, str] | None = None, home: str | Path | None 
         uplift_min_outcomes=int(env.get(_env_name("uplift_min_outcomes"), "2000")),
         uplift_confidence_z=float(env.get(_env_name("uplift_confidence_z"), "1.64")),
         uplift_gate_bootstrap=int(env.get(_env_name("uplift_gate_bootstrap"), "200")),
+        uplift_gate=env.get(_env_name("uplift_gate"), "guardrail"),
         retrain_min_outcomes=int(env.get(_env_name("retrain_min_outcomes"), "1000")),
         retrain_min_corrections=int(env.get(_env_name("retrain_min_corrections"), "50")),
         retrain_drift_psi=float(env.get(_env_name("retrain_drift_psi"), "0.25")),

@@ -115,6 +115,7 @@ def train_and_gate(
 def train_uplift(settings: Settings, reason: str = "manual") -> dict[str, object]:
     """Train and gate the uplift model on the randomised outcomes (ml/uplift.py)."""
     from ml import uplift
+    from ml.score import policy_target
     from valueloop.campaigns import load_actions
 
     report = uplift.train(
@@ -125,6 +126,8 @@ def train_uplift(settings: Settings, reason: str = "manual") -> dict[str, object
         reason,
         discounts={a.name: a.discount for a in load_actions(settings).values()},
         n_bootstrap=settings.uplift_gate_bootstrap,
+        target=policy_target(settings),
+        gate=settings.uplift_gate,
     )
     log.info("%s", report.summary())
     return {

@@ -205,6 +205,7 @@ final as (
         expected_cost,
         action_policy::varchar as action_policy,
         expected_incremental_profit::double as expected_incremental_profit,
+        playbook_action::varchar as playbook_action,
         churn_reasons::varchar as churn_reasons,
         tier_reasons::varchar as tier_reasons,
         model_name,
