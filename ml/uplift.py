@@ -764,6 +764,11 @@ class PolicyTarget:
         )[0]
 
 
+# A resample without a held-out control measures nothing; past this share of such resamples,
+# no interval.
+MIN_MEASURED_RESAMPLES = 0.95
+
+
 def policy_lead(
     challenger: CellLearner,
     incumbent: TLearner | None,
@@ -774,8 +779,9 @@ def policy_lead(
 ) -> tuple[float, float, float, int]:
     """What the challenger's policy would earn over the incumbent's (None: the playbook) on
     ``target``'s customers, per customer, measured on held-out randomised outcomes; its 95%
-    interval (NaN bounds when ``n_resamples`` is 0); and how many customers the two policies
-    treat differently.
+    interval (NaN bounds when ``n_resamples`` is 0, or when more than one resample in twenty
+    drew no control); and how many customers the two policies treat differently. Without a
+    held-out control the lead itself is NaN.
 
     Both policies pick their actions as the platform would (:meth:`PolicyTarget.actions`).
     Each action's profit for a customer is then measured on ``holdout`` alone, outcomes
@@ -794,7 +800,11 @@ def policy_lead(
     subset = replace(target, frame=target.frame.iloc[differ].reset_index(drop=True))
     n = len(target.frame)
 
+    controls = (evidence["arm"] == CONTROL).to_numpy()
+
     def lead(rows: np.ndarray) -> float:
+        if not controls[rows].any():  # nothing to measure the actions against
+            return float("nan")
         model = challenger.remeasured(evidence.iloc[rows])
         profit = np.column_stack([subset.profits(model)[actions].to_numpy(), np.zeros(len(differ))])
         gained = [profit[np.arange(len(differ)), p] for p in pick]  # -1: no action, 0
@@ -811,7 +821,10 @@ def policy_lead(
     for _ in range(n_resamples):
         drawn = rng.integers(0, len(rows_of), len(rows_of))
         leads.append(lead(np.concatenate([rows_of[c] for c in drawn])))
-    low, high = np.percentile(leads, [2.5, 97.5])
+    finite = np.array(leads)[np.isfinite(leads)]
+    if len(finite) < MIN_MEASURED_RESAMPLES * n_resamples:
+        return point, float("nan"), float("nan"), len(differ)
+    low, high = np.percentile(finite, [2.5, 97.5])
     return point, float(low), float(high), len(differ)
 
 
@@ -1105,6 +1118,11 @@ def gate_decision(
             f"no published scores to weigh its policy against the incumbent's on: {incumbent} stays"
         )
     diff, low, high, switched = lead
+    if switched and not np.isfinite(diff):
+        return False, (
+            f"its policy changes the action of {switched:,} customers, and the held-out "
+            f"outcomes have no control to measure that against: {incumbent} stays"
+        )
     if not switched:
         return gate == "guardrail", (
             f"its policy picks the same action as {incumbent} for all {customers:,} customers"

@@ -425,6 +425,10 @@ def test_the_uplift_gate_weighs_the_policy_on_held_out_outcomes() -> None:
     twice = pd.concat([held, held.assign(campaign_id="c2")], ignore_index=True)
     _, low, high, _ = uplift.policy_lead(real, None, twice, target, 200, 0)
     assert (high - low) == pytest.approx(once, rel=0.2)
+    # Held-out outcomes without a control measure nothing.
+    treated_only = held[held["group_name"] != "control"]
+    lead, low, high, switched = uplift.policy_lead(real, None, treated_only, target, 20, 0)
+    assert np.isnan([lead, low, high]).all() and switched > 900
 
 
 @pytest.mark.parametrize(
@@ -456,6 +460,7 @@ def test_the_uplift_gate_weighs_the_policy_on_held_out_outcomes() -> None:
         ((0.0, 0.0, 0.0, 0), None, "superiority", False, "the playbook stays"),
         ((-0.1, float("nan"), float("nan"), 9), None, "guardrail", False, "no interval"),
         (None, "3", "guardrail", False, "no published scores"),
+        ((float("nan"),) * 3 + (9,), None, "guardrail", False, "no control to measure"),
     ],
 )
 def test_the_uplift_gate_rules(lead, champion, gate, promote, why) -> None:
