@@ -174,11 +174,15 @@ def airflow_api_server(settings: Settings) -> Iterator[str]:
         yield base
 
 
-def run_valueloop(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def run_valueloop(
+    *args: str, home: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The `valueloop` command in its own process, on ``home``, with none of this process's
-    VALUELOOP_/AIRFLOW settings leaking in (the PII salt of the test homes: "s")."""
+    VALUELOOP_/AIRFLOW settings leaking in (the PII salt of the test homes: "s"), and
+    ``env`` on top."""
+    settings = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VALUELOOP_", "AIRFLOW"))}
-    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s"})
+    env.update({"VALUELOOP_HOME": str(home), "VALUELOOP_PII_SALT": "s", **settings})
     return subprocess.run(
         [str(Path(sys.executable).with_name("valueloop")), *args],
         env=env,

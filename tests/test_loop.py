@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from ml import uplift
 from ml.config import TrainConfig
-from tests.conftest import run_valueloop
+from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop import campaigns, jobs, market, monitoring, orchestration, pipeline, retraining
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import ensure_raw_schema
@@ -948,6 +948,39 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     )
     assert list(after["next_best_action"]) == list(expected)
     assert (after["next_best_action"] != before["next_best_action"]).any()
+
+
+def test_valueloop_loop_turns_the_loop_with_a_line_per_cycle(
+    pipeline_run: Settings, tmp_path: Path
+) -> None:
+    """`valueloop loop --cycles 1` on the demo run's data folder: the campaign the run planned
+    is measured and the next one planned; the terminal shows the cycle's line and what it
+    measured, and the tools' output (GX, dbt, MLflow, their progress bars) goes to a log."""
+    home = tmp_path / "home"
+    shutil.copytree(
+        pipeline_run.home, home, symlinks=True, ignore=shutil.ignore_patterns("airflow", "logs")
+    )
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=home)
+    read = "select campaign_id from marts.campaigns order by campaign_id"
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        before = [r[0] for r in con.execute(read).fetchall()]
+    tiny = {"VALUELOOP_TRAIN_CONFIG": str(REPO_ROOT / "ml" / "configs" / "tiny.yaml")}
+    result = run_valueloop("loop", "--cycles", "1", home=home, timeout=900, env=tiny)
+    shown = result.stdout + result.stderr
+    assert result.returncode == 0, shown[-6000:]
+    assert "loop cycle 1" in result.stdout
+    assert f"cycle 1: campaign {before[-1]}" in result.stdout
+    assert "retraining:" in result.stdout and "next: cmp-" in result.stdout
+    assert "Calculating Metrics" not in shown and "WARNING" not in shown, shown[-3000:]
+    [log] = (home / "logs").glob("loop-*/valueloop.log")
+    assert "Calculating Metrics" in log.read_text()  # GX's progress, kept out of sight
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        after = [r[0] for r in con.execute(read).fetchall()]
+        measured = con.execute(
+            "select count(*) from marts.campaign_performance where campaign_id = ?", [before[-1]]
+        ).fetchone()[0]
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert measured > 0
 
 
 def test_a_feedback_batch_past_the_threshold_requests_retraining_through_airflow(

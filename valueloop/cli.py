@@ -285,6 +285,12 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
         "campaign is planned. Prints what each campaign measured.",
     )
     p.add_argument("--cycles", type=int, default=1)
+    p.add_argument(
+        "--verbose",
+        dest="verbose_run",
+        action="store_true",
+        help="show every tool's output (default: one line per cycle, the output in a log)",
+    )
     p.set_defaults(func=_cmd_loop)
 
 
@@ -377,10 +383,27 @@ def _cmd_uplift(args: argparse.Namespace) -> int:
 
 
 def _cmd_loop(args: argparse.Namespace) -> int:
-    from valueloop.loop import run_cycles
+    """As ``valueloop run`` shows its turns of the loop: a line per cycle while it runs, the
+    tools' output (GX, dbt, MLflow, progress bars) in a log, then what each cycle measured."""
+    from rich.console import Console
 
-    for result in run_cycles(load_settings(), args.cycles):
-        print("\n".join(result.lines()))
+    from valueloop import run_summary
+    from valueloop.terminal import StageBoard, tool_output_to
+
+    settings = load_settings()
+    settings.ensure_dirs()
+    logs = settings.logs_dir / f"loop-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    logs.mkdir(parents=True, exist_ok=True)
+    console = Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w"), highlight=False)
+    console.print(f"[dim]tool output: {logs}/[/]", soft_wrap=True)
+    quiet = not (args.verbose or args.verbose_run)
+    try:
+        with StageBoard(console) as board, tool_output_to(logs / "valueloop.log", quiet):
+            cycles = loop.run_cycles(settings, args.cycles, board)
+    except Exception:
+        console.print(f"[red]stopped.[/] The tools' output is in {logs}/", soft_wrap=True)
+        raise
+    run_summary.render_loop(console, cycles)
     return 0
 
 
