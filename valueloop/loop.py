@@ -244,4 +244,12 @@ def run_cycle(settings: Settings, cycle: int, board=None) -> CycleResult:
 
 
 def run_cycles(settings: Settings, cycles: int, board=None) -> list[CycleResult]:
-    return [run_cycle(settings, k + 1, board) for k in range(cycles)]
+    """``cycles`` turns of the loop, each numbered by the campaign it measures: a data folder's
+    n-th campaign is measured by its cycle n, however many commands it took to get there."""
+    return [run_cycle(settings, campaigns_planned(settings), board) for _ in range(cycles)]
+
+
+def campaigns_planned(settings: Settings) -> int:
+    """How many campaigns this data folder has planned (the latest is the next measured)."""
+    with connect(settings.warehouse_path) as con:
+        return int(con.execute(f"select count(*) from {CAMPAIGNS}").fetchone()[0])
