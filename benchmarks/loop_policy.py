@@ -242,7 +242,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
         ungated = target.actions(learner)
         lead, true_lead = (np.nan, np.nan, np.nan, 0), None
         if GATE == "none":  # each refit used directly
-            current, promoted = ungated, True
+            champion, current, promoted = learner, ungated, True
         else:  # as the platform does (ml.uplift.train): check on four fifths, deploy the refit
             held = uplift.holdout_mask(data)
             challenger = fit(data[~held].reset_index(drop=True))
@@ -254,7 +254,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
                 settings.uplift_gate_bootstrap,
                 seed,
             )
-            incumbent = (champion, "the champion") if champion is not None else None
+            incumbent = (champion, "in use") if champion is not None else None
             promoted, _ = uplift.gate_decision(lead, incumbent, GATE, len(scores))
             true_lead = (
                 policy_value(profit, target.actions(challenger)) - policy_value(profit, current)

@@ -39,8 +39,9 @@ held-out customers. ``VALUELOOP_UPLIFT_GATE`` says what it asks:
   held-out intervals 0.71 wide on average, and a gate asking for a gain beyond them promoted
   none of 18 seeds x cycles (the gate before this one, on mean Qini, none in six cycles of
   the demo). The protection against noise is the policy's own rule instead, which departs
-  from the playbook only where all the randomised outcomes show a gain beyond
-  ``VALUELOOP_UPLIFT_CONFIDENCE_Z`` standard errors (:func:`choose`).
+  from the playbook's action only where all the randomised outcomes show a gain beyond
+  ``VALUELOOP_UPLIFT_CONFIDENCE_Z`` standard errors (:func:`choose`; from no action, a
+  message without a discount needs only a positive expected profit).
 - ``superiority``: promote only when the gain is beyond the noise (the customer model's
   kind of gate), for shops with the outcomes to show it.
 
@@ -1111,7 +1112,10 @@ def gate_decision(
     gate: str,
     customers: int | None,
 ) -> tuple[bool, str]:
-    """Promote, and why, from the challenger's policy lead (see :func:`policy_lead`)."""
+    """Promote, and why, from the challenger's policy lead (see :func:`policy_lead`). Without
+    an interval (no resamples, or too few with a control) the point estimate decides."""
+    if gate not in GATES:
+        raise ValueError(f"unknown uplift gate {gate!r}: one of {', '.join(GATES)}")
     incumbent = f"champion v{champion[1]}" if champion else "the playbook"
     if lead is None:
         return False, (
@@ -1135,7 +1139,7 @@ def gate_decision(
         + (f"95% interval [{low:+.3f}, {high:+.3f}])" if bounded else "no interval)")
     )
     if gate == "superiority":
-        if (low if bounded else -np.inf) > 0:
+        if (low if bounded else diff) > 0:
             return True, f"{measured}: a gain beyond the noise"
         return False, f"{measured}: no gain beyond the noise, {incumbent} stays"
     if (high if bounded else diff) < 0:

@@ -308,6 +308,7 @@ def _publish_scores(settings: Settings, churn: str) -> None:
             select customer_id, as_of, 'active' as value_tier, 0.2 as p_high, 0.5 as p_active,
                    0.3 as p_lapsed, {churn} as churn_probability, 'medium' as churn_risk_band,
                    0 as segment_id, 'steady' as segment_name, 'cross-sell' as next_best_action,
+                   'cross-sell' as playbook_action,
                    'valueloop-customer-model' as model_name, '1' as model_version,
                    'run' as model_run_id, now() as scored_at
             from marts.scoring_set""")

@@ -267,10 +267,11 @@ def _add_uplift(sub: argparse._SubParsersAction) -> None:
         "uplift",
         help="train and gate the uplift model on the randomised campaign outcomes",
         description="Incremental orders per cell of customers against their randomised "
-        "controls (with standard errors), evaluated by Qini/AUUC on a fixed "
-        "holdout, logged to MLflow (experiment valueloop-uplift) and promoted to champion "
-        "only if it beats the champion there beyond the noise (the first model: random "
-        "targeting).",
+        "controls (with standard errors), evaluated by Qini/AUUC on a fixed holdout and "
+        "logged to MLflow (experiment valueloop-uplift). Its policy is weighed against the "
+        "champion's (the first model: the playbook's) on the held-out outcomes, and it is "
+        "promoted unless it loses beyond the noise (VALUELOOP_UPLIFT_GATE=guardrail) or only "
+        "on a gain beyond it (superiority).",
     )
     p.set_defaults(func=_cmd_uplift)
 

@@ -34,6 +34,7 @@ SCORES_COLUMNS = [
     "segment_id",
     "segment_name",
     "next_best_action",
+    "playbook_action",
     "model_name",
     "model_version",
     "model_run_id",
