@@ -111,6 +111,10 @@ def test_failures_exit_non_zero_with_an_actionable_message(tmp_path: Path) -> No
     assert "read 1, accepted 1, quarantined 0" in mapped.stdout
     bad_choice = run_cli("ingest", str(csv), "--format", "excel", home=tmp_path)
     assert bad_choice.returncode == 2 and "invalid choice" in bad_choice.stderr
+    # The loop measures the latest campaign: with none planned, it says what to run first.
+    no_campaign = run_cli("loop", home=tmp_path)
+    assert no_campaign.returncode == 1, no_campaign.stderr[-2000:]
+    assert "no campaign has been planned yet: run `valueloop campaign plan`" in (no_campaign.stderr)
 
 
 @pytest.mark.dataset
