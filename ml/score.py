@@ -34,6 +34,7 @@ from ml.report import segment_map, write_report
 from ml.segment import fit_segments, name_segments
 from valueloop import bi_snapshot, monitoring, transform
 from valueloop.config import Settings, path_safe
+from valueloop.quality.checks import table_columns
 from valueloop.quality.runner import run_checkpoint
 from valueloop.warehouse import connect
 
@@ -307,14 +308,9 @@ def policy_target(settings: Settings):
     from valueloop.campaigns import eligible_actions, load_actions
 
     with connect(settings.warehouse_path) as con:
-        published = {
-            r[0]
-            for r in con.execute(
-                "select column_name from information_schema.columns "
-                "where table_schema = 'marts' and table_name = 'customer_scores'"
-            ).fetchall()
-        }
-        if "playbook_action" not in published:  # never scored, or scored before it was kept
+        if "playbook_action" not in table_columns(
+            con, "marts.customer_scores"
+        ):  # never scored, or scored before it was kept
             return None
         scores = con.execute(
             "select customer_id, p_high, churn_probability, value_tier, churn_risk_band,"
@@ -360,11 +356,9 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     from valueloop.campaigns import load_actions
 
     costs = {a.name: a.cost for a in load_actions(settings).values()}
-    effects = model.effects(frame)
-    profit = settings.margin_rate * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
-    unsubscribes = uplift.unsubscribe_costs(model, frame, settings.unsubscribe_cost)
-    if unsubscribes is not None:
-        profit = profit - unsubscribes[list(effects.columns)].to_numpy()
+    profit = uplift.expected_profits(
+        model, frame, costs, settings.margin_rate, settings.unsubscribe_cost
+    )
     ids = frame["customer_id"].to_numpy()
     long = profit.assign(customer_id=ids).melt(
         id_vars="customer_id", var_name="action", value_name="expected_incremental_profit"

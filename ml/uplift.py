@@ -720,6 +720,24 @@ def choose(
     return actions, chosen
 
 
+def expected_profits(
+    model: TLearner,
+    frame: pd.DataFrame,
+    costs: dict[str, float],
+    margin: float,
+    unsubscribe_cost: float,
+) -> pd.DataFrame:
+    """Each action's expected incremental profit per customer of ``frame`` (columns: the
+    model's actions): ``margin`` x the revenue effect, less the contact cost and the expected
+    unsubscribes' cost (:func:`unsubscribe_costs`). Scoring publishes it; the gate weighs it."""
+    effects = model.effects(frame)
+    profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
+    unsubscribes = unsubscribe_costs(model, frame, unsubscribe_cost)
+    if unsubscribes is not None:
+        profit = profit - unsubscribes[list(effects.columns)].to_numpy()
+    return profit
+
+
 @dataclass(frozen=True)
 class PolicyTarget:
     """The customers the next campaign would act on, with what the policy needs to decide
@@ -736,12 +754,7 @@ class PolicyTarget:
 
     def profits(self, model: TLearner) -> pd.DataFrame:
         """Each action's expected incremental profit per customer by ``model``."""
-        effects = model.effects(self.frame)
-        profit = self.margin * effects - pd.Series(self.costs).reindex(effects.columns).to_numpy()
-        unsubscribes = unsubscribe_costs(model, self.frame, self.unsubscribe_cost)
-        if unsubscribes is not None:
-            profit = profit - unsubscribes[list(effects.columns)].to_numpy()
-        return profit
+        return expected_profits(model, self.frame, self.costs, self.margin, self.unsubscribe_cost)
 
     def actions(self, model: TLearner | None) -> np.ndarray:
         """The action the policy of ``model`` picks per customer; the playbook's for None."""

@@ -386,17 +386,11 @@ def _cmd_uplift(args: argparse.Namespace) -> int:
 def _cmd_loop(args: argparse.Namespace) -> int:
     """As ``valueloop run`` shows its turns of the loop: a line per cycle while it runs, the
     tools' output (GX, dbt, MLflow, progress bars) in a log, then what each cycle measured."""
-    from rich.console import Console
-
     from valueloop import run_summary
     from valueloop.terminal import StageBoard, tool_output_to
 
     settings = load_settings()
-    settings.ensure_dirs()
-    logs = settings.logs_dir / f"loop-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    logs.mkdir(parents=True, exist_ok=True)
-    console = Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w"), highlight=False)
-    console.print(f"[dim]tool output: {logs}/[/]", soft_wrap=True)
+    console, logs = _terminal(settings, "loop", datetime.now(UTC))
     quiet = not (args.verbose or args.verbose_run)
     try:
         with StageBoard(console) as board, tool_output_to(logs / "valueloop.log", quiet):
@@ -584,9 +578,22 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _terminal(settings, kind: str, started: datetime, title: str | None = None):
+    """A console on a copy of the terminal (the tools' output may be sent to a log) and the
+    folder of this command's logs, ``<kind>-<started>``, which it names after ``title``."""
     from rich.console import Console
 
+    settings.ensure_dirs()
+    logs = settings.logs_dir / f"{kind}-{started:%Y%m%dT%H%M%S}"
+    logs.mkdir(parents=True, exist_ok=True)
+    console = Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w"), highlight=False)
+    if title:
+        console.print(title)
+    console.print(f"[dim]tool output: {logs}/[/]", soft_wrap=True)
+    return console, logs
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from valueloop import orchestration, run_summary
     from valueloop.quietly import format_duration
     from valueloop.terminal import StageBoard, tool_output_to
@@ -594,14 +601,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.train_config:
         os.environ["VALUELOOP_TRAIN_CONFIG"] = str(args.train_config.resolve())
     settings = load_settings()
-    settings.ensure_dirs()
     verbose = args.verbose or args.verbose_run
     started = datetime.now(UTC)
-    logs = settings.logs_dir / f"run-{started:%Y%m%dT%H%M%S}"
-    logs.mkdir(parents=True, exist_ok=True)
-    console = Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w"), highlight=False)
-    console.print("[bold]ValueLoop[/]: the demo shop end to end")
-    console.print(f"[dim]tool output: {logs}/[/]", soft_wrap=True)
+    console, logs = _terminal(
+        settings, "run", started, "[bold]ValueLoop[/]: the demo shop end to end"
+    )
     try:
         with (
             StageBoard(console) as board,

@@ -20,21 +20,10 @@ import pyarrow.parquet as pq
 from valueloop import market
 from valueloop.campaigns import CAMPAIGNS, customer_key
 from valueloop.config import Settings
+from valueloop.quality.checks import table_exists
 from valueloop.warehouse import connect
 
 log = logging.getLogger(__name__)
-
-
-def _has_campaigns(con) -> bool:
-    """Whether the campaigns table exists (a folder that never planned one has none)."""
-    schema, table = CAMPAIGNS.split(".")
-    return bool(
-        con.execute(
-            "select count(*) from information_schema.tables"
-            " where table_schema = ? and table_name = ?",
-            [schema, table],
-        ).fetchone()[0]
-    )
 
 
 def latest_campaign(settings: Settings) -> str:
@@ -43,7 +32,7 @@ def latest_campaign(settings: Settings) -> str:
             con.execute(
                 f"select campaign_id from {CAMPAIGNS} order by assigned_at desc limit 1"
             ).fetchone()
-            if _has_campaigns(con)
+            if table_exists(con, CAMPAIGNS)
             else None
         )
     if row is None:
@@ -268,6 +257,6 @@ def run_cycles(settings: Settings, cycles: int, board=None) -> list[CycleResult]
 def campaigns_planned(settings: Settings) -> int:
     """How many campaigns this data folder has planned (the latest is the next measured)."""
     with connect(settings.warehouse_path) as con:
-        if not _has_campaigns(con):
+        if not table_exists(con, CAMPAIGNS):
             return 0
         return int(con.execute(f"select count(*) from {CAMPAIGNS}").fetchone()[0])
