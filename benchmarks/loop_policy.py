@@ -18,7 +18,9 @@ incremental profit** of the actions it picks for all eligible customers
 action for as many customers as the playbook targets), no action, the oracle that knows
 the true effects, and the *feature ceiling*: a model of the uplift features fitted on the
 true profits, the most any learner of those features could
-earn (:func:`feature_ceiling`).
+earn (:func:`feature_ceiling`). ``--noise-bound`` adds what the learner's cells could earn
+with unbiased estimates as noisy as its own, and with 2, 4 and 8 times the outcomes
+(:func:`noise_bound`).
 
     python benchmarks/loop_policy.py --seeds 1 2 3 --cycles 3 --customers 10000
 """
@@ -52,6 +54,9 @@ CONFIDENCE_Z = None  # None: the setting VALUELOOP_UPLIFT_CONFIDENCE_Z
 VERBOSE = False
 BLIND_TO_UNSUBSCRIBES = False  # the policy ignores unsubscribes (the truth still counts them)
 GATE = "guardrail"  # the uplift gate the platform applies (ml.uplift.GATES), or "none"
+NOISE_BOUND = False  # --noise-bound: what the cells could earn on noise as large as theirs
+NOISE_SCALES = (1, 2, 4, 8)  # the evidence, as multiples of what the loop gathered
+NOISE_DRAWS = 30
 
 
 def playbook(settings, scores: pd.DataFrame) -> np.ndarray:
@@ -97,11 +102,100 @@ def truth_inputs(shop: Path, ids: pd.Series, start: datetime, days: int) -> dict
 
 
 def policy_value(profit: pd.DataFrame, actions: np.ndarray) -> float:
-    values = [
-        profit.at[i, a] if a in profit.columns else 0.0
-        for i, a in zip(profit.index, actions, strict=True)
-    ]
-    return float(np.sum(values))
+    """The true profit of giving each customer (row) their action; 0 for one not in
+    ``profit`` (no action)."""
+    if len(actions) != len(profit):
+        raise ValueError(f"{len(actions)} actions for {len(profit)} customers")
+    column = profit.columns.get_indexer(pd.Index(np.asarray(actions, dtype=object)))
+    values = profit.to_numpy()[np.arange(len(profit)), np.maximum(column, 0)]
+    return float(np.where(column >= 0, values, 0.0).sum())
+
+
+def noise_bound(
+    learner: uplift.CellLearner,
+    target: uplift.PolicyTarget,
+    profit: pd.DataFrame,
+    seed: int,
+    scales: tuple[int, ...] = NOISE_SCALES,
+    draws: int = NOISE_DRAWS,
+) -> dict[str, float]:
+    """What the learner's cells could earn on evidence as noisy as its own, and on ``scales``
+    times as much (``--noise-bound``). Each cell's *true* mean profit per action, from the
+    market's truth, plus noise drawn as large as the learner's standard errors there (the
+    controls' part common to the cell's actions, as in :func:`uplift.choose`), divided by
+    sqrt(scale); estimates unbiased by construction, so better than any real estimator of
+    the same noise gets. Three rules decide on them, each averaged over ``draws`` draws:
+
+    * ``rule``: the platform's (:func:`uplift.choose`: the playbook as the baseline, switches
+      only on a gain beyond z errors);
+    * ``bayes``: the best action by the posterior mean under an *oracle* prior (per action,
+      normal with the mean and spread of the true cell profits, weighted by customers);
+    * ``bayes_rule``: the platform's rule on that posterior (mean and standard deviation).
+
+    Returns total true profits: ``cells_exact`` (each cell's true mean known) and
+    ``{rule}_x{scale}``."""
+    frame = target.frame.reset_index(drop=True)
+    columns = [a for a in profit.columns if a in learner.actions]
+    truth = profit[columns].to_numpy()
+    margin = target.margin
+    cost = np.array([target.costs[a] for a in columns])
+    error = margin * learner.std_errors(frame)[columns].to_numpy()
+    shared = margin * learner.shared_std_errors(frame)[columns].to_numpy()
+    allowed = np.array([[a in e for a in columns] for e in target.eligible], dtype=bool)
+    names = np.asarray(columns, dtype=object)
+    _, cell = np.unique(learner._cells(frame), return_inverse=True)
+    # per cell and action, over the customers the action is open to
+    size = np.column_stack([np.bincount(cell, a) for a in allowed.T.astype("float64")])
+
+    def per_cell(values: np.ndarray) -> np.ndarray:
+        sums = np.column_stack([np.bincount(cell, v) for v in (values * allowed).T])
+        return sums / np.maximum(size, 1)
+
+    theta, se, se_shared = per_cell(truth), per_cell(error), per_cell(shared)
+    prior_mean = (theta * size).sum(0) / np.maximum(size.sum(0), 1)
+    prior_var = ((theta - prior_mean) ** 2 * size).sum(0) / np.maximum(size.sum(0), 1)
+
+    def best(estimate: np.ndarray) -> np.ndarray:
+        value = np.where(allowed, estimate[cell], -np.inf)
+        return np.where(value.max(axis=1) > 0, names[value.argmax(axis=1)], "no_action")
+
+    def rule(estimate: np.ndarray, sd: np.ndarray, sd_shared: np.ndarray) -> np.ndarray:
+        return uplift.choose(
+            pd.DataFrame((estimate[cell] + cost) / margin, columns=columns),
+            target.costs,
+            margin,
+            target.eligible,
+            target.playbook,
+            pd.DataFrame(sd[cell] / margin, columns=columns),
+            target.confidence_z,
+            pd.DataFrame(sd_shared[cell] / margin, columns=columns),
+            target.bounded,
+        )[0]
+
+    out = {"cells_exact": policy_value(profit, best(theta))}
+    rng = np.random.default_rng(seed)
+    own = np.sqrt(np.clip(se**2 - se_shared**2, 0, None))
+    for scale in scales:
+        totals: dict[str, list[float]] = {"rule": [], "bayes": [], "bayes_rule": []}
+        variance = se**2 / scale
+        shrink = prior_var / np.maximum(prior_var + variance, 1e-12)
+        posterior_sd = np.sqrt(shrink * variance)
+        for _ in range(draws):
+            noise = se_shared * rng.standard_normal((len(size), 1))  # a cell's controls
+            noise = (noise + own * rng.standard_normal(se.shape)) / np.sqrt(scale)
+            estimate = theta + noise
+            posterior = prior_mean + shrink * (estimate - prior_mean)
+            totals["rule"].append(
+                policy_value(profit, rule(estimate, np.sqrt(variance), se_shared / np.sqrt(scale)))
+            )
+            totals["bayes"].append(policy_value(profit, best(posterior)))
+            totals["bayes_rule"].append(
+                policy_value(
+                    profit, rule(posterior, posterior_sd, se_shared * np.sqrt(shrink / scale))
+                )
+            )
+        out |= {f"{name}_x{scale}": float(np.mean(v)) for name, v in totals.items()}
+    return out
 
 
 def feature_ceiling(profit: pd.DataFrame, scores: pd.DataFrame, allowed: np.ndarray) -> np.ndarray:
@@ -280,6 +374,9 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
                 "share_of_oracle": value / reference["oracle"] if reference["oracle"] else None,
             }
         )
+        if NOISE_BOUND:  # the deployed learner's cells: what their noise allows, as x playbook
+            bound = noise_bound(learner, target, profit, seed)
+            results[-1] |= {f"bound_{k}": v / reference["playbook"] for k, v in bound.items()}
         print(json.dumps(results[-1]), flush=True)
         if VERBOSE:
             mix = pd.crosstab(pd.Series(oracle, name="oracle"), pd.Series(learned, name="learned"))
@@ -306,14 +403,23 @@ def main() -> None:
         action="store_true",
         help="the learned policy does not charge unsubscribes (the truth still does)",
     )
+    parser.add_argument(
+        "--noise-bound",
+        action="store_true",
+        help="also score what the cells could earn with unbiased estimates as noisy as the "
+        "learner's, and with 2, 4 and 8 times the outcomes (noise_bound), as x the playbook",
+    )
     args = parser.parse_args()
+    if args.learner != "cells" and args.noise_bound:
+        parser.error("--noise-bound reads the cells' errors: it needs --learner cells")
     if args.learner != "cells" and args.gate != "none":
         parser.error(
             "the uplift gate measures the cells' effects again: "
             "with a --learner other than cells, pass --gate none"
         )
-    global LEARNER, VERBOSE, CONFIDENCE_Z, BLIND_TO_UNSUBSCRIBES, GATE
+    global LEARNER, VERBOSE, CONFIDENCE_Z, BLIND_TO_UNSUBSCRIBES, GATE, NOISE_BOUND
     LEARNER, VERBOSE, CONFIDENCE_Z = args.learner, args.verbose, args.confidence_z
+    NOISE_BOUND = args.noise_bound
     GATE = args.gate or load_settings().uplift_gate
     BLIND_TO_UNSUBSCRIBES = args.blind_to_unsubscribes
     rows = []
@@ -336,6 +442,12 @@ def main() -> None:
     ].mean()
     print("\nmean over seeds, expected incremental profit of each policy (true effects):")
     print(mean.round(3).to_string())
+    if NOISE_BOUND:
+        bound = table.groupby("cycle")[[c for c in table if c.startswith("bound_")]].mean()
+        bound.columns = [c.removeprefix("bound_") for c in bound.columns]
+        print("\nmean over seeds, x the playbook: the learned policy and what the cells could earn")
+        print("with unbiased estimates (exact; noise as the learner's, / sqrt of x outcomes):")
+        print(pd.concat([mean[["vs_playbook"]], bound], axis=1).round(3).T.to_string())
 
 
 if __name__ == "__main__":

@@ -431,6 +431,37 @@ def test_the_uplift_gate_weighs_the_policy_on_held_out_outcomes() -> None:
     assert np.isnan([lead, low, high]).all() and switched > 900
 
 
+def test_the_loop_benchmark_bounds_what_the_cells_could_earn_on_their_own_noise() -> None:
+    from benchmarks import loop_policy
+
+    population, risk = _planted(2000, 9)
+    target = _target(population)
+    # The truth of _planted: the offer earns 0.35 x 0.8 orders x 20 - 2 = 3.6 where churn
+    # risk is above 0.5 and loses its cost elsewhere; the email earns nothing for its 0.1.
+    profit = pd.DataFrame({"offer": np.where(risk > 0.5, 3.6, -2.0), "email": -0.1})
+    some = np.where(risk > 0.5, "offer", np.where(risk < 0.2, "email", "no_action"))
+    expected = 3.6 * (risk > 0.5).sum() - 0.1 * (risk < 0.2).sum()
+    assert loop_policy.policy_value(profit, some) == pytest.approx(expected)
+    best = 3.6 * (risk > 0.5).sum()
+    discounts = {"offer": 0.0, "email": 0.0}
+    strong = uplift.CellLearner(0, discounts).fit(_planted(8000, 3)[0])
+    weak = uplift.CellLearner(0, discounts).fit(_planted(600, 4)[0])
+    for model in (strong, weak):
+        bound = loop_policy.noise_bound(model, target, profit, 0, scales=(1, 10_000), draws=8)
+        # The cells are churn-risk quartiles, one edge near 0.5: each cell's true mean
+        # profit tells most of the offer's customers from the rest.
+        assert 0.9 * best < bound["cells_exact"] <= best
+        for rule in ("rule", "bayes", "bayes_rule"):
+            # With all but no noise, every rule acts on the truth of the cells ...
+            assert bound[f"{rule}_x10000"] == pytest.approx(bound["cells_exact"], rel=0.01)
+            # ... and on the learner's own noise, none does better than that.
+            assert bound[f"{rule}_x1"] <= bound["cells_exact"] + 1e-9
+    # 600 outcomes leave the errors wide: the platform's rule keeps the playbook's email
+    # where 8,000 outcomes show the offer's gain clearly.
+    assert bound["rule_x1"] < 0.9 * best
+    assert loop_policy.noise_bound(strong, target, profit, 0, (1,), 8)["rule_x1"] > 0.95 * best
+
+
 @pytest.mark.parametrize(
     ("lead", "champion", "gate", "promote", "why"),
     [
