@@ -123,8 +123,8 @@ def noise_bound(
     times as much (``--noise-bound``). Each cell's *true* mean profit per action, from the
     market's truth, plus noise drawn as large as the learner's standard errors there (the
     controls' part common to the cell's actions, as in :func:`uplift.choose`), divided by
-    sqrt(scale); estimates unbiased by construction, so better than any real estimator of
-    the same noise gets. Three rules decide on them, each averaged over ``draws`` draws:
+    sqrt(scale): the learner's noise without its bias. Three rules decide on them, each
+    averaged over ``draws`` draws:
 
     * ``rule``: the platform's (:func:`uplift.choose`: the playbook as the baseline, switches
       only on a gain beyond z errors);
@@ -374,7 +374,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
                 "share_of_oracle": value / reference["oracle"] if reference["oracle"] else None,
             }
         )
-        if NOISE_BOUND:  # the deployed learner's cells: what their noise allows, as x playbook
+        if NOISE_BOUND:  # the latest refit's cells (deployed when promoted), x the playbook
             bound = noise_bound(learner, target, profit, seed)
             results[-1] |= {f"bound_{k}": v / reference["playbook"] for k, v in bound.items()}
         print(json.dumps(results[-1]), flush=True)

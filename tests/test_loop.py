@@ -412,8 +412,20 @@ def test_the_uplift_gate_weighs_the_policy_on_held_out_outcomes() -> None:
     wrong = uplift.CellLearner(0, discounts).fit(wrong_frame)
     lead, low, high, _ = uplift.policy_lead(wrong, None, held, target, 200, 0)
     assert low < lead < high < 0, (lead, low, high)
-    # ... and against the real model as champion, a larger loss.
-    assert uplift.policy_lead(wrong, real, held, target, 0, 0)[0] < lead
+    # ... and against the real model as champion, a larger loss, weighed on a campaign the
+    # champion did not learn from: its actions were picked on the noise of its own outcomes,
+    # which would flatter it, so those never weigh it.
+    assert real.campaigns == {"c"}
+    later = held.assign(campaign_id="c-next")
+    against = uplift.policy_lead(wrong, real, later, target, 0, 0)
+    assert against[0] < lead
+    mixed = uplift.policy_lead(wrong, real, pd.concat([held, later]), target, 0, 0)
+    assert (mixed[0], mixed[3]) == (against[0], against[3])
+    seen = uplift.policy_lead(wrong, real, held, target, 20, 0)
+    assert np.isnan(seen[:3]).all() and seen[3] == against[3] > 0
+    promote, why = uplift.gate_decision(seen, (real, "3"), "guardrail", len(target.frame))
+    assert not promote
+    assert "outcomes of campaigns champion v3 did not learn from have no control" in why
     # A model against itself changes nothing.
     assert uplift.policy_lead(real, real, held, target, 50, 0) == (0.0, 0.0, 0.0, 0)
     # Without resamples, the point estimate alone.
@@ -894,14 +906,16 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
         assert promoted.returncode == 0, promoted.stderr[-2000:]
     assert uplift.champion_version(settings.mlflow_tracking_uri) == "1"
     # Asked for a gain beyond the noise, the same data's challenger against the champion:
-    # the champion is the same learner on every outcome, the challenger on four fifths.
+    # the champion is the same learner on every outcome, the challenger on four fifths. The
+    # champion learned from every campaign there is, so no held-out outcome can weigh it
+    # fairly, and nothing is promoted on them.
     strict = load_settings(env=env | {"VALUELOOP_UPLIFT_GATE": "superiority"}, home=home)
     again = pipeline.train_uplift(strict, "test again")
-    lead, low, _, switched = gate_figures("test again")
-    lower = low if np.isfinite(low) else lead
-    assert again["trained"] and again["promoted"] == (switched > 0 and lower > 0), again
-    if not again["promoted"]:
-        assert again["reason"].endswith("champion v1 stays") and again["champion"] == "1"
+    lead, _, _, switched = gate_figures("test again")
+    assert again["trained"] and not again["promoted"], again
+    assert again["reason"].endswith("champion v1 stays") and again["champion"] == "1"
+    if switched:
+        assert np.isnan(lead) and "campaigns champion v1 did not learn from" in again["reason"]
     champion = again["champion"]
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
