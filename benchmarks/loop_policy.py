@@ -374,7 +374,7 @@ def run_seed(seed: int, customers: int, cycles: int, work: Path) -> list[dict]:
                 "share_of_oracle": value / reference["oracle"] if reference["oracle"] else None,
             }
         )
-        if NOISE_BOUND:  # the latest refit's cells (deployed when promoted), x the playbook
+        if NOISE_BOUND and reference["playbook"]:  # the latest refit's cells, x the playbook
             bound = noise_bound(learner, target, profit, seed)
             results[-1] |= {f"bound_{k}": v / reference["playbook"] for k, v in bound.items()}
         print(json.dumps(results[-1]), flush=True)

@@ -1158,13 +1158,17 @@ def gate_decision(
             f"no published scores to weigh its policy against the incumbent's on: {incumbent} stays"
         )
     diff, low, high, switched = lead
+    # policy_lead weighs a champion that records its campaigns on the others' outcomes only
+    fresh = bool(champion and getattr(champion[0], "campaigns", None))
     if switched and not np.isfinite(diff):
-        held = "the held-out outcomes" + (
-            f" of campaigns {incumbent} did not learn from" if champion else ""
+        held = (
+            f"no held-out outcome of a campaign {incumbent} did not learn from has a control"
+            if fresh
+            else "the held-out outcomes have no control"
         )
         return False, (
             f"its policy changes the action of {switched:,} customers, and {held} "
-            f"have no control to measure that against: {incumbent} stays"
+            f"to measure that against: {incumbent} stays"
         )
     if not switched:
         return gate == "guardrail", (
@@ -1174,7 +1178,7 @@ def gate_decision(
     bounded = np.isfinite(low)
     measured = (
         f"its policy earns {diff:+.3f} a customer over {incumbent} on held-out randomised "
-        f"outcomes{' of campaigns it did not learn from' if champion else ''} "
+        f"outcomes{f' of campaigns {incumbent} did not learn from' if fresh else ''} "
         f"({switched:,} of {customers:,} customers get another action; "
         + (f"95% interval [{low:+.3f}, {high:+.3f}])" if bounded else "no interval)")
     )

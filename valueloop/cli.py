@@ -269,7 +269,8 @@ def _add_uplift(sub: argparse._SubParsersAction) -> None:
         description="Incremental orders per cell of customers against their randomised "
         "controls (with standard errors), evaluated by Qini/AUUC on a fixed holdout and "
         "logged to MLflow (experiment valueloop-uplift). Its policy is weighed against the "
-        "champion's (the first model: the playbook's) on the held-out outcomes, and it is "
+        "champion's (the first model: the playbook's) on the held-out outcomes of campaigns "
+        "the champion did not learn from, and it is "
         "promoted unless it loses beyond the noise (VALUELOOP_UPLIFT_GATE=guardrail) or only "
         "on a gain beyond it (superiority).",
     )
