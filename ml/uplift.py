@@ -806,9 +806,9 @@ def policy_lead(
     The challenger (fitted without the held-out customers) learned from none of ``holdout``;
     an incumbent model learned from the campaigns it was fitted on (``campaigns``), held-out
     customers included, and its actions were picked on that noise. Weighed on those outcomes
-    it would look better than it is (on the loop benchmark, 12 seeds: held out of the third
-    cycle, the gate read the challenger's lead 0.115 a customer below the truth, and refused
-    two challengers that truly gained), so only the held-out outcomes of the other campaigns
+    it would look better than it is (on the loop benchmark, 12 seeds: in the third cycle the
+    gate read the challenger's lead 0.115 a customer below the truth, and refused two
+    challengers that truly gained), so only the held-out outcomes of the other campaigns
     weigh it.
 
     Both policies pick their actions as the platform would (:meth:`PolicyTarget.actions`).
