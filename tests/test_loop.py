@@ -927,7 +927,7 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     assert again["trained"] and not again["promoted"], again
     assert again["reason"].endswith("champion v1 stays") and again["champion"] == "1"
     if switched:
-        assert np.isnan(lead) and "campaigns champion v1 did not learn from" in again["reason"]
+        assert np.isnan(lead) and "a campaign champion v1 did not learn from" in again["reason"]
     champion = again["champion"]
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
