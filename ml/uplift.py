@@ -1058,6 +1058,10 @@ def train(
     promote, why = gate_decision(
         lead, champion, gate, None if target is None else len(target.frame)
     )
+    # what the gate could weigh the champion on (policy_lead): the campaigns it learned from
+    # are left out, where it records them
+    learned_from = getattr(champion[0], "campaigns", None) if champion else None
+    weighed_on = sorted(set(holdout["campaign_id"].astype(str)) - set(learned_from or ()))
     # What is registered, and deployed if promoted: the same learner on every outcome. The
     # checks above are of it on four fifths; a fifth fewer outcomes cost the benchmark's
     # policy about half its lead over the playbook (BENCHMARKS.md, "The uplift gate").
@@ -1120,6 +1124,10 @@ def train(
                 "policy_lead": None
                 if lead is None
                 else dict(zip(("lead", "low", "high", "switched"), lead, strict=True)),
+                # the held-out outcomes' campaigns the lead was measured on, and those the
+                # champion learned from (None: it predates the record, weighed on them all)
+                "weighed_on_campaigns": weighed_on,
+                "champion_learned_from": None if learned_from is None else sorted(learned_from),
                 "metrics": metrics,
                 "champion": champion_metrics,
             },

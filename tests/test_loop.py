@@ -928,6 +928,16 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     assert again["reason"].endswith("champion v1 stays") and again["champion"] == "1"
     if switched:
         assert np.isnan(lead) and "a campaign champion v1 did not learn from" in again["reason"]
+    # The decision says what the lead was measured on: nothing, as the champion learned from
+    # every campaign measured so far.
+    [run] = client.search_runs(
+        [experiment.experiment_id], "tags.valueloop.retrain_reason = 'test again'"
+    )
+    logged = client.download_artifacts(run.info.run_id, "gate_decision.json", str(tmp_path))
+    decision = json.loads(Path(logged).read_text())
+    measured_campaigns = sorted(set(uplift.load_outcomes(settings.warehouse_path)["campaign_id"]))
+    assert decision["champion_learned_from"] == measured_campaigns
+    assert decision["weighed_on_campaigns"] == []
     champion = again["champion"]
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
