@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import write_text
-from valueloop import jobs
+from valueloop import jobs, pipeline
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import IngestError
 from valueloop.loaders import TransactionsMapping
@@ -304,6 +304,13 @@ def test_empty_file_and_wrong_header_fail_with_a_clear_error(
     )
     with pytest.raises(IngestError, match=r"missing column\(s\) Description, Quantity, Country"):
         jobs.ingest_path(settings, drifted, "online-retail")
+    doubled = write_text(
+        tmp_path / "doubled.csv",
+        "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country,"
+        "Quantity\n1,2,3,4,5,6,7,8,9\n",
+    )
+    with pytest.raises(IngestError, match=r"doubled\.csv: the header names 'Quantity' more than"):
+        jobs.ingest_path(settings, doubled, "online-retail")
     assert not settings.warehouse_path.exists()
 
 
@@ -349,6 +356,9 @@ def test_online_retail_ii_xlsx_loads_each_sheet_as_a_batch(
                 "United Kingdom",
             ]
         )
+    # A note right of the table pads every row read from the sheet with blank header cells;
+    # they are not columns (before, two blank names broke the load with no file named).
+    workbook["Year 2009-2010"].cell(row=3, column=11, value="checked by finance")
     path = tmp_path / "online_retail_II.xlsx"
     workbook.save(path)
     report = jobs.ingest_path(settings, path, "online-retail")
@@ -406,6 +416,30 @@ def test_a_shops_own_export_maps_onto_the_contract(
         ).fetchall()
     assert rows[0] == ("u1@20240105", "u1", "2024-01-05", 1, 12.5)
     assert sum(r[3] * r[4] for r in rows) == pytest.approx(22.75)
+
+
+def test_a_landed_export_reads_its_mapping_file_and_a_bad_one_is_named(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """What the ingest DAG does with landing/transactions/<file>: the mapping beside it."""
+    lines = ["client,day,amount", *(",".join(r) for r in TRANSACTIONS)]
+    path = write_text(tmp_path / "sales.csv", "\n".join(lines) + "\n")
+    mapping_file = tmp_path / "sales.csv.mapping.json"
+    item = [{"path": str(path), "format": "transactions"}]
+    for text, reason in (
+        ("{not json", "Expecting property name"),
+        ('{"customer": "client", "day": "day"}', "unexpected keyword argument 'customer'"),
+        ('["client", "day"]', "expected a JSON object"),
+    ):
+        mapping_file.write_text(text)
+        with pytest.raises(IngestError, match=rf"sales\.csv\.mapping\.json: .*{reason}"):
+            pipeline.ingest_landed(settings, item)
+    mapping_file.write_text(
+        '{"customer_col": "client", "timestamp_col": "day", "amount_col": "amount",'
+        ' "date_format": "%Y%m%d"}'
+    )
+    totals = pipeline.ingest_landed(settings, item)
+    assert (totals["read"], totals["accepted"], totals["quarantined"]) == (3, 3, 0)
 
 
 def test_quantity_and_price_mapping_and_a_bad_date_format(

@@ -202,6 +202,8 @@ def outcome_rows(settings: Settings) -> tuple[pd.DataFrame, list[tuple[dict, str
         (good, "event: duplicate delivered"),
         ({**good, "event": "opened", "revenue": "5"}, "revenue: 5.0000 on a opened event"),
         ({**good, "event": "converted", "customer_key": treated[2]}, "revenue: a converted"),
+        # Its corrected resend loads: a quarantined row is no original to be a duplicate of.
+        ({**good, "event": "converted", "customer_key": treated[2], "revenue": "12"}, None),
         ({**good, "event": "bought"}, "event: bought is not one of"),
         ({**good, "event": "converted", "revenue": "-3"}, "revenue: -3 outside the plausible"),
         ({**good, "occurred_at": "yesterday"}, "occurred_at: cannot parse yesterday"),
@@ -212,7 +214,7 @@ def outcome_rows(settings: Settings) -> tuple[pd.DataFrame, list[tuple[dict, str
 def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_for(
     tmp_path: Path,
 ) -> None:
-    # One of the 13 outcome rows is implausible on purpose; the batch should still pass GX.
+    # One of the 14 outcome rows is implausible on purpose; the batch should still pass GX.
     settings = load_settings(env={"VALUELOOP_IMPLAUSIBLE_SHARE_MAX": "0.1"}, home=tmp_path / "h")
     published_scores(settings)
     campaigns.plan(settings, "cmp-a")
@@ -230,6 +232,8 @@ def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_
         ("f5", "C00003", "value_tier", "vip", "2025-01-01", "", "corrected_value: vip is not"),
         ("f6", "C00003", "is_churned", "true", "2025-06-01", "2025-01-01", "valid_to: 2025-01-01"),
         ("f1", "C00004", "is_churned", "true", "2025-01-01", "", "feedback_id: f1 was already"),
+        ("f7", "X8", "is_churned", "false", "2025-01-01", "", "customer_id: no customer X8"),
+        ("f7", "C00005", "is_churned", "false", "2025-01-01", "", None),  # the resend loads
     ]
     pd.DataFrame(
         [
@@ -276,6 +280,13 @@ def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_
     # Loading the same files again adds nothing.
     again = jobs.ingest_path(settings, settings.feedback_dir, "feedback")
     assert all(r.skipped for r in again.results)
+    # What the feedback DAG lands is the feedback files alone: a note left beside them is
+    # named in the log and left where it is (before, it was read as a CSV and stopped it).
+    (outcomes.parent / "README.md").write_text("exported by the e-mail tool every night\n")
+    landed = pipeline.land_feedback(settings)
+    assert sorted(Path(item["path"]).name for item in landed) == ["cmp-a.csv", "corrections.csv"]
+    totals = pipeline.ingest_landed(settings, landed)
+    assert totals["read"] == 0 and totals["skipped"] == totals["files"] == 2
     # Great Expectations checks the feedback batches like any other.
     result = run_checkpoint(settings, "raw", "feedback-test")
     names = {r.check.name for r in result.results}
@@ -1251,6 +1262,13 @@ def test_the_market_answers_the_exported_campaign_file_and_never_hears_of_the_co
     exported = settings.campaigns_dir / f"{campaign_id}.csv"
     with pytest.raises(FileNotFoundError, match=r"nowhere\.csv"):
         simulate_campaign(settings, campaign_id, tmp_path / "nowhere.csv")
+    # A key the market cannot place (another salt, another shop) stops it before it plays.
+    stray = tmp_path / f"{campaign_id}-stray.csv"
+    keys = pd.read_csv(exported)
+    keys.loc[0, "customer_key"] = "not-a-key"
+    keys.to_csv(stray, index=False)
+    with pytest.raises(ValueError, match=r"1 of [\d,]+ customer_key values match no customer"):
+        simulate_campaign(settings, None, stray)
     window = simulate_campaign(settings, None, exported)  # the file names its campaign
     assert window.outcomes_file.name == f"{campaign_id}.csv"
     sent = pd.read_csv(exported)

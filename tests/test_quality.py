@@ -308,9 +308,11 @@ def _publish_scores(settings: Settings, churn: str) -> None:
             select customer_id, as_of, 'active' as value_tier, 0.2 as p_high, 0.5 as p_active,
                    0.3 as p_lapsed, {churn} as churn_probability, 'medium' as churn_risk_band,
                    0 as segment_id, 'steady' as segment_name, 'cross-sell' as next_best_action,
-                   'cross-sell' as playbook_action,
+                   0.4 as expected_cost, 'playbook' as action_policy,
+                   null::double as expected_incremental_profit, 'cross-sell' as playbook_action,
+                   'no order in 120 days' as churn_reasons, 'spend up' as tier_reasons,
                    'valueloop-customer-model' as model_name, '1' as model_version,
-                   'run' as model_run_id, now() as scored_at
+                   'run' as model_run_id, 's1' as scoring_run_id, now() as scored_at
             from marts.scoring_set""")
 
 
@@ -322,11 +324,13 @@ def test_scores_suite_validates_the_documented_schema(marts: Settings) -> None:
         run_checkpoint(marts, "scores", run_id="s2")
     with duckdb.connect(str(marts.warehouse_path)) as con:
         con.execute("alter table marts.customer_scores drop column segment_name")
+        con.execute("alter table marts.customer_scores drop column churn_reasons")
     with pytest.raises(
-        QualityError, match=r"customer_scores\.schema.*sample bad values: segment_name"
+        QualityError,
+        match=r"customer_scores\.schema.*sample bad values: segment_name, churn_reasons",
     ):
         run_checkpoint(marts, "scores", run_id="s3")
-    assert "segment_name" in SCORES_COLUMNS
+    assert {"segment_name", "churn_reasons"} <= set(SCORES_COLUMNS)
 
 
 def test_data_docs_are_built(marts: Settings) -> None:

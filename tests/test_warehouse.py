@@ -175,6 +175,10 @@ def test_a_failing_dbt_test_is_reported_by_name(tmp_path: Path) -> None:
         transform.build(settings, quiet=True)
     message = str(failure.value)
     assert "accepted_values_stg_shop__reviews_rating" in message and "failing rows" in message
+    # A dbt that stops before it runs anything is not reported with that run's failures.
+    with pytest.raises(transform.TransformError) as failure:
+        transform.run_dbt(settings, ["build", "--threads", "many"], quiet=True)
+    assert "accepted_values" not in str(failure.value)
 
 
 def test_transform_without_a_warehouse_says_what_to_do(tmp_path: Path) -> None:

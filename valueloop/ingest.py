@@ -173,10 +173,12 @@ def _lit(values) -> str:
 
 
 def _duplicate(key: str, table: str) -> str:
-    """Predicate over ``_typed``: the row repeats an earlier row of the batch, or a loaded one."""
+    """Predicate over ``_typed``: the row repeats an earlier clean row of the batch, or a loaded
+    one. A row quarantined for another reason is no original: its corrected resend loads."""
     return (
         f"(_row_number in (select _row_number from (select _row_number, row_number() over "
-        f"(partition by {key} order by _row_number) as n from _typed) where n > 1) "
+        f"(partition by {key} order by _row_number) as n from _typed where len(_errors) = 0)"
+        f" where n > 1) "
         f"or ({key}) in (select ({key}) from {table}))"
     )
 
@@ -351,10 +353,11 @@ def ingest_source(
     con.execute("begin transaction")
     try:
         if source.relation_sql is not None:
-            a, q = _load_relation(
+            # Counted from the source itself, so that the accounting below can fail.
+            read = con.execute(f"select count(*) from ({source.relation_sql})").fetchone()[0]
+            accepted, quarantined = _load_relation(
                 con, source, f"({source.relation_sql})", batch_id, loaded_at, ranges
             )
-            accepted, quarantined, read = a, q, a + q
         else:
             assert source.chunks is not None, "a source needs chunks or a relation"
             for chunk in source.chunks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,23 @@ def _split_records(handle: io.TextIOBase, delimiter: str) -> Iterator[list[str]]
         yield from csv.reader(handle, delimiter=delimiter, strict=False)
 
 
+def unique_header(source: str, columns: list[str]) -> list[str]:
+    """The header, or an error naming its repeated column names (each column must be one)."""
+    counts = Counter(columns)
+    repeated = [f"'{name}'" if name else "a blank name" for name, n in counts.items() if n > 1]
+    if repeated:
+        raise IngestError(
+            f"{source}: the header names {', '.join(repeated)} more than once; give every"
+            " column its own name"
+        )
+    return columns
+
+
 def read_header(path: Path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
     with _open_text(path, encoding) as handle:
         for record in _split_records(handle, delimiter):
             if record:
-                return [name.strip() for name in record]
+                return unique_header(str(path), [name.strip() for name in record])
     raise IngestError(f"{path}: the file is empty (no header row)")
 
 
@@ -124,6 +137,15 @@ def iter_xlsx(
         workbook.close()
         raise IngestError(f"{path}#{sheet}: the sheet is empty (no header row)")
     columns = [str(v).strip() if v is not None else "" for v in header_row]
+    # A sheet read this way is padded to its widest row: blank header cells at the end are
+    # not columns (a value under one has no name to map, as in a CSV with extra fields).
+    while columns and not columns[-1]:
+        columns.pop()
+    try:
+        unique_header(f"{path}#{sheet}", columns)
+    except IngestError:
+        workbook.close()
+        raise
 
     def chunks() -> Iterator[SourceChunk]:
         try:

@@ -88,6 +88,15 @@ def simulate_campaign(
     keys = pd.DataFrame({"customer_id": ids.column("customer_id").to_pylist()})
     keys["customer_key"] = [customer_key(salt, c) for c in keys["customer_id"]]
     assignments = sent.assign(group_name="treatment").merge(keys, on="customer_key", how="inner")
+    unknown = len(sent) - len(assignments)
+    if unknown:
+        # Keys the market cannot place were pseudonymised with another salt or belong to
+        # another shop: playing the campaign without them would measure a different one.
+        raise ValueError(
+            f"{path}: {unknown:,} of {len(sent):,} customer_key values match no customer of"
+            f" the demo shop in {settings.demo_dir} (keys made with another"
+            " VALUELOOP_PII_SALT, or another shop's campaign)"
+        )
     summary = market.advance(
         settings.demo_dir,
         assignments,

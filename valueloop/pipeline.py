@@ -5,6 +5,7 @@ Tasks pass only paths, ids and small summaries between each other (XCom stays sm
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -44,7 +45,16 @@ def _mapping(path: Path) -> loaders.TransactionsMapping:
             f"{path}: a transactions file needs {mapping_file.name} beside "
             "it with its column mapping"
         )
-    return loaders.TransactionsMapping(**json.loads(mapping_file.read_text()))
+    try:
+        fields = json.loads(mapping_file.read_text())
+        if not isinstance(fields, dict):
+            raise TypeError("expected a JSON object of mapping fields")
+        return loaders.TransactionsMapping(**fields)
+    except (ValueError, TypeError) as error:  # bad JSON, unknown or missing field, bad value
+        known = ", ".join(f.name for f in dataclasses.fields(loaders.TransactionsMapping))
+        raise loaders.IngestError(
+            f"{mapping_file}: not a transactions mapping ({error}); its fields: {known}"
+        ) from error
 
 
 def ingest_landed(settings: Settings, items: list[dict[str, str]]) -> dict[str, int]:
@@ -150,14 +160,27 @@ def decide_retraining(settings: Settings) -> dict:
 
 def land_feedback(settings: Settings) -> list[dict[str, str]]:
     """Feedback files waiting in landing/feedback (already-loaded ones are skipped at ingest)."""
-    found = []
+    from valueloop.loaders import FEEDBACK_SUFFIXES
+
+    found, other = [], []
     for entity in ("campaign_outcomes", "label_feedback"):
         folder = settings.feedback_dir / entity
         if folder.is_dir():
-            found += [
-                {"path": str(p), "format": "feedback"}
-                for p in sorted(folder.iterdir())
-                if p.is_file() and not p.name.startswith(".")
-            ]
+            for p in sorted(folder.iterdir()):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                if p.name.endswith(FEEDBACK_SUFFIXES):
+                    found.append({"path": str(p), "format": "feedback"})
+                else:
+                    other.append(p)
+    if other:
+        # Not feedback (a note, a spreadsheet): left where it is, as the folder scan of
+        # `valueloop ingest` leaves it, and named so that nobody waits for it to load.
+        log.warning(
+            "feedback landing: left alone %d file(s) that are not %s: %s",
+            len(other),
+            " / ".join(FEEDBACK_SUFFIXES),
+            ", ".join(str(p) for p in other),
+        )
     log.info("feedback landing: %d file(s) in %s", len(found), settings.feedback_dir)
     return found

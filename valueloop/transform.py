@@ -88,6 +88,9 @@ def run_dbt(
         "DBT_LOG_PATH": str(settings.dbt_target_dir.parent / "logs"),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }
+    # A dbt that fails before it writes its results (a parse error) must not be reported
+    # with the results of the run before it.
+    (settings.dbt_target_dir / "run_results.json").unlink(missing_ok=True)
     completed = subprocess.run(
         command,
         env=env,

@@ -34,10 +34,16 @@ SCORES_COLUMNS = [
     "segment_id",
     "segment_name",
     "next_best_action",
+    "expected_cost",
+    "action_policy",
+    "expected_incremental_profit",
     "playbook_action",
+    "churn_reasons",
+    "tier_reasons",
     "model_name",
     "model_version",
     "model_run_id",
+    "scoring_run_id",
     "scored_at",
 ]
 TIERS = ("high", "active", "lapsed")
