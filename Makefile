@@ -61,9 +61,12 @@ test: install $(CHROMIUM) $(DOCKER_COMPOSE) $(STACK_STAMP) ## the whole test sui
 airflow: install ## airflow standalone with the project's DAGs (UI on :8080)
 	$(BIN)/valueloop airflow
 
+# The tracking store the platform writes to: VALUELOOP_MLFLOW_TRACKING_URI when set.
+MLFLOW_STORE = $${VALUELOOP_MLFLOW_TRACKING_URI:-sqlite:///$(VALUELOOP_HOME)/mlflow.db}
+
 mlflow-ui: install ## the MLflow UI on the platform's tracking store
-	@echo "MLflow UI: http://127.0.0.1:5000 (tracking store $(VALUELOOP_HOME)/mlflow.db)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(VALUELOOP_HOME)/mlflow.db --host 127.0.0.1 --port 5000
+	@echo "MLflow UI: http://127.0.0.1:5000 (tracking store $(MLFLOW_STORE))"
+	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_STORE)" --host 127.0.0.1 --port 5000
 
 lint: install
 	$(BIN)/ruff check .
@@ -73,6 +76,7 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(BIN)/sqlfluff fix dbt_project/models --processes 1 --disable-progress-bar
 
 # Regenerate the full lock from requirements.in in a scratch environment.
 lock:

@@ -27,7 +27,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--customers", type=int, help="number of customers (default: config, 10000)")
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same shop")
-    p.add_argument("--out", type=Path, help="output folder (default: $VALUELOOP_HOME/demo_shop)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: $VALUELOOP_HOME/landing/simulator/demo_shop)",
+    )
     p.set_defaults(func=_cmd_generate)
 
 
@@ -209,7 +213,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--customers", type=int, help="number of demo customers")
     p.add_argument("--seed", type=int, help="random seed of the demo shop")
     p.add_argument(
-        "--train-config", type=Path, help="training config (default ml/configs/default.yaml)"
+        "--train-config",
+        type=Path,
+        help="training config (default $VALUELOOP_TRAIN_CONFIG, else ml/configs/default.yaml)",
     )
     p.add_argument(
         "--no-airflow",
@@ -313,7 +319,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="roll the evaluation over cutoffs (the only mode for now)",
     )
     p.add_argument("--cutoffs", type=int, default=4, help="evaluation cutoffs (default 4)")
-    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples per cutoff")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=500,
+        help="bootstrap resamples of the customers, drawn once for all cutoffs (default 500)",
+    )
     p.add_argument(
         "--models",
         nargs="+",
@@ -655,7 +666,7 @@ def _run_directly(settings, train_config: Path | None, board) -> None:
     with board.stage("marts checks"):
         quality.run_checkpoint(settings, "marts", run_id)
     with board.stage("train + gate"):
-        config = TrainConfig.load(train_config)
+        config = TrainConfig.load(train_config or settings.train_config)
         train(
             config,
             settings.warehouse_path,
