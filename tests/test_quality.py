@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from tests import corpus
-from tests.conftest import ONLINE_RETAIL_CSV
+from tests.conftest import ONLINE_RETAIL_CSV, run_valueloop
 from valueloop import jobs, transform
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import IngestError
@@ -107,6 +107,60 @@ def test_a_broken_batch_stops_the_pipeline_naming_the_expectation(
             == 1
         )
     assert_nothing_lost_or_duplicated(settings)
+
+
+def test_every_batch_since_the_last_check_is_judged_and_a_bad_one_can_be_withdrawn(
+    with_good_batch: Settings, tmp_path: Path
+) -> None:
+    """Two files land before the next check, the bad one first: the check judges both (before,
+    only the latest, so the bad rows reached the marts); `valueloop withdraw` moves the bad
+    batch to the quarantine, and the check passes over what is left."""
+    settings = with_good_batch
+    bad = corpus.MUTATIONS["negative_without_cancellation"](corpus.clean_batch(seed=2))
+    ingest(settings, corpus.write_csv(tmp_path / "day2.csv", bad))
+    ingest(settings, corpus.write_csv(tmp_path / "day3.csv", corpus.clean_batch(seed=3)))
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        [(bad_batch, read)] = con.execute(
+            "select batch_id, rows_read from raw.ingest_batches where source_file like '%day2.csv'"
+        ).fetchall()
+    with pytest.raises(QualityError) as stopped:
+        run_checkpoint(settings, "raw", run_id="day3")
+    message = str(stopped.value)
+    assert "[critical] order_lines.negative_quantity_without_reversal on raw.order_lines" in message
+    assert f"batch {bad_batch}" in message and "valueloop withdraw" in message
+    failed = [r.check.name for r in stopped.value.report.critical_failures]
+    assert failed == ["order_lines.negative_quantity_without_reversal"]
+    # Rerun as it was: the same batches, the same verdict.
+    with pytest.raises(QualityError):
+        run_checkpoint(settings, "raw", run_id="day3")
+
+    done = run_valueloop(
+        "withdraw", bad_batch, "--reason", "the shop sent refunds as sales", home=settings.home
+    )
+    assert done.returncode == 0, done.stderr
+    moved = f"{bad_batch} ({tmp_path / 'day2.csv'}): {read:,} order_lines rows moved to raw."
+    assert moved in done.stdout
+    again = run_valueloop("withdraw", bad_batch, "--reason", "twice", home=settings.home)
+    assert again.returncode == 0 and "was already withdrawn" in again.stdout
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        left = con.execute(
+            "select count(*) from raw.order_lines where _batch_id = ?", [bad_batch]
+        ).fetchone()[0]
+        quarantined = con.execute(
+            "select count(*), count(*) filter (where reason = 'batch withdrawn: the shop sent"
+            " refunds as sales') from raw.quarantine where _batch_id = ?",
+            [bad_batch],
+        ).fetchone()
+        counts = con.execute(
+            "select rows_read, rows_accepted, rows_quarantined from raw.ingest_batches"
+            " where batch_id = ?",
+            [bad_batch],
+        ).fetchone()
+    assert left == 0 and quarantined == (read, read) and counts == (read, 0, read)
+    assert_nothing_lost_or_duplicated(settings)
+    assert run_checkpoint(settings, "raw", run_id="day3-after").success
+    unknown = run_valueloop("withdraw", "order_lines-nope", "--reason", "x", home=settings.home)
+    assert unknown.returncode != 0 and "no batch order_lines-nope" in unknown.stderr
 
 
 def test_a_few_duplicates_are_a_warning_not_a_stop(

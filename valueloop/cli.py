@@ -77,6 +77,20 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_ingest)
 
 
+def _add_withdraw(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "withdraw",
+        help="take a loaded batch back out of the raw tables, into the quarantine",
+        description="When the raw checkpoint stops the pipeline on a batch that should not have "
+        "been loaded (the message names it, and raw.ingest_batches lists every batch), this "
+        "moves the batch's rows to raw.quarantine with the reason and lets the checkpoint pass "
+        "over it; then land the corrected file and run the pipeline again. Nothing is deleted.",
+    )
+    p.add_argument("batch_id", help="the batch, e.g. order_lines-1a2b3c4d5e6f7a8b")
+    p.add_argument("--reason", required=True, help="why: kept with every row in the quarantine")
+    p.set_defaults(func=_cmd_withdraw)
+
+
 def _add_transform(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "transform",
@@ -435,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_ingest(sub)
+    _add_withdraw(sub)
     _add_transform(sub)
     _add_check(sub)
     _add_train(sub)
@@ -491,6 +506,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     report = jobs.ingest_path(settings, args.path, args.format, _mapping_from_args(args))
     print(report.summary())
     print(f"warehouse: {settings.warehouse_path}")
+    return 0
+
+
+def _cmd_withdraw(args: argparse.Namespace) -> int:
+    withdrawal, exported = jobs.withdraw(load_settings(), args.batch_id, args.reason)
+    print(withdrawal.summary())
+    if exported:
+        print(f"the batch's quarantined rows: {exported}")
     return 0
 
 

@@ -167,10 +167,24 @@ def entity_ddl(entity: Entity) -> str:
     return f"create table if not exists {entity.table} (\n" + ",\n".join(cols) + "\n)"
 
 
+# Batches taken out after they were loaded (`valueloop withdraw`): their rows moved to the
+# quarantine with the reason, the batch's counts moved with them.
+WITHDRAWN_DDL = f"""
+create table if not exists {RAW_SCHEMA}.withdrawn_batches (
+    batch_id varchar primary key,
+    entity varchar not null,
+    rows_withdrawn bigint not null,
+    reason varchar not null,
+    withdrawn_at timestamp not null
+)
+"""
+
+
 def all_ddl() -> list[str]:
     return [
         f"create schema if not exists {RAW_SCHEMA}",
         *(entity_ddl(e) for e in ENTITIES.values()),
         QUARANTINE_DDL,
         BATCHES_DDL,
+        WITHDRAWN_DDL,
     ]

@@ -413,6 +413,82 @@ def ingest_source(
     )
 
 
+@dataclass(frozen=True)
+class Withdrawal:
+    batch_id: str
+    entity: str
+    source_file: str
+    rows_withdrawn: int
+    already: bool  # withdrawn before: nothing changed
+
+    def summary(self) -> str:
+        if self.already:
+            return f"{self.batch_id} ({self.source_file}) was already withdrawn: nothing changed"
+        return (
+            f"{self.batch_id} ({self.source_file}): {self.rows_withdrawn:,} {self.entity} rows"
+            " moved to raw.quarantine; the next `valueloop transform` builds without them"
+        )
+
+
+def withdraw_batch(con: duckdb.DuckDBPyConnection, batch_id: str, reason: str) -> Withdrawal:
+    """Take a loaded batch back out: its accepted rows move to ``raw.quarantine`` with
+    ``reason`` (nothing is deleted; rows read = accepted + quarantined still holds for the
+    batch), and the raw checkpoint no longer judges it. Withdrawing twice changes nothing."""
+    if not reason.strip():
+        raise ValueError("say why the batch is withdrawn (--reason): the quarantine keeps it")
+    ensure_raw_schema(con)
+    found = con.execute(
+        "select entity, source_file from raw.ingest_batches where batch_id = ?", [batch_id]
+    ).fetchone()
+    if found is None:
+        latest = [
+            r[0]
+            for r in con.execute(
+                "select batch_id from raw.ingest_batches order by loaded_at desc limit 5"
+            ).fetchall()
+        ]
+        raise LookupError(
+            f"no batch {batch_id} in raw.ingest_batches; the latest: {', '.join(latest) or 'none'}"
+        )
+    entity, source_file = found
+    done = con.execute(
+        "select rows_withdrawn from raw.withdrawn_batches where batch_id = ?", [batch_id]
+    ).fetchone()
+    if done is not None:
+        return Withdrawal(batch_id, entity, source_file, done[0], True)
+    table = ENTITIES[entity].table
+    withdrawn_at = datetime.now(UTC).replace(tzinfo=None)
+    con.execute("begin transaction")
+    try:
+        data = ", ".join(f'"{c}"' for c in ENTITIES[entity].column_names)
+        con.execute(
+            "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity,"
+            " column_name, reason, raw_value, raw_record, _loaded_at)"
+            f" select _batch_id, _source_file, _row_number, ?, null, ?, null,"
+            f" to_json(struct_pack({data}))::varchar, _loaded_at"
+            f" from {table} where _batch_id = ?",
+            [entity, f"batch withdrawn: {reason.strip()}", batch_id],
+        )
+        moved = con.execute(f"select count(*) from {table} where _batch_id = ?", [batch_id])
+        moved = moved.fetchone()[0]
+        con.execute(f"delete from {table} where _batch_id = ?", [batch_id])
+        con.execute(
+            "update raw.ingest_batches set rows_accepted = rows_accepted - ?,"
+            " rows_quarantined = rows_quarantined + ? where batch_id = ?",
+            [moved, moved, batch_id],
+        )
+        con.execute(
+            "insert into raw.withdrawn_batches values (?, ?, ?, ?, ?)",
+            [batch_id, entity, moved, reason.strip(), withdrawn_at],
+        )
+        con.execute("commit")
+    except BaseException:
+        con.execute("rollback")
+        raise
+    log.info("withdrew %s: %s rows of %s to raw.quarantine", batch_id, f"{moved:,}", table)
+    return Withdrawal(batch_id, entity, source_file, moved, False)
+
+
 def export_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str, folder: Path) -> Path | None:
     """Write a batch's quarantined rows to CSV for people to open; None when there are none."""
     count = con.execute(

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from valueloop import loaders
 from valueloop.config import Settings
-from valueloop.ingest import IngestError, IngestResult, export_quarantine, ingest_source
+from valueloop.ingest import (
+    IngestError,
+    IngestResult,
+    Withdrawal,
+    export_quarantine,
+    ingest_source,
+    withdraw_batch,
+)
 from valueloop.simulator import SimulationConfig, SimulationSummary, generate
 from valueloop.warehouse import connect
 
@@ -120,3 +127,14 @@ def ingest_path(
                 if exported:
                     exports.append(exported)
     return IngestReport(results, exports)
+
+
+def withdraw(settings: Settings, batch_id: str, reason: str) -> tuple[Withdrawal, Path | None]:
+    """Take a loaded batch out of the raw tables into the quarantine (``withdraw_batch``) and
+    rewrite its quarantine file for people to open."""
+    if not settings.warehouse_path.exists():
+        raise FileNotFoundError(f"{settings.warehouse_path}: no warehouse yet")
+    with connect(settings.warehouse_path) as con:
+        withdrawal = withdraw_batch(con, batch_id, reason)
+        exported = export_quarantine(con, batch_id, settings.quarantine_dir)
+    return withdrawal, exported

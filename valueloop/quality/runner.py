@@ -6,7 +6,7 @@ stops the pipeline; a ``warning`` is stored and reported, and the run goes on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -15,7 +15,7 @@ import duckdb
 
 from valueloop.config import Settings
 from valueloop.quality import gx_project, suites
-from valueloop.quality.checks import CheckResult, compute_metrics, sample_bad_values
+from valueloop.quality.checks import Check, CheckResult, compute_metrics, sample_bad_values
 from valueloop.warehouse import connect
 
 Checkpoint = Literal["raw", "marts", "scores"]
@@ -52,6 +52,13 @@ class QualityError(Exception):
             f"run {report.run_id}): {len(report.critical_failures)} critical expectation(s) "
             f"failed:\n{failures}"
             + (f"\nData Docs: {report.data_docs}" if report.data_docs else "")
+            + (
+                "\nA batch that should not have been loaded comes out with `valueloop withdraw"
+                " <batch> --reason ...` (its rows go to raw.quarantine); then land the"
+                " corrected file."
+                if report.checkpoint == "raw"
+                else ""
+            )
         )
 
 
@@ -95,20 +102,23 @@ def default_run_id(now: datetime | None = None) -> str:
     return "manual__" + (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
 
 
+_LAST_PASSED = """
+    with runs as (
+        select run_id, max(validated_at) as validated_at,
+               bool_and(success or severity <> 'critical') as passed
+        from quality.validation_results
+        where checkpoint = ? and run_id <> ?
+        group by run_id
+    )
+    select run_id, validated_at from runs where passed order by validated_at desc limit 1
+"""
+
+
 def previous_baseline(con: duckdb.DuckDBPyConnection, checkpoint: str, run_id: str) -> dict:
     """Observed values of the latest earlier run of this checkpoint with no critical failure."""
     rows = con.execute(
-        """
-        with runs as (
-            select run_id, max(validated_at) as validated_at,
-                   bool_and(success or severity <> 'critical') as passed
-            from quality.validation_results
-            where checkpoint = ? and run_id <> ?
-            group by run_id
-        ),
-        latest as (
-            select run_id from runs where passed order by validated_at desc limit 1
-        )
+        f"""
+        with latest as ({_LAST_PASSED})
         select check_name, observed_value from quality.validation_results
         where checkpoint = ? and run_id = (select run_id from latest)
             and observed_value is not null
@@ -116,6 +126,55 @@ def previous_baseline(con: duckdb.DuckDBPyConnection, checkpoint: str, run_id: s
         [checkpoint, run_id, checkpoint],
     ).fetchall()
     return dict(rows)
+
+
+def last_passed_at(con: duckdb.DuckDBPyConnection, checkpoint: str, run_id: str):
+    """When the latest earlier run of this checkpoint with no critical failure validated."""
+    row = con.execute(_LAST_PASSED, [checkpoint, run_id]).fetchone()
+    return row[1] if row else None
+
+
+def _fails(check: Check, observed: float | None) -> bool:
+    """Whether the value is outside the check's bounds (GX judges the one it is given)."""
+    if observed is None:
+        return False
+    return (check.min_value is not None and observed < check.min_value) or (
+        check.max_value is not None and observed > check.max_value
+    )
+
+
+def _worst_of_the_batches(
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    run_id: str,
+    checked_at: datetime,
+    checks: list[Check],
+    metrics: dict[str, float | None],
+) -> dict[str, Check]:
+    """The raw checkpoint over every batch loaded since its last run without a critical
+    failure, not only each entity's latest: a check takes the first batch's value that fails
+    it, newest first (``metrics`` is updated in place), and the check returned for its name
+    reads that batch, so that its samples and its description name it. GX still validates
+    one row with the suite's own checks, so the suite stays the same however many batches
+    came in."""
+    latest = suites.latest_batch_ids(con)
+
+    def in_batch(check: Check, batch_id: str | None) -> Check:
+        if batch_id is None or check.name.endswith(".schema"):
+            return check
+        return replace(check, description=f"{check.description}; batch {batch_id}")
+
+    chosen = {c.name: in_batch(c, latest.get(c.name.split(".")[0])) for c in checks}
+    since = last_passed_at(con, "raw", run_id)
+    for batch_id, batch_checks in suites.raw_earlier_batches(con, settings, checked_at, since):
+        observed = compute_metrics(con, batch_checks)
+        for check in batch_checks:
+            if _fails(check, observed[check.name]) and not _fails(
+                chosen[check.name], metrics[check.name]
+            ):
+                metrics[check.name] = observed[check.name]
+                chosen[check.name] = in_batch(check, batch_id)
+    return chosen
 
 
 def _suite_checks(
@@ -186,6 +245,9 @@ def run_checkpoint(
         baseline = previous_baseline(con, checkpoint, run_id)
         checks = _suite_checks(con, settings, checkpoint, checked_at, baseline, scores_table)
         metrics = compute_metrics(con, checks)
+        judged = {c.name: c for c in checks}
+        if checkpoint == "raw":
+            judged = _worst_of_the_batches(con, settings, run_id, checked_at, checks, metrics)
         with gx_project.exclusive(settings.gx_project_dir):
             context = gx_project.get_context(settings.gx_project_dir)
             outcomes, docs_page = gx_project.run_checkpoint(
@@ -193,10 +255,10 @@ def run_checkpoint(
             )
         results = [
             CheckResult(
-                check,
+                judged[check.name],
                 metrics[check.name],
                 outcomes[check.name],
-                () if outcomes[check.name] else sample_bad_values(con, check),
+                () if outcomes[check.name] else sample_bad_values(con, judged[check.name]),
             )
             for check in checks
         ]

@@ -69,14 +69,20 @@ def _difference(metric_sql: str, previous: float | None) -> str:
     return "null" if previous is None else f"abs(({metric_sql}) - {previous!r})"
 
 
-def _latest_batches(con: duckdb.DuckDBPyConnection, entity: str) -> tuple[dict | None, dict | None]:
+def _batches(con: duckdb.DuckDBPyConnection, entity: str) -> list[dict]:
+    """Every ingest batch of the entity still in the warehouse, newest first (a withdrawn
+    batch's rows are in the quarantine: there is nothing left of it to judge)."""
+    withdrawn = (
+        " and batch_id not in (select batch_id from raw.withdrawn_batches)"
+        if table_exists(con, "raw.withdrawn_batches")
+        else ""
+    )
     rows = con.execute(
-        "select batch_id, rows_accepted, rows_read from raw.ingest_batches where entity = ?"
-        " order by loaded_at desc, batch_id desc limit 2",
+        "select batch_id, rows_accepted, rows_read, loaded_at from raw.ingest_batches"
+        f" where entity = ?{withdrawn} order by loaded_at desc, batch_id desc",
         [entity],
     ).fetchall()
-    padded = [*({"batch_id": r[0], "rows": r[1], "read": r[2]} for r in rows), None, None]
-    return padded[0], padded[1]
+    return [{"batch_id": r[0], "rows": r[1], "read": r[2], "loaded_at": r[3]} for r in rows]
 
 
 # --------------------------------------------------------------------------- raw
@@ -93,61 +99,99 @@ def raw_suite(
     checks: list[Check] = []
     ranges = plausible_ranges(settings, checked_at)
     for entity in ENTITIES.values():
-        table = entity.table
-        checks.append(schema_check(con, table, entity.column_names, f"{entity.name}.schema"))
-        latest, previous = _latest_batches(con, entity.name)
-        # A source without this entity still gets every check, each not applicable (null),
-        # so the suite is the same for every shop.
-        batch = f"_batch_id = {sql_literal(latest['batch_id'])}" if latest else "false"
-        ratio = _ratio("count(*)", previous and previous["rows"])
-        if entity.name in TIME_COLUMNS and previous:
-            # A month's feed after years of backfill: compare rows per day of data covered.
-            ts = TIME_COLUMNS[entity.name]
-            rate = f"count(*) / greatest(1, date_diff('day', min({ts}), max({ts})) + 1)"
-            ratio = (
-                f"({rate}) / (select {rate} from {table} where _batch_id = "
-                f"{sql_literal(previous['batch_id'])})"
-            )
-        entity_checks = [
-            Check(
-                f"{entity.name}.row_count",
-                table,
-                "count(*)",
-                "the batch has rows",
-                min_value=1,
-                where=batch,
-            ),
-            Check(
-                f"{entity.name}.row_count_vs_previous_batch",
-                table,
-                ratio,
-                "row count (per day covered, for dated entities) within 0.2x-5x of the previous"
-                " batch",
-                min_value=0.2,
-                max_value=5.0,
-                where=batch,
-            ),
-            Check(
-                f"{entity.name}.row_count_drift",
-                table,
-                ratio,
-                "row count (per day covered, for dated entities) within 0.5x-2x of the previous"
-                " batch",
-                min_value=0.5,
-                max_value=2.0,
-                severity="warning",
-                where=batch,
-            ),
-            *_entity_checks(entity.name, table, batch, previous),
-            *_plausibility_checks(entity.name, table, batch, latest, ranges[entity.name], settings),
-        ]
-        if entity in FEEDBACK_ENTITIES:
-            # Feedback batches follow campaign sizes: their row counts are not compared.
-            entity_checks = [c for c in entity_checks if "row_count_" not in c.name]
-        if latest is None:
-            entity_checks = [replace(c, metric_sql="null") for c in entity_checks]
-        checks += entity_checks
+        checks.append(schema_check(con, entity.table, entity.column_names, f"{entity.name}.schema"))
+        batches = _batches(con, entity.name)
+        checks += _batch_checks(entity, *[*batches[:2], None, None][:2], ranges, settings)
     return checks
+
+
+def latest_batch_ids(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Each entity's latest batch still in the warehouse, the one :func:`raw_suite` judges."""
+    latest = {e: _batches(con, e) for e in ENTITIES}
+    return {e: batches[0]["batch_id"] for e, batches in latest.items() if batches}
+
+
+def raw_earlier_batches(
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    checked_at: datetime,
+    since: datetime | None,
+) -> list[tuple[str, list[Check]]]:
+    """The batches loaded after ``since`` (the last raw run with no critical failure; None:
+    every batch) other than each entity's latest, each with the checks :func:`raw_suite` runs
+    on the latest, by the same names, against the batch before it. Several files landed at
+    once are each a batch, and each is checked, not only the last one loaded."""
+    ranges = plausible_ranges(settings, checked_at)
+    earlier: list[tuple[str, list[Check]]] = []
+    for entity in ENTITIES.values():
+        batches = _batches(con, entity.name)
+        for index in range(1, len(batches)):
+            if since is not None and batches[index]["loaded_at"] <= since:
+                break
+            previous = batches[index + 1] if index + 1 < len(batches) else None
+            checks = _batch_checks(entity, batches[index], previous, ranges, settings)
+            earlier.append((batches[index]["batch_id"], checks))
+    return earlier
+
+
+def _batch_checks(
+    entity,
+    latest: dict | None,
+    previous: dict | None,
+    ranges: dict[str, tuple[PlausibleRange, ...]],
+    settings: Settings,
+) -> list[Check]:
+    """One entity's checks of batch ``latest`` against ``previous`` (None: not applicable)."""
+    table = entity.table
+    # A source without this entity still gets every check, each not applicable (null),
+    # so the suite is the same for every shop.
+    batch = f"_batch_id = {sql_literal(latest['batch_id'])}" if latest else "false"
+    ratio = _ratio("count(*)", previous and previous["rows"])
+    if entity.name in TIME_COLUMNS and previous:
+        # A month's feed after years of backfill: compare rows per day of data covered.
+        ts = TIME_COLUMNS[entity.name]
+        rate = f"count(*) / greatest(1, date_diff('day', min({ts}), max({ts})) + 1)"
+        ratio = (
+            f"({rate}) / (select {rate} from {table} where _batch_id = "
+            f"{sql_literal(previous['batch_id'])})"
+        )
+    entity_checks = [
+        Check(
+            f"{entity.name}.row_count",
+            table,
+            "count(*)",
+            "the batch has rows",
+            min_value=1,
+            where=batch,
+        ),
+        Check(
+            f"{entity.name}.row_count_vs_previous_batch",
+            table,
+            ratio,
+            "row count (per day covered, for dated entities) within 0.2x-5x of the previous batch",
+            min_value=0.2,
+            max_value=5.0,
+            where=batch,
+        ),
+        Check(
+            f"{entity.name}.row_count_drift",
+            table,
+            ratio,
+            "row count (per day covered, for dated entities) within 0.5x-2x of the previous batch",
+            min_value=0.5,
+            max_value=2.0,
+            severity="warning",
+            where=batch,
+        ),
+        *_entity_checks(entity.name, table, batch, previous),
+        *_plausibility_checks(entity.name, table, batch, latest, ranges[entity.name], settings),
+    ]
+    if entity in FEEDBACK_ENTITIES:
+        # Feedback batches follow campaign sizes: their row counts are not compared.
+        entity_checks = [c for c in entity_checks if "row_count_" not in c.name]
+    if latest is None:
+        entity_checks = [replace(c, metric_sql="null") for c in entity_checks]
+    return entity_checks
 
 
 def _plausibility_checks(
