@@ -294,6 +294,23 @@ def test_duplicated_files_are_loaded_once(with_good_batch: Settings, tmp_path: P
     assert report.results[0].skipped
     assert len(rows_by_batch(with_good_batch)) == 1
     assert_nothing_lost_or_duplicated(with_good_batch)
+    # The same lines under another name with the first one dropped (another file's bytes): the
+    # raw checkpoint stops them, naming the repeated invoices, before the marts count them twice.
+    ingest(
+        with_good_batch, corpus.write_csv(tmp_path / "resent.csv", corpus.clean_batch(seed=1)[1:])
+    )
+    with pytest.raises(QualityError) as stopped:
+        run_checkpoint(with_good_batch, "raw", run_id="resent")
+    [failure] = stopped.value.report.critical_failures
+    assert failure.check.name == "order_lines.lines_loaded_before" and failure.observed == 1.0
+    assert failure.samples[0] == corpus.clean_batch(seed=1)[1]["InvoiceNo"]
+    # The first batch, with nothing before it, passed it.
+    with duckdb.connect(str(with_good_batch.warehouse_path), read_only=True) as con:
+        first = con.execute(
+            "select success, observed_value from quality.validation_results"
+            " where run_id = 'day1' and check_name = 'order_lines.lines_loaded_before'"
+        ).fetchone()
+    assert first == (True, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -261,7 +261,30 @@ def _entity_checks(entity: str, table: str, batch: str, previous: dict | None) -
             " invoiced_at, customer_id, country))) / count(*)"
         )
         reversal = "upper(invoice_id) like 'C%' or upper(invoice_id) like 'R%'"
+        # A line of this batch that repeats, to the last column, a line an earlier batch
+        # loaded: the same lines sent again under another file name, or overlapping exports.
+        # Only the batch's own invoices are looked up, so the cost follows the batch's size.
+        line = (
+            "struct_pack(invoice_id, sku, description, quantity, unit_price, invoiced_at,"
+            " customer_id, country)"
+        )
+        loaded_before = (
+            f"{line} in (select {line} from {table} as earlier where earlier._loaded_at <"
+            f" (select min(_loaded_at) from {table} where {batch}) and earlier.invoice_id in"
+            f" (select invoice_id from {table} where {batch}))"
+        )
         return [
+            Check(
+                f"{entity}.lines_loaded_before",
+                table,
+                f"avg(({loaded_before})::int)",
+                "at most 5% of the batch's lines repeat a line an earlier batch loaded (a file"
+                " sent again under another name, or exports that overlap)",
+                max_value=0.05,
+                column="invoice_id",
+                where=batch,
+                bad_rows=loaded_before,
+            ),
             Check(
                 f"{entity}.customer_id_null_rate",
                 table,
