@@ -193,6 +193,18 @@ def _publish(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
     con.execute("commit")
 
 
+def _first_scored_at(settings: Settings, run_id: str) -> datetime | None:
+    """When a run id was first scored: a rerun keeps it, so that the history keeps the runs
+    in the order they were made and the rerun leaves the same tables."""
+    with connect(settings.warehouse_path) as con:
+        if not table_columns(con, "marts.customer_scores_history"):
+            return None
+        return con.execute(
+            "select min(scored_at) from marts.customer_scores_history where scoring_run_id = ?",
+            [run_id],
+        ).fetchone()[0]
+
+
 def _report_stem(run_id: str) -> str:
     return "scoring_" + path_safe(run_id)
 
@@ -209,7 +221,7 @@ def score_candidates(
     """Step 1: predict, segment and write the candidate (published tables untouched)."""
     cfg = cfg or TrainConfig.load()
     model, version, model_run_id = _champion(settings.mlflow_tracking_uri, cfg.registered_model)
-    scored_at = datetime.now(UTC).replace(tzinfo=None)
+    scored_at = _first_scored_at(settings, run_id) or datetime.now(UTC).replace(tzinfo=None)
     reports = settings.home / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     stem = _report_stem(run_id)

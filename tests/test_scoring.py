@@ -168,6 +168,18 @@ def test_rerunning_a_run_replaces_and_a_new_run_appends(scored) -> None:
     )
     assert runs == {"run-1": first.customers, "run-2": second.customers}
     assert "Compared with run" in second.report_path.read_text()
+    # Rerun after a later run: it keeps its time, so it stays before run-2 and is not
+    # compared with it (monitoring's previous run is the one scored before it: none).
+    stamp = "select distinct scored_at from marts.customer_scores_history where scoring_run_id = ?"
+    at = query(settings, stamp, ["run-1"])
+    score(settings, "run-1", TrainConfig.load(TINY), batch_rows=500)
+    assert query(settings, stamp, ["run-1"]) == at
+    assert at[0][0] < query(settings, stamp, ["run-2"])[0][0]
+    assert not query(
+        settings,
+        "select 1 from monitoring.score_drift where scoring_run_id = 'run-1'"
+        " and previous_run_id = 'run-2'",
+    )
 
 
 def test_a_failing_run_leaves_the_published_scores_untouched(scored) -> None:

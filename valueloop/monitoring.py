@@ -159,7 +159,10 @@ def record(
         "select scoring_run_id, max(scored_at) as last_at from marts.customer_scores_history"
         " group by 1 order by last_at"
     ).fetchall()
-    previous = [r[0] for r in runs if r[0] != run_id]
+    # The run scored last before this one (a rerun of an earlier run keeps its time: it is
+    # not compared with the runs that came after it).
+    at = dict(runs).get(run_id)
+    previous = [r[0] for r in runs if r[0] != run_id and (at is None or r[1] < at)]
     previous_run = previous[-1] if previous else None
     score_rows, migration = (
         [],
