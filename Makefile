@@ -65,7 +65,9 @@ airflow: install ## airflow standalone with the project's DAGs (UI on :8080)
 MLFLOW_STORE = $${VALUELOOP_MLFLOW_TRACKING_URI:-sqlite:///$(VALUELOOP_HOME)/mlflow.db}
 
 mlflow-ui: install ## the MLflow UI on the platform's tracking store
-	@echo "MLflow UI: http://127.0.0.1:5000 (tracking store $(MLFLOW_STORE))"
+	@case "$(MLFLOW_STORE)" in http*) \
+	  echo "The tracking store is an MLflow server: open $(MLFLOW_STORE)"; exit 0;; esac; \
+	echo "MLflow UI: http://127.0.0.1:5000 (tracking store $(MLFLOW_STORE))"; \
 	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_STORE)" --host 127.0.0.1 --port 5000
 
 lint: install

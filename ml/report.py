@@ -125,11 +125,16 @@ def write_report(
     distributions = _png(fig)
     map_data = base64.b64encode(map_png.read_bytes()).decode()
 
+    # The run scored last before this one (a rerun keeps its first time: runs made after it
+    # are not what it changed from).
     previous = con.execute(
         """
         select scoring_run_id from marts.customer_scores_history where scoring_run_id <> ?
-        group by 1 order by max(scored_at) desc limit 1""",
-        [run_id],
+        group by 1
+        having max(scored_at) < coalesce((select min(scored_at)
+            from marts.customer_scores_history where scoring_run_id = ?), 'infinity'::timestamp)
+        order by max(scored_at) desc limit 1""",
+        [run_id, run_id],
     ).fetchall()
     if previous:
         changes = con.execute(

@@ -418,6 +418,34 @@ def test_a_shops_own_export_maps_onto_the_contract(
     assert sum(r[3] * r[4] for r in rows) == pytest.approx(22.75)
 
 
+def test_a_file_without_header_may_repeat_values_in_its_first_row(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Its first row is data: equal values there are no repeated column names."""
+    path = write_text(tmp_path / "export.dat", "u1;20240105;5.00;5.00\nu2;20240106;3;1\n")
+    mapping = TransactionsMapping(
+        customer_col="column_1",
+        timestamp_col="column_2",
+        amount_col="column_3",
+        date_format="%Y%m%d",
+        delimiter=";",
+        header=False,
+    )
+    report = jobs.ingest_path(settings, path, "transactions", mapping)
+    assert (report.rows_read, report.rows_accepted) == (2, 2)
+    named = TransactionsMapping(
+        customer_col="client",
+        timestamp_col="day",
+        amount_col="amount",
+        date_format="%Y%m%d",
+        delimiter=";",
+        header=False,
+        names=("client", "day", "amount", "amount"),
+    )
+    with pytest.raises(IngestError, match=r"\(--names\): the header names 'amount' more than"):
+        jobs.ingest_path(settings, path, "transactions", named)
+
+
 def test_a_landed_export_reads_its_mapping_file_and_a_bad_one_is_named(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -303,6 +303,8 @@ def test_duplicated_files_are_loaded_once(with_good_batch: Settings, tmp_path: P
         run_checkpoint(with_good_batch, "raw", run_id="resent")
     [failure] = stopped.value.report.critical_failures
     assert failure.check.name == "order_lines.lines_loaded_before" and failure.observed == 1.0
+    warned = {r.check.name for r in stopped.value.report.warnings}
+    assert "order_lines.lines_loaded_before_any" in warned
     assert failure.samples[0] == corpus.clean_batch(seed=1)[1]["InvoiceNo"]
     # The first batch, with nothing before it, passed it.
     with duckdb.connect(str(with_good_batch.warehouse_path), read_only=True) as con:

@@ -172,8 +172,9 @@ def test_rerunning_a_run_replaces_and_a_new_run_appends(scored) -> None:
     # compared with it (monitoring's previous run is the one scored before it: none).
     stamp = "select distinct scored_at from marts.customer_scores_history where scoring_run_id = ?"
     at = query(settings, stamp, ["run-1"])
-    score(settings, "run-1", TrainConfig.load(TINY), batch_rows=500)
+    rerun = score(settings, "run-1", TrainConfig.load(TINY), batch_rows=500)
     assert query(settings, stamp, ["run-1"]) == at
+    assert "run-2" not in rerun.report_path.read_text()
     assert at[0][0] < query(settings, stamp, ["run-2"])[0][0]
     assert not query(
         settings,

@@ -69,12 +69,17 @@ def unique_header(source: str, columns: list[str]) -> list[str]:
     return columns
 
 
-def read_header(path: Path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
+def first_record(path: Path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
+    """The file's first record, stripped (a header, or the first row of a file without one)."""
     with _open_text(path, encoding) as handle:
         for record in _split_records(handle, delimiter):
             if record:
-                return unique_header(str(path), [name.strip() for name in record])
+                return [field.strip() for field in record]
     raise IngestError(f"{path}: the file is empty (no header row)")
+
+
+def read_header(path: Path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
+    return unique_header(str(path), first_record(path, delimiter, encoding))
 
 
 def iter_delimited(
@@ -451,8 +456,9 @@ def transactions_sources(
     if mapping.header:
         columns = read_header(path, delimiter, mapping.encoding)
     else:
-        first = read_header(path, delimiter, mapping.encoding)  # raises on an empty file
+        first = first_record(path, delimiter, mapping.encoding)  # raises on an empty file
         columns = list(mapping.names) or [f"column_{i}" for i in range(1, len(first) + 1)]
+        unique_header(f"{path} (--names)", columns)
     _require_columns(path, columns, mapping.source_columns(), "transactions")
     chunks = iter_delimited(path, columns, delimiter, mapping.header, mapping.encoding, chunk_rows)
     return [

@@ -56,7 +56,7 @@ class QualityError(Exception):
                 "\nA batch that should not have been loaded comes out with `valueloop withdraw"
                 " <batch> --reason ...` (its rows go to raw.quarantine); then land the"
                 " corrected file."
-                if report.checkpoint == "raw"
+                if any("; batch " in r.check.description for r in report.critical_failures)
                 else ""
             )
         )

@@ -286,6 +286,18 @@ def _entity_checks(entity: str, table: str, batch: str, previous: dict | None) -
                 bad_rows=loaded_before,
             ),
             Check(
+                f"{entity}.lines_loaded_before_any",
+                table,
+                f"avg(({loaded_before})::int)",
+                "no line of the batch repeats a line an earlier batch loaded (those that do are"
+                " counted twice in the marts)",
+                max_value=0,
+                severity="warning",
+                column="invoice_id",
+                where=batch,
+                bad_rows=loaded_before,
+            ),
+            Check(
                 f"{entity}.customer_id_null_rate",
                 table,
                 null_rate,
