@@ -828,6 +828,29 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
             " count(*) filter (where derived_value_tier = 'lapsed') from marts.customer_labels"
             " where label_source like 'feedback:b2b-%'"
         ).fetchone()
+        cells = con.execute(
+            "select treated, control, conversion_treated, conversion_control, uplift,"
+            " uplift_ci_low, uplift_ci_high from marts.campaign_performance"
+            " where treated > 0 and control > 0"
+        ).df()
+    # The uplift's interval is Agresti-Caffo's: a group where nobody (or everybody) bought
+    # still has a spread, so a cell of a few controls none of whom bought is no clear win.
+    adjusted = [
+        (cells[f"conversion_{g}"] * cells[n] + 1) / (cells[n] + 2)
+        for g, n in (("treated", "treated"), ("control", "control"))
+    ]
+    groups = zip(adjusted, ("treated", "control"), strict=True)
+    half = 1.959964 * np.sqrt(sum(a * (1 - a) / (cells[n] + 2) for a, n in groups))
+    assert len(cells) > 10
+    assert np.allclose(cells["uplift_ci_low"], adjusted[0] - adjusted[1] - half)
+    assert np.allclose(cells["uplift_ci_high"], adjusted[0] - adjusted[1] + half)
+    none_bought = cells[cells["conversion_control"] == 0]
+    wald = 1.959964 * np.sqrt(
+        none_bought["conversion_treated"]
+        * (1 - none_bought["conversion_treated"])
+        / none_bought["treated"]
+    )
+    assert (none_bought["uplift_ci_high"] - none_bought["uplift_ci_low"] > 2 * wald).all()
     assert planned == 3  # the first scoring's campaign and one after each cycle
     assert len(measured) == 2
     for campaign_id, treated, control in measured:

@@ -1,7 +1,9 @@
 -- What each campaign did, per action, segment and predicted tier (and each action overall,
 -- with segment and tier 'all'): treated against randomised control, over matured windows.
--- Uplift is the difference of the two groups' purchase rates with a 95% normal interval;
--- revenue uplift likewise (Welch). Incremental revenue = revenue uplift x treated customers;
+-- Uplift is the difference of the two groups' purchase rates, with an Agresti-Caffo 95%
+-- interval (one buyer and one non-buyer added to each group: a Wald interval collapses where
+-- a group's rate is 0 or 1); revenue uplift with a normal interval (Welch). Incremental
+-- revenue = revenue uplift x treated customers;
 -- incremental profit = margin x incremental revenue - contact cost - the unsubscribes' cost
 -- (unsubscribe_cost per unsubscribed treated customer: they leave every later campaign).
 {%- set z = 1.959964 %}
@@ -40,20 +42,29 @@ grouped as (
     group by grouping sets ((campaign_id, action, segment_name, value_tier), (campaign_id, action))
 ),
 
+adjusted as (
+    select
+        *,
+        (conversion_treated * treated + 1) / (treated + 2) as adjusted_treated,
+        (conversion_control * control + 1) / (control + 2) as adjusted_control
+    from grouped
+),
+
 measured as (
     select
         *,
         conversion_treated - conversion_control as uplift,
+        adjusted_treated - adjusted_control as uplift_centre,
         sqrt(
-            conversion_treated * (1 - conversion_treated) / nullif(treated, 0)
-            + conversion_control * (1 - conversion_control) / nullif(control, 0)
+            adjusted_treated * (1 - adjusted_treated) / (treated + 2)
+            + adjusted_control * (1 - adjusted_control) / (control + 2)
         ) as uplift_se,
         revenue_per_treated - revenue_per_control as revenue_uplift,
         sqrt(
             coalesce(revenue_var_treated, 0) / nullif(treated, 0)
             + coalesce(revenue_var_control, 0) / nullif(control, 0)
         ) as revenue_uplift_se
-    from grouped
+    from adjusted
 ),
 
 final as (
@@ -67,8 +78,8 @@ final as (
         conversion_treated::double as conversion_treated,
         conversion_control::double as conversion_control,
         uplift::double as uplift,
-        (uplift - {{ z }} * uplift_se)::double as uplift_ci_low,
-        (uplift + {{ z }} * uplift_se)::double as uplift_ci_high,
+        (uplift_centre - {{ z }} * uplift_se)::double as uplift_ci_low,
+        (uplift_centre + {{ z }} * uplift_se)::double as uplift_ci_high,
         revenue_per_treated::double as revenue_per_treated,
         revenue_per_control::double as revenue_per_control,
         revenue_uplift::double as revenue_uplift,

@@ -44,7 +44,8 @@ orders as (
         sum(abs(quantity))::bigint as quantity,
         count(*)::integer as n_lines,
         null::integer as rating,
-        arg_max(category, abs(line_amount)) as category,
+        -- The largest line's category; a tie goes to the last category by name (stable).
+        arg_max(category, row(abs(line_amount), category)) as category,
         list(
             left(md5(lower(description)), 16) order by abs(line_amount) desc, description asc
         ) filter (where description is not null) as text_keys

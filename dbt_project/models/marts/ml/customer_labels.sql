@@ -82,8 +82,10 @@ latest_correction as (
         on
             derived.customer_id = corrections.customer_id
             and derived.as_of between corrections.valid_from and corrections.valid_to
+    -- One correction decides a row, whichever label it corrects: the two labels are one
+    -- (lapsed <=> churned), so a later "churned" overrides an earlier tier, and vice versa.
     qualify row_number() over (
-        partition by derived.customer_cutoff_id, corrections.label
+        partition by derived.customer_cutoff_id
         order by corrections.submitted_at desc, corrections.feedback_id desc
     ) = 1
 ),
@@ -91,21 +93,19 @@ latest_correction as (
 corrected as (
     select
         derived.*,
-        tier.corrected_value as tier_correction,
-        churn.corrected_value as churn_correction,
-        coalesce(tier.feedback_id, churn.feedback_id) as feedback_id,
+        latest_correction.feedback_id,
         case
-            when tier.corrected_value is not null then tier.corrected_value
-            when churn.corrected_value = 'true' then 'lapsed'
-            when churn.corrected_value = 'false' and derived.derived_value_tier = 'lapsed'
+            when latest_correction.label = 'value_tier' then latest_correction.corrected_value
+            when latest_correction.corrected_value = 'true' then 'lapsed'
+            when
+                latest_correction.corrected_value = 'false'
+                and derived.derived_value_tier = 'lapsed'
                 then 'active'
             else derived.derived_value_tier
         end as value_tier
     from derived
-    left join latest_correction as tier
-        on derived.customer_cutoff_id = tier.customer_cutoff_id and tier.label = 'value_tier'
-    left join latest_correction as churn
-        on derived.customer_cutoff_id = churn.customer_cutoff_id and churn.label = 'is_churned'
+    left join latest_correction
+        on derived.customer_cutoff_id = latest_correction.customer_cutoff_id
 ),
 
 final as (
