@@ -160,8 +160,6 @@ def decide_retraining(settings: Settings) -> dict:
 
 def land_feedback(settings: Settings) -> list[dict[str, str]]:
     """Feedback files waiting in landing/feedback (already-loaded ones are skipped at ingest)."""
-    from valueloop.loaders import FEEDBACK_SUFFIXES
-
     found, other = [], []
     for entity in ("campaign_outcomes", "label_feedback"):
         folder = settings.feedback_dir / entity
@@ -169,7 +167,7 @@ def land_feedback(settings: Settings) -> list[dict[str, str]]:
             for p in sorted(folder.iterdir()):
                 if not p.is_file() or p.name.startswith("."):
                     continue
-                if p.name.endswith(FEEDBACK_SUFFIXES):
+                if p.name.endswith(loaders.FEEDBACK_SUFFIXES):
                     found.append({"path": str(p), "format": "feedback"})
                 else:
                     other.append(p)
@@ -179,7 +177,7 @@ def land_feedback(settings: Settings) -> list[dict[str, str]]:
         log.warning(
             "feedback landing: left alone %d file(s) that are not %s: %s",
             len(other),
-            " / ".join(FEEDBACK_SUFFIXES),
+            " / ".join(loaders.FEEDBACK_SUFFIXES),
             ", ".join(str(p) for p in other),
         )
     log.info("feedback landing: %d file(s) in %s", len(found), settings.feedback_dir)
