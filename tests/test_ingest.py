@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -374,6 +375,15 @@ def test_online_retail_ii_xlsx_loads_each_sheet_as_a_batch(
 
 
 TRANSACTIONS = [("u1", "20240105", "12.50"), ("u2", "20240106", "3"), ("u1", "20240301", "7.25")]
+# The same facts in a file without a header row, semicolon-separated.
+NO_HEADER = TransactionsMapping(
+    customer_col="column_1",
+    timestamp_col="column_2",
+    amount_col="column_3",
+    date_format="%Y%m%d",
+    delimiter=";",
+    header=False,
+)
 
 
 @pytest.mark.parametrize("layout", ["csv", "tsv", "whitespace", "no-header", "parquet"])
@@ -396,14 +406,7 @@ def test_a_shops_own_export_maps_onto_the_contract(
         suffix = {"csv": ".csv", "tsv": ".tsv", "whitespace": ".txt", "no-header": ".dat"}[layout]
         lines = [sep.join(r) for r in TRANSACTIONS]
         if layout == "no-header":
-            mapping = TransactionsMapping(
-                customer_col="column_1",
-                timestamp_col="column_2",
-                amount_col="column_3",
-                date_format="%Y%m%d",
-                delimiter=";",
-                header=False,
-            )
+            mapping = NO_HEADER
         else:
             lines.insert(0, sep.join(("client", "day", "amount")))
         path = write_text(tmp_path / f"export{suffix}", "\n".join(lines) + "\n")
@@ -423,23 +426,13 @@ def test_a_file_without_header_may_repeat_values_in_its_first_row(
 ) -> None:
     """Its first row is data: equal values there are no repeated column names."""
     path = write_text(tmp_path / "export.dat", "u1;20240105;5.00;5.00\nu2;20240106;3;1\n")
-    mapping = TransactionsMapping(
-        customer_col="column_1",
-        timestamp_col="column_2",
-        amount_col="column_3",
-        date_format="%Y%m%d",
-        delimiter=";",
-        header=False,
-    )
-    report = jobs.ingest_path(settings, path, "transactions", mapping)
+    report = jobs.ingest_path(settings, path, "transactions", NO_HEADER)
     assert (report.rows_read, report.rows_accepted) == (2, 2)
-    named = TransactionsMapping(
+    named = replace(
+        NO_HEADER,
         customer_col="client",
         timestamp_col="day",
         amount_col="amount",
-        date_format="%Y%m%d",
-        delimiter=";",
-        header=False,
         names=("client", "day", "amount", "amount"),
     )
     with pytest.raises(IngestError, match=r"\(--names\): the header names 'amount' more than"):
