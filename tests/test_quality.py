@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -294,25 +295,40 @@ def test_duplicated_files_are_loaded_once(with_good_batch: Settings, tmp_path: P
     assert report.results[0].skipped
     assert len(rows_by_batch(with_good_batch)) == 1
     assert_nothing_lost_or_duplicated(with_good_batch)
-    # The same lines under another name with the first one dropped (another file's bytes): the
-    # raw checkpoint stops them, naming the repeated invoices, before the marts count them twice.
-    ingest(
-        with_good_batch, corpus.write_csv(tmp_path / "resent.csv", corpus.clean_batch(seed=1)[1:])
-    )
-    with pytest.raises(QualityError) as stopped:
-        run_checkpoint(with_good_batch, "raw", run_id="resent")
-    [failure] = stopped.value.report.critical_failures
-    assert failure.check.name == "order_lines.lines_loaded_before" and failure.observed == 1.0
-    warned = {r.check.name for r in stopped.value.report.warnings}
-    assert "order_lines.lines_loaded_before_any" in warned
-    assert failure.samples[0] == corpus.clean_batch(seed=1)[1]["InvoiceNo"]
-    # The first batch, with nothing before it, passed it.
+    # The same lines under another name with the first one dropped (another file's bytes):
+    # ingest quarantines every one as loaded before, so nothing is counted twice, and the
+    # raw checkpoint has nothing of that batch to judge.
+    first = corpus.clean_batch(seed=1)
+    resent = ingest(with_good_batch, corpus.write_csv(tmp_path / "resent.csv", first[1:]))
+    [result] = resent.results
+    assert (result.rows_read, result.rows_accepted, result.rows_quarantined) == (1_999, 0, 1_999)
+    assert run_checkpoint(with_good_batch, "raw", run_id="resent").success
+    # An export that overlaps the last one: its repeated lines are quarantined with the batch
+    # they repeat, its new ones load, and the raw checkpoint warns with the repeated invoices.
+    overlap = first[1_500:] + corpus.clean_batch(seed=2, day=datetime(2011, 3, 2))
+    report = ingest(with_good_batch, corpus.write_csv(tmp_path / "overlap.csv", overlap))
+    [result] = report.results
+    assert (result.rows_read, result.rows_accepted, result.rows_quarantined) == (2_500, 2_000, 500)
+    checked = run_checkpoint(with_good_batch, "raw", run_id="overlap")
+    assert checked.success
+    [warning] = [r for r in checked.warnings if r.check.name == "order_lines.lines_loaded_before"]
+    assert warning.observed == pytest.approx(500 / 2_500)
+    assert "already loaded by batch order_lines-" in warning.samples[0]
+    assert_nothing_lost_or_duplicated(with_good_batch)
     with duckdb.connect(str(with_good_batch.warehouse_path), read_only=True) as con:
-        first = con.execute(
-            "select success, observed_value from quality.validation_results"
-            " where run_id = 'day1' and check_name = 'order_lines.lines_loaded_before'"
+        counted = con.execute(
+            "select count(*), count(distinct (invoice_id, sku, description, quantity,"
+            " unit_price, invoiced_at, customer_id, country)) from raw.order_lines"
         ).fetchone()
-    assert first == (True, 0.0)
+        reasons = con.execute(
+            "select distinct regexp_extract(reason, 'batch (order_lines-[0-9a-f]+)', 1)"
+            " from raw.quarantine"
+        ).fetchall()
+        day1 = con.execute(
+            "select batch_id from raw.ingest_batches order by loaded_at limit 1"
+        ).fetchone()
+    assert counted == (4_000, 4_000)  # day 1 and day 2, each line once
+    assert reasons == [day1]  # every repeat names the batch that loaded it first
 
 
 @pytest.mark.parametrize(

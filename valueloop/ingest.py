@@ -184,6 +184,18 @@ def _duplicate(key: str, table: str) -> str:
 
 
 OUTCOME_KEY = "campaign_id, customer_key, event, occurred_at"
+# An order line is the same line as another when every one of these is equal (nulls too).
+LINE_COLUMNS = (
+    "invoice_id",
+    "sku",
+    "description",
+    "quantity",
+    "unit_price",
+    "invoiced_at",
+    "customer_id",
+    "country",
+)
+ALREADY_LOADED = "already loaded by batch"
 # Rules across tables, checked after typing on rows that typed cleanly, in order; the first
 # that fails is the row's reason. Each is (predicate over _typed, reason as SQL text).
 RELATIONAL_RULES: dict[str, list[tuple[str, str]]] = {
@@ -307,6 +319,67 @@ def _load_relation(
     return accepted, quarantined
 
 
+def _quarantine_lines_loaded_before(
+    con: duckdb.DuckDBPyConnection, source: Source, batch_id: str, loaded_at: datetime
+) -> int:
+    """Move the batch's order lines that repeat, to the last column, a line an earlier batch
+    loaded (exports that overlap, or the same lines re-exported under another name: ingest
+    knows a file again only by its bytes) from ``raw.order_lines`` to ``raw.quarantine``, so
+    the marts count each line once. Returns how many moved.
+
+    Every copy of such a line in the batch moves: an invoice already loaded is not loaded
+    again. Only the batch's own invoices are looked up, so the cost follows the batch's size.
+    """
+    entity = source.entity
+
+    def line(alias: str) -> str:
+        return "struct_pack(" + ", ".join(f"{c} := {alias}.{c}" for c in LINE_COLUMNS) + ")"
+
+    con.execute(
+        f"""create or replace temp table _repeated as
+        with earlier as (
+            select {line("loaded")} as line, arg_min(_batch_id, _loaded_at) as first_batch
+            from {entity.table} as loaded
+            where _batch_id <> $batch and invoice_id in (
+                select invoice_id from {entity.table} where _batch_id = $batch
+            )
+            group by all
+        )
+        select mine._row_number, earlier.first_batch
+        from {entity.table} as mine
+        inner join earlier on {line("mine")} = earlier.line
+        where mine._batch_id = $batch""",
+        {"batch": batch_id},
+    )
+    moved = con.execute("select count(*) from _repeated").fetchone()[0]
+    if moved:
+        data = ", ".join(f'"{c}"' for c in entity.column_names)
+        con.execute(
+            "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity,"
+            " column_name, reason, raw_value, raw_record, _loaded_at)"
+            " select $batch, $file, lines._row_number, $entity, 'invoice_id',"
+            f" 'invoice_id: the same line was {ALREADY_LOADED} ' || repeated.first_batch"
+            " || ' (every column equal); not counted twice',"
+            f" lines.invoice_id, to_json(struct_pack({data}))::varchar, $at"
+            f" from {entity.table} as lines inner join _repeated as repeated"
+            " on lines._row_number = repeated._row_number where lines._batch_id = $batch",
+            {"batch": batch_id, "file": source.name, "entity": entity.name, "at": loaded_at},
+        )
+        con.execute(
+            f"delete from {entity.table} where _batch_id = $batch"
+            " and _row_number in (select _row_number from _repeated)",
+            {"batch": batch_id},
+        )
+        log.warning(
+            "%s: %s order lines were %s an earlier batch: quarantined, not counted twice",
+            source.name,
+            f"{moved:,}",
+            ALREADY_LOADED.replace(" by batch", " by"),
+        )
+    con.execute("drop table _repeated")
+    return moved
+
+
 def _quarantine_malformed(
     con: duckdb.DuckDBPyConnection,
     source: Source,
@@ -378,6 +451,10 @@ def ingest_source(
                     accepted += a
                     quarantined += q
                 log.info("%s: %s rows read", source.name, f"{read:,}")
+        if source.entity.name == "order_lines":
+            repeated = _quarantine_lines_loaded_before(con, source, batch_id, loaded_at)
+            accepted -= repeated
+            quarantined += repeated
         if read != accepted + quarantined:
             raise IngestError(
                 f"{source.path}: accounting mismatch: read {read}, accepted {accepted},"

@@ -17,6 +17,7 @@ import yaml
 
 from valueloop.config import Settings, env_var
 from valueloop.contract import ENTITIES, FEEDBACK_ENTITIES
+from valueloop.ingest import ALREADY_LOADED
 from valueloop.plausibility import IMPLAUSIBLE, PlausibleRange, moved_by, plausible_ranges
 from valueloop.quality.checks import Check, schema_check, sql_literal, table_exists
 
@@ -70,16 +71,21 @@ def _difference(metric_sql: str, previous: float | None) -> str:
 
 
 def _batches(con: duckdb.DuckDBPyConnection, entity: str) -> list[dict]:
-    """Every ingest batch of the entity still in the warehouse, newest first (a withdrawn
-    batch's rows are in the quarantine: there is nothing left of it to judge)."""
+    """Every ingest batch of the entity still in the warehouse, newest first. A withdrawn
+    batch's rows are in the quarantine, and so are all of a batch that only repeated lines
+    loaded before (a whole export sent again): nothing is left of either to judge."""
     withdrawn = (
         " and batch_id not in (select batch_id from raw.withdrawn_batches)"
         if table_exists(con, "raw.withdrawn_batches")
         else ""
     )
+    already = sql_literal("%" + ALREADY_LOADED + "%")
     rows = con.execute(
-        "select batch_id, rows_accepted, rows_read, loaded_at from raw.ingest_batches"
-        f" where entity = ?{withdrawn} order by loaded_at desc, batch_id desc",
+        "select batch_id, rows_accepted, rows_read, loaded_at from raw.ingest_batches as b"
+        f" where entity = ?{withdrawn} and not (rows_accepted = 0 and rows_read > 0"
+        " and rows_read = (select count(*) from raw.quarantine as q"
+        f" where q._batch_id = b.batch_id and q.reason like {already}))"
+        " order by loaded_at desc, batch_id desc",
         [entity],
     ).fetchall()
     return [{"batch_id": r[0], "rows": r[1], "read": r[2], "loaded_at": r[3]} for r in rows]
@@ -183,7 +189,7 @@ def _batch_checks(
             severity="warning",
             where=batch,
         ),
-        *_entity_checks(entity.name, table, batch, previous),
+        *_entity_checks(entity.name, table, batch, latest, previous),
         *_plausibility_checks(entity.name, table, batch, latest, ranges[entity.name], settings),
     ]
     if entity in FEEDBACK_ENTITIES:
@@ -247,7 +253,9 @@ def _median_vs_previous_batch(column: str, table: str, previous: dict | None) ->
     return f"({median}) / nullif({before}, 0)"
 
 
-def _entity_checks(entity: str, table: str, batch: str, previous: dict | None) -> list[Check]:
+def _entity_checks(
+    entity: str, table: str, batch: str, latest: dict | None, previous: dict | None
+) -> list[Check]:
     if entity == "order_lines":
         null_rate = "avg((customer_id is null)::int)"
         prev_null_rate = (
@@ -261,41 +269,22 @@ def _entity_checks(entity: str, table: str, batch: str, previous: dict | None) -
             " invoiced_at, customer_id, country))) / count(*)"
         )
         reversal = "upper(invoice_id) like 'C%' or upper(invoice_id) like 'R%'"
-        # A line of this batch that repeats, to the last column, a line an earlier batch
-        # loaded: the same lines sent again under another file name, or overlapping exports.
-        # Only the batch's own invoices are looked up, so the cost follows the batch's size.
-        line = (
-            "struct_pack(invoice_id, sku, description, quantity, unit_price, invoiced_at,"
-            " customer_id, country)"
-        )
-        loaded_before = (
-            f"{line} in (select {line} from {table} as earlier where earlier._loaded_at <"
-            f" (select min(_loaded_at) from {table} where {batch}) and earlier.invoice_id in"
-            f" (select invoice_id from {table} where {batch}))"
-        )
+        # Ingest quarantines the lines an earlier batch loaded (overlapping exports, lines
+        # re-exported under another name), so they are not counted twice; the share warns.
+        already = f"reason like {sql_literal('%' + ALREADY_LOADED + '%')}"
+        rows_read = latest["read"] if latest else 0
         return [
             Check(
                 f"{entity}.lines_loaded_before",
-                table,
-                f"avg(({loaded_before})::int)",
-                "at most 5% of the batch's lines repeat a line an earlier batch loaded (a file"
-                " sent again under another name, or exports that overlap)",
-                max_value=0.05,
-                column="invoice_id",
-                where=batch,
-                bad_rows=loaded_before,
-            ),
-            Check(
-                f"{entity}.lines_loaded_before_any",
-                table,
-                f"avg(({loaded_before})::int)",
-                "no line of the batch repeats a line an earlier batch loaded (those that do are"
-                " counted twice in the marts)",
+                "raw.quarantine",
+                f"count(*) filter (where {already}) / nullif({rows_read}, 0)",
+                "no line of the batch repeats a line an earlier batch loaded (ingest quarantined"
+                " those: exports that overlap, or lines sent again under another name)",
                 max_value=0,
                 severity="warning",
-                column="invoice_id",
+                column="reason",
                 where=batch,
-                bad_rows=loaded_before,
+                bad_rows=already,
             ),
             Check(
                 f"{entity}.customer_id_null_rate",
