@@ -18,8 +18,8 @@ RUN apt-get update \
 
 # Airflow's convention: uid 50000, gid 0, so volumes written by any service stay readable.
 RUN useradd --uid 50000 --gid 0 --home-dir /opt/airflow --create-home valueloop \
-    && mkdir -p /data /opt/valueloop \
-    && chown -R 50000:0 /data /opt/valueloop
+    && mkdir -p /data /opt/valueloop /mlartifacts \
+    && chown -R 50000:0 /data /opt/valueloop /mlartifacts
 
 WORKDIR /opt/valueloop
 

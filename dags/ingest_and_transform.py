@@ -31,6 +31,14 @@ from valueloop.loop_tasks import retraining_tasks
 from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
 
 SETTINGS = load_settings()  # environment only: no I/O at parse time
+# What dbt reads (the warehouse path, the policy's settings), as the platform resolved it: a
+# container that sets only VALUELOOP_HOME still gets the warehouse under it. Secrets stay in
+# the worker's environment, out of the serialized DAG.
+DBT_ENV = {
+    name: value
+    for name, value in SETTINGS.as_env().items()
+    if name not in ("VALUELOOP_PII_SALT", "VALUELOOP_MLFLOW_TRACKING_URI")
+}
 
 
 @dag(
@@ -83,7 +91,7 @@ def ingest_and_transform():
             # and with it the per-task start-up that dominated this group's time.
             test_behavior=TestBehavior.BUILD,
         ),
-        operator_args={"pool": WAREHOUSE_POOL},
+        operator_args={"pool": WAREHOUSE_POOL, "env": DBT_ENV, "append_env": True},
         default_args=DEFAULT_ARGS,
     )
 

@@ -17,5 +17,10 @@ airflow pools set valueloop_warehouse 1 \
 # cosmos renders the dbt task group from the manifest in $VALUELOOP_HOME/dbt/target.
 python -c 'from valueloop import transform; from valueloop.config import load_settings; transform.run_dbt(load_settings(), ["parse"], quiet=True)'
 
+# The GX project lives on the data volume (VALUELOOP_GX_PROJECT_DIR): the image's copy goes
+# there, over the suites of an older image; results and Data Docs (gx/uncommitted) stay.
+mkdir -p "${VALUELOOP_GX_PROJECT_DIR}"
+cp -R /opt/valueloop/expectations/. "${VALUELOOP_GX_PROJECT_DIR}/"
+
 # It runs as root to prepare the volumes; every other service runs as AIRFLOW_UID.
-chown -R "${AIRFLOW_UID:-50000}:0" /data /opt/airflow/logs /opt/airflow/auth
+chown -R "${AIRFLOW_UID:-50000}:0" /data /opt/airflow/logs /opt/airflow/auth /mlartifacts

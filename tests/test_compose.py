@@ -23,6 +23,7 @@ from valueloop.config import REPO_ROOT
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+INIT_SCRIPT = REPO_ROOT / "docker" / "airflow-init.sh"
 DOCKER_COMPOSE = which("docker-compose") or "/usr/bin/docker-compose"
 AIRFLOW_COMPONENTS = (
     "airflow-init",
@@ -106,20 +107,67 @@ def topology_problems(config: dict, root: Path = REPO_ROOT) -> list[str]:
 
     def shared(service: dict) -> tuple:
         env = service.get("environment", {})
-        mounts = sorted(
-            (m.get("source"), m.get("target")) if isinstance(m, dict) else tuple(m.split(":")[:2])
-            for m in service.get("volumes", [])
-        )
+        mounts = {(mount_source(m), mount_target(m)) for m in service.get("volumes", [])}
         keys = ("AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
                 "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CELERY__BROKER_URL",
-                "AIRFLOW__API_AUTH__JWT_SECRET", "VALUELOOP_HOME",
+                "AIRFLOW__API_AUTH__JWT_SECRET", "VALUELOOP_HOME", "VALUELOOP_GX_PROJECT_DIR",
                 "VALUELOOP_MLFLOW_TRACKING_URI", "VALUELOOP_PII_SALT")  # fmt: skip
-        return tuple(env.get(k) for k in keys), tuple(str(m) for m in mounts)
+        return tuple(env.get(k) for k in keys), mounts
 
-    reference = shared(airflow.get("airflow-scheduler", {}))
+    reference_env, reference_mounts = shared(airflow.get("airflow-scheduler", {}))
     for name, service in airflow.items():
-        if shared(service) != reference:
+        env, mounts = shared(service)
+        if env != reference_env or not reference_mounts <= mounts:
             problems.append(f"{name}: DAG folder, config or mounts differ from the scheduler's")
+    return problems + ownership_problems(services)
+
+
+def mount_source(mount: dict | str) -> str:
+    return mount.get("source") if isinstance(mount, dict) else mount.split(":")[0]
+
+
+def mount_target(mount: dict | str) -> str:
+    return mount.get("target") if isinstance(mount, dict) else mount.split(":")[1]
+
+
+def mount_is_writable(mount: dict | str) -> bool:
+    if isinstance(mount, dict):
+        return not mount.get("read_only")
+    return not mount.endswith(":ro")
+
+
+def ownership_problems(services: dict[str, dict], init_script: Path = INIT_SCRIPT) -> list[str]:
+    """A service that runs as AIRFLOW_UID writes only where it owns: not to a bind mount (the
+    host's user owns it), and to a named volume only where airflow-init, as root, takes it
+    for AIRFLOW_UID (Docker makes a new volume's root root's)."""
+    chown = next(
+        (line for line in init_script.read_text().splitlines() if line.startswith("chown -R")),
+        "",
+    )
+    owned = set(chown.split()[3:])
+    init_mounts = {
+        mount_source(m): mount_target(m)
+        for m in services.get("airflow-init", {}).get("volumes", [])
+    }
+    problems = []
+    for name, service in services.items():
+        user = str(service.get("user", ""))
+        if name == "airflow-init" or not user or user.startswith("0:"):
+            continue  # root, or an image that manages its own user (postgres, redis)
+        for mount in service.get("volumes", []):
+            if not mount_is_writable(mount):
+                continue
+            source, target = mount_source(mount), mount_target(mount)
+            kind = mount.get("type") if isinstance(mount, dict) else None
+            if kind == "bind" or (kind is None and source.startswith((".", "/"))):
+                problems.append(
+                    f"{name}: writes to bind mount {source}, which the host's user owns"
+                )
+            elif init_mounts.get(source) not in owned:
+                problems.append(
+                    f"{name}: writes to volume {source} at {target}, which airflow-init does not"
+                    " chown for AIRFLOW_UID"
+                )
     return problems
 
 
@@ -211,8 +259,26 @@ def test_a_missing_secret_stops_compose_with_its_name(tmp_path: Path) -> None:
             "airflow-triggerer: DAG folder, config or mounts differ",
         ),
         (lambda c: c["services"].pop("airflow-dag-processor"), "airflow-dag-processor"),
+        (
+            lambda c: c["services"]["airflow-worker"]["volumes"].append(
+                {"type": "bind", "source": str(REPO_ROOT / "expectations"), "target": "/gx"}
+            ),
+            "airflow-worker: writes to bind mount",
+        ),
+        (
+            lambda c: c["services"]["airflow-init"]["volumes"].pop(),  # mlflow-artifacts
+            "mlflow: writes to volume mlflow-artifacts at /mlartifacts",
+        ),
     ],
-    ids=["no-image", "undeclared-volume", "cycle", "other-dag-folder", "missing-component"],
+    ids=[
+        "no-image",
+        "undeclared-volume",
+        "cycle",
+        "other-dag-folder",
+        "missing-component",
+        "bind-mount-written",
+        "volume-not-owned",
+    ],
 )
 def test_the_topology_check_catches_a_broken_file(resolved: dict, breakage, expected) -> None:
     broken = copy.deepcopy(resolved)

@@ -31,7 +31,8 @@ for dag_id, dag in bag.dags.items():
         "tags": sorted(dag.tags), "file": dag.fileloc,
         "tasks": {t.task_id: {"owner": t.owner, "retries": t.retries, "pool": t.pool,
                               "outlets": [getattr(o, "name", None) for o in t.outlets],
-                              "callback": bool(t.on_failure_callback)}
+                              "callback": bool(t.on_failure_callback),
+                              "env": getattr(t, "env", None)}
                   for t in dag.tasks},
         "schedule": type(dag.timetable).__name__
         + repr(getattr(dag.timetable, "asset_condition", "")),
@@ -53,10 +54,10 @@ def airflow_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return settings
 
 
-def dagbag(settings: Settings) -> dict:
+def dagbag(settings: Settings, env: dict[str, str] | None = None) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", DAGBAG_PROBE, str(REPO_ROOT / "dags")],
-        env=orchestration.airflow_env(settings),
+        env=env or orchestration.airflow_env(settings),
         capture_output=True,
         text=True,
         check=True,
@@ -99,6 +100,19 @@ def test_every_warehouse_writer_takes_the_one_slot_pool(airflow_settings: Settin
     training = dags["train_model"]["tasks"]
     assert training["snapshot_training_data"]["pool"] == orchestration.WAREHOUSE_POOL
     assert training["train"]["pool"] != orchestration.WAREHOUSE_POOL
+
+
+def test_dbt_tasks_find_the_warehouse_from_valueloop_home_alone(airflow_settings: Settings) -> None:
+    # docker-compose sets VALUELOOP_HOME, not the warehouse path the dbt profile reads: the
+    # dbt tasks carry the path the platform resolves from it, and no secret.
+    env = orchestration.airflow_env(airflow_settings)
+    del env["VALUELOOP_WAREHOUSE_PATH"]
+    tasks = dagbag(airflow_settings, env)["dags"]["ingest_and_transform"]["tasks"]
+    dbt_tasks = [task for task_id, task in tasks.items() if task_id.startswith("dbt.")]
+    assert dbt_tasks
+    for task in dbt_tasks:
+        assert task["env"]["VALUELOOP_WAREHOUSE_PATH"] == str(airflow_settings.warehouse_path)
+        assert "VALUELOOP_PII_SALT" not in task["env"]
 
 
 def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
