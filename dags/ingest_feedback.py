@@ -3,7 +3,8 @@
 
 Every 10 minutes: takes the campaign outcome and label files waiting in
 `$VALUELOOP_HOME/landing/feedback/{campaign_outcomes,label_feedback}/` (a file already loaded
-is skipped), and when something new came in:
+is skipped), and when something new came in (or came in before and was never built: a run
+whose build failed is caught up by the next):
 
 1. **ingest**: into `raw.campaign_outcomes` and `raw.label_feedback`; an outcome for an
    unknown campaign or customer, for a control customer, dated before the campaign, repeated,
@@ -47,14 +48,17 @@ def ingest_feedback():
 
     @task(pool=WAREHOUSE_POOL, outlets=[FEEDBACK])
     def ingest(items: list[dict[str, str]]) -> dict[str, int]:
-        from valueloop import pipeline
+        from valueloop import pipeline, transform
         from valueloop.config import load_settings
 
-        return pipeline.ingest_landed(load_settings(), items)
+        settings = load_settings()
+        totals = pipeline.ingest_landed(settings, items)
+        # Loaded before and never built (a dbt_feedback that failed): built now.
+        return {**totals, "unbuilt": transform.feedback_unbuilt(settings)}
 
     @task.short_circuit
     def anything_new(totals: dict[str, int]) -> bool:
-        return totals["read"] > 0
+        return totals["read"] > 0 or totals["unbuilt"] > 0
 
     @task(pool=WAREHOUSE_POOL)
     def check_raw(run_id=None) -> str:

@@ -4,14 +4,16 @@
 Runs when a retraining trigger fires (the retrain asset, updated by `ingest_and_transform` and
 `ingest_feedback` with the reasons), and weekly on Mondays at 04:00 UTC. **plan** reads why:
 the customer model retrains on no champion, new label corrections, drift or the schedule; the
-uplift model on new campaign outcomes or the schedule; a manual run retrains both.
+uplift model on new campaign outcomes or the schedule; a manual run retrains both, unless its
+conf names the reasons (`{"customer_model": [...], "uplift_model": [...]}`), as `valueloop run`
+does with what `decide_retraining` decided.
 **snapshot_training_data** copies the training set out of the warehouse (under the warehouse
 pool, seconds); **train** then trains the transformer and the baselines on the same splits
 without holding the warehouse, logs them to MLflow with the reason and runs the
 champion/challenger gate; **train_uplift** does the same for the uplift model. Only when a
 challenger is promoted, or the first training installs a champion (a classic model, when the
-challenger lost its gate), does **announce_champion** update the champion asset, which
-triggers `score_customers`.
+challenger lost its gate), does **announce_customer_champion** (or, for the uplift model,
+**announce_uplift_champion**) update the champion asset, which triggers `score_customers`.
 
 The training config comes from `VALUELOOP_TRAIN_CONFIG` (default `ml/configs/default.yaml`).
 Under the CeleryExecutor the train task goes to the queue `VALUELOOP_TRAIN_QUEUE` (default
@@ -58,6 +60,14 @@ def train_model():
                 customer += (event.extra or {}).get("customer_model", [])
                 uplift += (event.extra or {}).get("uplift_model", [])
         if not customer and not uplift:
+            conf = (dag_run.conf or {}) if dag_run else {}
+            if "customer_model" in conf or "uplift_model" in conf:
+                # A run given its reasons (`valueloop run` passes what decide_retraining
+                # decided): those, and nothing retrains without one.
+                return {
+                    "customer_model": list(conf.get("customer_model", [])),
+                    "uplift_model": list(conf.get("uplift_model", [])),
+                }
             why = "schedule" if dag_run and dag_run.run_type == "scheduled" else "manual run"
             customer, uplift = [why], [why]
         return {"customer_model": customer, "uplift_model": uplift}
@@ -91,19 +101,29 @@ def train_model():
             return {"promoted": False, "reason": "no uplift trigger fired"}
         return pipeline.train_uplift(load_settings(), "; ".join(reasons["uplift_model"]))
 
+    # Each model announces its own new champion (the first one included): a failed branch
+    # fails its own announcement and the run, and hides nothing the other one promoted.
     @task.short_circuit
-    def promoted(customer: dict, uplift: dict) -> bool:
-        """A new champion of either model (the first one included) updates the champion asset."""
-        return bool(customer.get("champion_changed") or customer["promoted"] or uplift["promoted"])
+    def customer_promoted(customer: dict) -> bool:
+        return bool(customer.get("champion_changed") or customer["promoted"])
 
     @task(outlets=[CHAMPION])
-    def announce_champion(customer: dict, uplift: dict) -> str:
-        return f"customer model: {customer['reason']}; uplift model: {uplift['reason']}"
+    def announce_customer_champion(customer: dict) -> str:
+        return f"customer model: {customer['reason']}"
+
+    @task.short_circuit
+    def uplift_promoted(uplift: dict) -> bool:
+        return bool(uplift["promoted"])
+
+    @task(outlets=[CHAMPION])
+    def announce_uplift_champion(uplift: dict) -> str:
+        return f"uplift model: {uplift['reason']}"
 
     reasons = plan()
     customer = train(snapshot_training_data(reasons), reasons)
     uplift = train_uplift(reasons)
-    promoted(customer, uplift) >> announce_champion(customer, uplift)
+    customer_promoted(customer) >> announce_customer_champion(customer)
+    uplift_promoted(uplift) >> announce_uplift_champion(uplift)
 
 
 train_model()

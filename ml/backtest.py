@@ -54,6 +54,7 @@ from ml.data import (
     SEQUENCE_COLUMN,
     TEXT_COLUMN,
     horizon_days,
+    labels_fingerprint,
     numeric_columns,
     read_per_cutoff,
     tier_index,
@@ -453,14 +454,17 @@ class Verdict:
 
 def verdict(
     tracking_uri: str,
-    warehouse: Path,
+    source: Path,
     latest_cutoff: str,
     models: tuple[str, ...],
     metric: str,
     model_config: str | None = None,
 ) -> Verdict | None:
-    """The latest backtest of ``warehouse`` whose latest cutoff is ``latest_cutoff`` (so it
-    tested on the labels a training run holds out now), that ran every one of ``models`` and,
+    """The latest backtest of the data in ``source`` (a warehouse, or a training snapshot of
+    it: the backtest is found by the training set's rows and labels, ``labels_fingerprint``,
+    so a label correction since makes it another data set) whose latest cutoff is
+    ``latest_cutoff`` (so it tested on the labels a training run holds out now), that ran
+    every one of ``models`` and,
     when ``model_config`` is given, trained them with the settings of that fingerprint
     (``TrainConfig.model_fingerprint``): each model's mean ``metric`` over its cutoffs
     (``customer_score``: the mean of churn ROC-AUC and tier macro-F1, as on the holdout).
@@ -473,7 +477,7 @@ def verdict(
         [experiment.experiment_id],
         filter_string=(
             "tags.`valueloop.kind` = 'backtest' and attributes.status = 'FINISHED' "
-            f"and tags.`valueloop.warehouse` = '{Path(warehouse).resolve()}' "
+            f"and tags.`valueloop.labels` = '{labels_fingerprint(Path(source))}' "
             f"and tags.`valueloop.latest_cutoff` = '{latest_cutoff}'"
             + (f" and tags.`valueloop.model_config` = '{model_config}'" if model_config else "")
         ),
@@ -607,8 +611,9 @@ def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, c
             {
                 "valueloop.kind": "backtest",
                 "valueloop.reference": result.reference,
-                # what a training run of the same data looks for (``verdict``)
                 "valueloop.warehouse": str(Path(warehouse).resolve()),
+                # what a training run of the same data looks for (``verdict``)
+                "valueloop.labels": labels_fingerprint(Path(warehouse)),
                 "valueloop.latest_cutoff": result.origins[-1]["cutoff"],
                 "valueloop.model_config": model_config_tag(cfg, seed),
             }

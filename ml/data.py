@@ -35,6 +35,22 @@ def _relation(source: Path) -> tuple[duckdb.DuckDBPyConnection, str]:
     return duckdb.connect(str(source), read_only=True), "marts.{}"
 
 
+def labels_fingerprint(source: Path) -> str:
+    """The training set's rows and labels, from the warehouse or a training snapshot of it
+    (the same data gives the same value in either; a label correction changes it): how a
+    training run finds a backtest of the data it trains on (``ml.backtest.verdict``)."""
+    con, relation = _relation(source)
+    relation = relation.format(
+        (source / "training_set").as_posix() if source.is_dir() else "training_set"
+    )
+    with con:
+        rows, total = con.execute(
+            "select count(*), coalesce(sum(hash(customer_cutoff_id, value_tier, is_churned)),"
+            f" 0)::varchar from {relation}"
+        ).fetchone()
+    return f"{rows}-{total}"
+
+
 def read_mart(source: Path, table: str) -> pd.DataFrame:
     """A mart from the warehouse (opened read-only) or from a training snapshot folder."""
     con, relation = _relation(source)

@@ -538,12 +538,12 @@ def _lead_interval(
 def _backtest_of_this_data(
     cfg: TrainConfig, source: tuple[str, Path], info: dict, models: tuple[str, ...]
 ) -> backtest.Verdict | None:
-    """The latest backtest of this warehouse and labels that ran ``models`` with this config's
-    model settings (None: none)."""
-    tracking_uri, warehouse = source
+    """The latest backtest of this data and labels (the warehouse or a training snapshot of
+    it) that ran ``models`` with this config's model settings (None: none)."""
+    tracking_uri, data = source
     return backtest.verdict(
         tracking_uri,
-        warehouse,
+        data,
         info["test_as_of"][-1],
         models,
         cfg.primary_metric,

@@ -1,5 +1,8 @@
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import run_valueloop
 from valueloop.config import load_settings
 
 
@@ -40,3 +43,30 @@ def test_loading_settings_creates_nothing(tmp_path: Path) -> None:
 def test_settings_round_trip_through_the_environment(tmp_path: Path) -> None:
     settings = load_settings(env={}, home=tmp_path)
     assert load_settings(env=settings.as_env()) == settings
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("VALUELOOP_CAMPAIGN_CONTROL_SHARE", "10", r"=10 is outside \[0, 1\): a share"),
+        ("VALUELOOP_CAMPAIGN_CONTROL_SHARE", "1", r"=1 is outside \[0, 1\)"),
+        ("VALUELOOP_CAMPAIGN_EXPLORATION_SHARE", "-0.1", r"=-0.1 is outside \[0, 1\]"),
+        ("VALUELOOP_MARGIN_RATE", "35", r"=35 is outside \[0, 1\]"),
+        ("VALUELOOP_CAMPAIGN_BUDGET", "-5", "=-5 is negative"),
+        ("VALUELOOP_CAMPAIGN_WINDOW_DAYS", "0", "=0 is under a day"),
+    ],
+)
+def test_a_share_or_rate_out_of_range_is_refused_naming_it(
+    tmp_path: Path, name: str, value: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=name + message):
+        load_settings(env={name: value}, home=tmp_path)
+    assert load_settings(env={name: "0"} if "WINDOW" not in name else {}, home=tmp_path)
+
+
+def test_the_cli_refuses_a_percentage_for_a_share(tmp_path: Path) -> None:
+    result = run_valueloop(
+        "campaign", "plan", home=tmp_path, env={"VALUELOOP_CAMPAIGN_CONTROL_SHARE": "10"}
+    )
+    assert result.returncode == 1
+    assert "error: VALUELOOP_CAMPAIGN_CONTROL_SHARE=10 is outside [0, 1)" in result.stderr

@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 
 import duckdb
 import httpx
+import mlflow
 import pytest
 from rich.console import Console
 
+from ml.config import TrainConfig
 from tests.conftest import REPO_ROOT, airflow_api_server, list_runs
 from valueloop import orchestration, transform
 from valueloop.config import Settings, load_settings
@@ -118,7 +120,8 @@ def test_dbt_tasks_find_the_warehouse_from_valueloop_home_alone(airflow_settings
 def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
     dags = dagbag(airflow_settings)["dags"]
     assert dags["ingest_and_transform"]["tasks"]["check_marts"]["outlets"] == ["valueloop_marts"]
-    assert dags["train_model"]["tasks"]["announce_champion"]["outlets"] == ["valueloop_champion"]
+    for announce in ("announce_customer_champion", "announce_uplift_champion"):
+        assert dags["train_model"]["tasks"][announce]["outlets"] == ["valueloop_champion"]
     assert dags["score_customers"]["tasks"]["publish"]["outlets"] == ["valueloop_scores"]
     assert "AssetOrTimeSchedule" in dags["train_model"]["schedule"]
     assert "valueloop_retrain_request" in dags["train_model"]["schedule"]
@@ -154,6 +157,17 @@ def test_the_dags_run_end_to_end_and_publish_scores(pipeline_run: Settings) -> N
     for dag_id in orchestration.DAG_IDS:
         states = {r["state"] for r in list_runs(settings, dag_id)}
         assert states == {"success"}, (dag_id, states)
+    # `dags test` runs train_model as a manual run: it trained for the reason the retraining
+    # triggers gave, which MLflow records, not as "manual run".
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(TrainConfig.load(settings.train_config).experiment)
+    [first] = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`valueloop.kind` = 'training'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    assert first.data.tags["valueloop.retrain_reason"] == "no champion yet"
 
 
 def test_the_run_reads_like_a_cli_and_airflow_keeps_its_true_times(pipeline_run: Settings) -> None:

@@ -204,6 +204,7 @@ def outcome_rows(settings: Settings) -> tuple[pd.DataFrame, list[tuple[dict, str
         ({**good, "event": "converted", "customer_key": treated[2]}, "revenue: a converted"),
         # Its corrected resend loads: a quarantined row is no original to be a duplicate of.
         ({**good, "event": "converted", "customer_key": treated[2], "revenue": "12"}, None),
+        ({**good, "event": "converted", "customer_key": treated[3], "revenue": "0"}, "revenue: a"),
         ({**good, "event": "bought"}, "event: bought is not one of"),
         ({**good, "event": "converted", "revenue": "-3"}, "revenue: -3 outside the plausible"),
         ({**good, "occurred_at": "yesterday"}, "occurred_at: cannot parse yesterday"),
@@ -214,7 +215,7 @@ def outcome_rows(settings: Settings) -> tuple[pd.DataFrame, list[tuple[dict, str
 def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_for(
     tmp_path: Path,
 ) -> None:
-    # One of the 14 outcome rows is implausible on purpose; the batch should still pass GX.
+    # One of the 15 outcome rows is implausible on purpose; the batch should still pass GX.
     settings = load_settings(env={"VALUELOOP_IMPLAUSIBLE_SHARE_MAX": "0.1"}, home=tmp_path / "h")
     published_scores(settings)
     campaigns.plan(settings, "cmp-a")
@@ -752,6 +753,12 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
     assert len(truth) == len(plan) and "expected_incremental_revenue_vip_perk" in truth
     with pytest.raises(ValueError, match="already played campaign cmp-x"):
         market.advance(shop, plan, start, 30, tmp_path / "outcomes", 5)
+    # Another campaign over days already played would draw them again: refused.
+    with pytest.raises(ValueError, match="inside the window the market already played for"):
+        market.advance(
+            shop, plan.assign(campaign_id="cmp-w"), start + timedelta(29), 30, tmp_path / "o", 5
+        )
+    assert market.played(shop, "cmp-w") is None
     # A rerun of the loop after a later step failed carries on from the window played.
     assert market.played(shop, "cmp-x") == window
     assert market.played(shop, "cmp-y") is None
@@ -1056,6 +1063,19 @@ def test_the_uplift_model_passes_mlflow_and_its_gate_and_scoring_follows_it(
     )
     assert list(after["next_best_action"]) == list(expected)
     assert (after["next_best_action"] != before["next_best_action"]).any()
+    # A campaign on these scores: each customer's expected incremental profit is the model's
+    # estimate of the action they were given, an explored one's too (not their policy's).
+    campaigns.plan(settings, "cmp-estimates")
+    rows = assignments(settings, "cmp-estimates")
+    salt = settings.resolve_pii_salt()
+    candidates["customer_key"] = [
+        campaigns.customer_key(salt, c) for c in candidates["customer_id"]
+    ]
+    joined = rows.merge(candidates, on=["customer_key", "action"], suffixes=("", "_model"))
+    assert len(joined) == len(rows) and (rows["policy"] == campaigns.EXPLORE).any()
+    np.testing.assert_allclose(
+        joined["expected_incremental_profit"], joined["expected_incremental_profit_model"]
+    )
 
 
 def test_valueloop_loop_turns_the_loop_with_a_line_per_cycle(
@@ -1158,6 +1178,20 @@ def test_a_feedback_batch_past_the_threshold_requests_retraining_through_airflow
             " 'feedback:(first|second)-.*'"
         ).fetchone()[0]
     assert sources > 0  # these corrections reached the label marts through dbt
+    # Corrections ingested but never built, as a dbt_feedback that failed leaves them: the
+    # next run, with no new file, builds them.
+    corrections("third", customers[5:6])
+    report = jobs.ingest_path(settings, folder / "third.csv", "feedback")
+    assert report.rows_accepted == 1
+    events = run_feedback_dag("2026-01-05T10:20:00+00:00")
+    assert events[-1]["customer_model"] == [
+        f"{pending + 6} new label corrections (threshold {pending + 4})"
+    ]
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        caught_up = con.execute(
+            "select count(*) from marts.customer_labels where label_source like 'feedback:third-%'"
+        ).fetchone()[0]
+    assert caught_up > 0
 
 
 def test_retraining_fires_on_drift_on_schedule_and_on_new_outcomes_each_past_its_threshold(

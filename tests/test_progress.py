@@ -24,7 +24,7 @@ def test_every_task_of_the_dags_maps_to_a_named_stage() -> None:
     assert progress.stage_of("ingest_and_transform", "dbtx") == "dbtx"  # prefixes end in "."
     assert progress.stage_of("score_customers", "score") == "score"
     assert progress.stage_of("score_customers", "check_scores") == "scores checks"
-    assert progress.stage_of("train_model", "announce_champion") == "train + gate"
+    assert progress.stage_of("train_model", "announce_uplift_champion") == "train + gate"
 
 
 def test_the_event_reader_returns_whole_lines_only_once(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ import pandas as pd
 from ml.uplift_features import UPLIFT_FEATURES
 from valueloop.config import Settings
 from valueloop.ingest import ensure_raw_schema
+from valueloop.quality.checks import table_exists
 from valueloop.warehouse import connect
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ def plan(settings: Settings, campaign_id: str | None = None, replace: bool = Fal
             ).fetchall()
         }
         chosen = _choose(scores, actions, campaign_id, settings, open_keys | unsubscribed)
+        chosen = _explored_estimates(con, chosen)
         chosen["group_name"] = np.where(
             control_flags(chosen, campaign_id, settings.campaign_control_share),
             "control",
@@ -441,6 +443,32 @@ def _choose(
     )
     chosen = chosen.sort_values(["_priority", "_u"], ascending=[False, True])
     return chosen.drop(columns=["_priority", "_u", "_cost"]).reset_index(drop=True)
+
+
+def _explored_estimates(con: duckdb.DuckDBPyConnection, chosen: pd.DataFrame) -> pd.DataFrame:
+    """An explored customer's expected incremental profit is the uplift model's estimate of
+    the action drawn for them (null without one), not that of their policy's action, which
+    the scores hold."""
+    explored = chosen["policy"] == EXPLORE
+    if not explored.any():
+        return chosen
+    estimates: dict[tuple[str, str], float] = {}
+    if table_exists(con, "scoring.candidate_uplift"):
+        estimates = {
+            (customer, action): profit
+            for customer, action, profit in con.execute(
+                "select customer_id, action, expected_incremental_profit"
+                " from scoring.candidate_uplift"
+            ).fetchall()
+        }
+    chosen = chosen.copy()
+    chosen.loc[explored, "expected_incremental_profit"] = [
+        estimates.get((customer, action), np.nan)
+        for customer, action in zip(
+            chosen.loc[explored, "customer_id"], chosen.loc[explored, "action"], strict=True
+        )
+    ]
+    return chosen
 
 
 def _within(costs: pd.Series, budget: float) -> np.ndarray:

@@ -108,6 +108,31 @@ class Settings:
         """The native production stack's Airflow home, MLflow artifacts and service logs."""
         return self.home / "stack"
 
+    def __post_init__(self) -> None:
+        """A share or a rate out of its range says what was meant (10 for 10%?) before a
+        campaign is planned with it: every customer a control, say, and nothing exported."""
+        bounds = {
+            "campaign_control_share": (0.0, 1.0, False),  # (low, high, high allowed)
+            "campaign_exploration_share": (0.0, 1.0, True),
+            "margin_rate": (0.0, 1.0, True),
+            "implausible_share_max": (0.0, 1.0, True),
+        }
+        for name, (low, high, high_ok) in bounds.items():
+            value = getattr(self, name)
+            if not (low <= value < high or (high_ok and value == high)):
+                interval = f"[{low:g}, {high:g}{']' if high_ok else ')'}"
+                raise ValueError(
+                    f"{_env_name(name)}={value:g} is outside {interval}: a share, not a"
+                    f" percentage (0.1 for 10%)"
+                )
+        for name in ("campaign_budget", "unsubscribe_cost"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_env_name(name)}={getattr(self, name):g} is negative")
+        if self.campaign_window_days < 1:
+            raise ValueError(
+                f"{_env_name('campaign_window_days')}={self.campaign_window_days} is under a day"
+            )
+
     def ensure_dirs(self) -> None:
         """Create the folders the platform writes to (called by commands, never on import)."""
         for path in (

@@ -233,8 +233,8 @@ RELATIONAL_RULES: dict[str, list[tuple[str, str]]] = {
             " revenue'",
         ),
         (
-            "event = 'converted' and revenue is null",
-            "'revenue: a converted event needs its revenue'",
+            "event = 'converted' and coalesce(revenue, 0) = 0",
+            "'revenue: a converted event needs its revenue (above 0)'",
         ),
         (
             _duplicate(OUTCOME_KEY, "raw.campaign_outcomes"),

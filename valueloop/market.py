@@ -319,6 +319,16 @@ def advance(
             f"{shop}: the market already played campaign {campaign_id}'s window "
             f"({manifest['windows'][campaign_id]}); plan a new campaign first"
         )
+    # The market moves forward: a window over days it already played would draw every
+    # customer's purchases of those days again (and their orders would be counted twice).
+    for other, window in manifest.get("windows", {}).items():
+        _, played_end = (date.fromisoformat(d) for d in window.split("/"))
+        if start.date() < played_end:
+            raise ValueError(
+                f"{shop}: campaign {campaign_id}'s window starts {start:%Y-%m-%d}, inside the"
+                f" window the market already played for campaign {other} ({window}); plan the"
+                f" next campaign from scores as of {played_end - timedelta(days=1)} or later"
+            )
     origin = date.fromisoformat(manifest["start"])
     catalogue = _catalogue(shop)
     cdfs = _product_choice_cdfs(catalogue)

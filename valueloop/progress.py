@@ -33,8 +33,10 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
         ("snapshot_training_data", "train + gate"),
         ("train", "train + gate"),
         ("train_uplift", "train + gate"),
-        ("promoted", "train + gate"),
-        ("announce_champion", "train + gate"),
+        ("customer_promoted", "train + gate"),
+        ("announce_customer_champion", "train + gate"),
+        ("uplift_promoted", "train + gate"),
+        ("announce_uplift_champion", "train + gate"),
     ),
     "score_customers": (
         ("champion_ready", "score"),

@@ -12,6 +12,8 @@ from datetime import date
 from pathlib import Path
 
 from valueloop.config import Settings
+from valueloop.contract import FEEDBACK_ENTITIES
+from valueloop.warehouse import connect
 
 FAILED_STATUSES = {"error", "fail", "runtime error"}
 SCORING_TAG, BI_VIEWS_TAG = "scoring", "bi_views"
@@ -162,9 +164,44 @@ def docs(settings: Settings, quiet: bool = False) -> Path:
 FEEDBACK_SELECTION = "stg_feedback__campaign_outcomes+ stg_feedback__label_feedback+"
 
 
+FEEDBACK_BUILDS_DDL = (
+    "create table if not exists raw.feedback_builds (built_at timestamp, loaded_through timestamp)"
+)
+
+
+def _feedback_loaded_through(con) -> object:
+    """When the latest feedback batch was loaded (None: none yet)."""
+    names = ", ".join(f"'{e.name}'" for e in FEEDBACK_ENTITIES)
+    return con.execute(
+        f"select max(loaded_at) from raw.ingest_batches where entity in ({names})"
+    ).fetchone()[0]
+
+
+def feedback_unbuilt(settings: Settings) -> int:
+    """Feedback batches loaded since the feedback marts were last built by
+    :func:`build_feedback` (every one of them, before its first build). A build that failed
+    leaves them counted, so the next feedback run builds them even when no file is new."""
+    with connect(settings.warehouse_path) as con:
+        con.execute(FEEDBACK_BUILDS_DDL)
+        names = ", ".join(f"'{e.name}'" for e in FEEDBACK_ENTITIES)
+        return con.execute(
+            f"select count(*) from raw.ingest_batches where entity in ({names}) and loaded_at >"
+            " coalesce((select max(loaded_through) from raw.feedback_builds), '-infinity')"
+        ).fetchone()[0]
+
+
 def build_feedback(settings: Settings, quiet: bool = True) -> TransformResult:
     """`dbt build` of what the feedback changes: campaign results and performance, the
-    corrected labels and the training set (scoring candidates and BI views excepted)."""
+    corrected labels and the training set (scoring candidates and BI views excepted).
+    A build that succeeds records in ``raw.feedback_builds`` the feedback it built."""
+    with connect(settings.warehouse_path) as con:
+        through = _feedback_loaded_through(con)
     args = ["build", "--select", FEEDBACK_SELECTION]
     args += ["--exclude", f"tag:{SCORING_TAG}", f"tag:{BI_VIEWS_TAG}"]
-    return run_dbt(settings, args, quiet=quiet)
+    result = run_dbt(settings, args, quiet=quiet)
+    with connect(settings.warehouse_path) as con:
+        con.execute(FEEDBACK_BUILDS_DDL)
+        con.execute(
+            "insert into raw.feedback_builds values (current_localtimestamp(), ?)", [through]
+        )
+    return result
