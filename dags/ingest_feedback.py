@@ -52,9 +52,22 @@ def ingest_feedback():
         from valueloop.config import load_settings
 
         settings = load_settings()
-        totals = pipeline.ingest_landed(settings, items)
+        # One unreadable file must not hold back the others: they load, and reject_unreadable
+        # fails the run naming it.
+        totals = pipeline.ingest_landed(settings, items, keep_going=True)
         # Loaded before and never built (a dbt_feedback that failed): built now.
         return {**totals, "unbuilt": transform.feedback_unbuilt(settings)}
+
+    @task
+    def reject_unreadable(totals: dict) -> str:
+        if totals["rejected"]:
+            from valueloop.loaders import IngestError
+
+            raise IngestError(
+                "feedback file(s) not loaded (the others were; fix or remove these):\n"
+                + "\n".join(totals["rejected"])
+            )
+        return "every landed file was readable"
 
     @task.short_circuit
     def anything_new(totals: dict[str, int]) -> bool:
@@ -78,6 +91,7 @@ def ingest_feedback():
     totals = ingest(land())
     built = dbt_feedback()
     anything_new(totals) >> check_raw() >> built
+    reject_unreadable(totals)
     retraining_tasks(after=built)
 
 

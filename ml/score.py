@@ -72,7 +72,7 @@ def has_champion(settings: Settings, cfg: TrainConfig | None = None) -> bool:
     """Whether a model is champion: on a first deployment the marts arrive before training
     has promoted one, and scoring then waits (the champion asset triggers it) rather than
     fail."""
-    cfg = cfg or TrainConfig.load()
+    cfg = cfg or TrainConfig.load(settings.train_config)
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     if registry.champion_version(client, cfg.registered_model) is None:
         log.warning(
@@ -219,7 +219,7 @@ def score_candidates(
     seed: int = 42,
 ) -> dict:
     """Step 1: predict, segment and write the candidate (published tables untouched)."""
-    cfg = cfg or TrainConfig.load()
+    cfg = cfg or TrainConfig.load(settings.train_config)
     model, version, model_run_id = _champion(settings.mlflow_tracking_uri, cfg.registered_model)
     scored_at = _first_scored_at(settings, run_id) or datetime.now(UTC).replace(tzinfo=None)
     reports = settings.home / "reports"

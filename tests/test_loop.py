@@ -23,7 +23,7 @@ from ml.config import TrainConfig
 from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop import campaigns, jobs, market, monitoring, orchestration, pipeline, retraining
 from valueloop.config import Settings, load_settings
-from valueloop.ingest import ensure_raw_schema
+from valueloop.ingest import IngestError, ensure_raw_schema
 from valueloop.quality.runner import run_checkpoint
 from valueloop.simulator import SimulationConfig, generate
 
@@ -288,6 +288,18 @@ def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_
     assert sorted(Path(item["path"]).name for item in landed) == ["cmp-a.csv", "corrections.csv"]
     totals = pipeline.ingest_landed(settings, landed)
     assert totals["read"] == 0 and totals["skipped"] == totals["files"] == 2
+    # An unreadable file (no event column) holds back none landed after it: the feedback DAG
+    # loads the others and names it (its last task then fails the run).
+    frame.drop(columns=["event"]).to_csv(outcomes.parent / "a-broken.csv", index=False)
+    more = labels.with_name("more.csv")
+    pd.read_csv(labels).iloc[[0]].assign(feedback_id="f8").to_csv(more, index=False)
+    landed = pipeline.land_feedback(settings)
+    with pytest.raises(IngestError, match=r"a-broken\.csv"):
+        pipeline.ingest_landed(settings, landed)
+    totals = pipeline.ingest_landed(settings, landed, keep_going=True)
+    [rejected] = totals["rejected"]
+    assert "a-broken.csv" in rejected and "event" in rejected
+    assert totals["accepted"] == 1  # more.csv
     # Great Expectations checks the feedback batches like any other.
     result = run_checkpoint(settings, "raw", "feedback-test")
     names = {r.check.name for r in result.results}

@@ -57,13 +57,27 @@ def _mapping(path: Path) -> loaders.TransactionsMapping:
         ) from error
 
 
-def ingest_landed(settings: Settings, items: list[dict[str, str]]) -> dict[str, int]:
-    """Ingest every landed item (already-loaded files are skipped); returns the totals."""
-    totals = {"files": 0, "read": 0, "accepted": 0, "quarantined": 0, "skipped": 0}
+def ingest_landed(
+    settings: Settings, items: list[dict[str, str]], keep_going: bool = False
+) -> dict[str, object]:
+    """Ingest every landed item (already-loaded files are skipped); returns the totals.
+
+    A file that cannot be read as its format (a missing column, say) stops the ingest; with
+    ``keep_going`` the files after it are loaded all the same, and ``rejected`` names each
+    one that failed and why (each file is a batch of its own: all of it or nothing)."""
+    totals: dict[str, object] = {"files": 0, "read": 0, "accepted": 0, "quarantined": 0}
+    totals |= {"skipped": 0, "rejected": []}
     for item in items:
         path = Path(item["path"])
-        mapping = _mapping(path) if item["format"] == "transactions" else None
-        report = jobs.ingest_path(settings, path, item["format"], mapping)
+        try:
+            mapping = _mapping(path) if item["format"] == "transactions" else None
+            report = jobs.ingest_path(settings, path, item["format"], mapping)
+        except (loaders.IngestError, FileNotFoundError) as error:
+            if not keep_going:
+                raise
+            log.error("not loaded: %s", error)
+            totals["rejected"].append(str(error))
+            continue
         log.info("%s", report.summary())
         totals["files"] += len(report.results)
         totals["skipped"] += sum(r.skipped for r in report.results)
