@@ -138,6 +138,28 @@ def test_a_planned_campaign_is_kept_as_exported_unless_planned_afresh(settings: 
     assert first.export_csv.read_bytes() != exported
 
 
+def test_a_plan_that_fails_to_store_leaves_no_campaign_file(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The activation tool must never read a campaign the warehouse does not hold.
+    published_scores(settings)
+
+    def fails(*args, **kwargs) -> None:
+        raise duckdb.IOException("disk full")
+
+    monkeypatch.setattr(campaigns, "_store", fails)
+    with pytest.raises(duckdb.IOException, match="disk full"):
+        campaigns.plan(settings, "cmp-f")
+    assert list(settings.campaigns_dir.iterdir()) == []
+    monkeypatch.undo()
+    plan = campaigns.plan(settings, "cmp-f")
+    assert sorted(p.name for p in settings.campaigns_dir.iterdir()) == [
+        "cmp-f.csv",
+        "cmp-f.parquet",
+    ]
+    assert pd.read_csv(plan.export_csv).shape[0] == plan.treated
+
+
 def test_a_tight_budget_keeps_the_exploration_share_for_the_explored(tmp_path: Path) -> None:
     settings = load_settings(env={"VALUELOOP_CAMPAIGN_BUDGET": "150"}, home=tmp_path / "h")
     published_scores(settings)

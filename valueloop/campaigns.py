@@ -305,18 +305,29 @@ def plan(settings: Settings, campaign_id: str | None = None, replace: bool = Fal
         )
         excluded_open = int(scores["customer_key"].isin(open_keys).sum())
         excluded_unsubscribed = int(scores["customer_key"].isin(unsubscribed - open_keys).sum())
-        export_csv, export_parquet = _export(settings, chosen, campaign_id)
-        _store(
-            con,
-            chosen,
-            settings,
-            campaign_id,
-            as_of,
-            assigned_at,
-            export_csv,
-            export_parquet,
-            (excluded_open, excluded_unsubscribed),
-        )
+        # The files the activation tool reads appear only once the warehouse holds the plan:
+        # written aside first, moved in place after the commit, so that a plan that fails to
+        # store never reaches a campaign file.
+        staged = _export(settings, chosen, campaign_id)
+        export_csv, export_parquet = (path.with_name(path.name[1:-8]) for path in staged)
+        try:
+            _store(
+                con,
+                chosen,
+                settings,
+                campaign_id,
+                as_of,
+                assigned_at,
+                export_csv,
+                export_parquet,
+                (excluded_open, excluded_unsubscribed),
+            )
+        except BaseException:
+            for path in staged:
+                path.unlink(missing_ok=True)
+            raise
+        for path, target in zip(staged, (export_csv, export_parquet), strict=True):
+            path.replace(target)
     treated = chosen["group_name"] == "treatment"
     by_action = {
         a: (
@@ -481,16 +492,17 @@ def _spent(costs: pd.Series, budget: float) -> float:
 
 
 def _export(settings: Settings, chosen: pd.DataFrame, campaign_id: str) -> tuple[Path, Path]:
-    """The treatment group for the activation tool (control customers are not contacted)."""
+    """The treatment group for the activation tool (control customers are not contacted),
+    written aside as ``.<id>.csv.partial`` and ``.<id>.parquet.partial``: the caller moves
+    them in place once the plan is stored."""
     folder = settings.campaigns_dir
     folder.mkdir(parents=True, exist_ok=True)
     out = chosen.loc[chosen["group_name"] == "treatment", list(EXPORT_COLUMNS)]
     out = out.sort_values("customer_key")
-    csv_path, parquet_path = folder / f"{campaign_id}.csv", folder / f"{campaign_id}.parquet"
-    out.to_csv(csv_path.with_suffix(".csv.tmp"), index=False)
-    out.to_parquet(parquet_path.with_suffix(".parquet.tmp"), index=False)
-    csv_path.with_suffix(".csv.tmp").replace(csv_path)
-    parquet_path.with_suffix(".parquet.tmp").replace(parquet_path)
+    csv_path = folder / f".{campaign_id}.csv.partial"
+    parquet_path = folder / f".{campaign_id}.parquet.partial"
+    out.to_csv(csv_path, index=False)
+    out.to_parquet(parquet_path, index=False)
     return csv_path, parquet_path
 
 
