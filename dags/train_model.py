@@ -4,9 +4,10 @@
 Runs when a retraining trigger fires (the retrain asset, updated by `ingest_and_transform` and
 `ingest_feedback` with the reasons), and weekly on Mondays at 04:00 UTC. **plan** reads why:
 the customer model retrains on no champion, new label corrections, drift or the schedule; the
-uplift model on new campaign outcomes or the schedule; a manual run retrains both, unless its
-conf names the reasons (`{"customer_model": [...], "uplift_model": [...]}`), as `valueloop run`
-does with what `decide_retraining` decided.
+uplift model on new campaign outcomes or the schedule. It decides again as the run starts: a
+request that queued behind the training that answered it retrains nothing. A manual run
+retrains both, unless its conf names the reasons (`{"customer_model": [...], "uplift_model":
+[...]}`), as `valueloop run` does with what `decide_retraining` decided.
 **snapshot_training_data** copies the training set out of the warehouse (under the warehouse
 pool, seconds); **train** then trains the transformer and the baselines on the same splits
 without holding the warehouse, logs them to MLflow with the reason and runs the
@@ -48,29 +49,28 @@ SETTINGS = load_settings()  # environment only: no I/O at parse time
     doc_md=__doc__,
 )
 def train_model():
-    @task
+    # Deciding again reads the warehouse: under its pool.
+    @task(pool=WAREHOUSE_POOL)
     def plan(triggering_asset_events=None, dag_run=None) -> dict:
-        """Which models to retrain and why, from the retrain requests that triggered the run."""
-        customer: list[str] = []
-        uplift: list[str] = []
+        """Which models to retrain and why: what the retrain requests that triggered the run
+        asked for, if their triggers still fire now (``valueloop.retraining.plan``)."""
+        from valueloop import retraining
+
+        requested: dict[str, list[str]] = {"customer_model": [], "uplift_model": []}
         for key, events in (triggering_asset_events or {}).items():
             if getattr(key, "name", None) != RETRAIN.name:
                 continue  # keys are assets (or their unique keys) across Airflow versions
             for event in events:
-                customer += (event.extra or {}).get("customer_model", [])
-                uplift += (event.extra or {}).get("uplift_model", [])
-        if not customer and not uplift:
-            conf = (dag_run.conf or {}) if dag_run else {}
-            if "customer_model" in conf or "uplift_model" in conf:
-                # A run given its reasons (`valueloop run` passes what decide_retraining
-                # decided): those, and nothing retrains without one.
-                return {
-                    "customer_model": list(conf.get("customer_model", [])),
-                    "uplift_model": list(conf.get("uplift_model", [])),
-                }
-            why = "schedule" if dag_run and dag_run.run_type == "scheduled" else "manual run"
-            customer, uplift = [why], [why]
-        return {"customer_model": customer, "uplift_model": uplift}
+                for model in requested:
+                    requested[model] += (event.extra or {}).get(model, [])
+        asked = requested["customer_model"] or requested["uplift_model"]
+        now = retraining.decide(load_settings()) if asked else None
+        return retraining.plan(
+            requested,
+            now,
+            dag_run.run_type if dag_run else None,
+            (dag_run.conf or {}) if dag_run else None,
+        )
 
     # Reading the marts needs the warehouse free of writers (DuckDB locks the file): copy
     # them out under the pool, then train (minutes to hours) without holding it.

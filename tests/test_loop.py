@@ -1378,3 +1378,68 @@ def test_the_market_answers_the_exported_campaign_file_and_never_hears_of_the_co
     truth = pd.read_parquet(settings.demo_dir / "latent" / "campaigns" / f"{campaign_id}.parquet")
     assert sorted(truth["customer_key"]) == sorted(sent["customer_key"])
     assert (truth["group_name"] == "treatment").all()
+
+
+def test_a_queued_request_trains_only_what_still_fires_and_a_manual_run_both() -> None:
+    now = retraining.RetrainDecision(["drift: PSI 0.31 of recency_days (threshold 0.25)"], [])
+    asked = {"customer_model": ["drift: PSI 0.31 of recency_days (threshold 0.25)"]}
+    asked |= {"uplift_model": ["1,200 new randomised outcomes (threshold 1,000)"]}
+    # The uplift training that ran since answered its request; the drift still fires.
+    assert retraining.plan(asked, now, "asset_triggered", None) == {
+        "customer_model": now.customer_model,
+        "uplift_model": [],
+    }
+    answered = retraining.RetrainDecision([], [])
+    assert retraining.plan(asked, answered, "asset_triggered", None) == {
+        "customer_model": [],
+        "uplift_model": [],
+    }
+    # Only what was asked for, even when another trigger fires now.
+    only_uplift = {"customer_model": [], "uplift_model": ["schedule"]}
+    assert retraining.plan(only_uplift, now, "asset_triggered", None)["customer_model"] == []
+    given = {"customer_model": ["no champion yet"], "uplift_model": []}
+    assert retraining.plan({}, None, "manual", given) == given
+    assert retraining.plan({}, None, "manual", {}) == {
+        "customer_model": ["manual run"],
+        "uplift_model": ["manual run"],
+    }
+    assert retraining.plan({}, None, "scheduled", None)["uplift_model"] == ["schedule"]
+
+
+def test_a_training_killed_without_a_word_counts_as_crashed(tmp_path: Path) -> None:
+    """A run MLflow still calls running a day after it started was killed (out of memory, a
+    lost worker): the corrections it would have trained on are still new."""
+    settings = load_settings(
+        env={"VALUELOOP_PII_SALT": "s", "VALUELOOP_RETRAIN_MIN_CORRECTIONS": "1"},
+        home=tmp_path,
+    )
+    settings.ensure_dirs()
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        ensure_raw_schema(con)
+        con.execute(
+            "insert into raw.label_feedback (feedback_id, customer_id, label, corrected_value,"
+            " valid_from, source, submitted_at, _source_file, _row_number, _loaded_at,"
+            " _batch_id) values ('f1', 'C1', 'is_churned', 'false', date '2025-01-01', 'team',"
+            " now(), 'f', 1, now(), 'b')"
+        )
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    cfg = TrainConfig.load(settings.train_config)
+    experiment = client.create_experiment(cfg.experiment)
+    now = datetime.now(UTC)
+
+    def training(hours_ago: float, status: str | None) -> None:
+        run = client.create_run(
+            experiment,
+            start_time=int((now - timedelta(hours=hours_ago)).timestamp() * 1000),
+            tags={"valueloop.kind": "training"},
+        )
+        client.log_param(run.info.run_id, "label_corrections", 1)
+        if status:
+            client.set_terminated(run.info.run_id, status)
+
+    training(30, None)  # killed: never terminated
+    fired = retraining.decide(settings, now)
+    assert fired.facts["corrections_trained_on"] == 0
+    assert fired.customer_model[-1] == "1 new label corrections (threshold 1)"
+    training(2, None)  # running now: it will have trained on the correction
+    assert retraining.decide(settings, now).facts["corrections_trained_on"] == 1

@@ -11,13 +11,18 @@
 
 What counts as "since the last training" is read from MLflow (the last run that finished or
 is running, not one that failed; the outcomes and corrections a run trained on are its
-parameters), so the decision is the same wherever it is taken.
+parameters), so the decision is the same wherever it is taken. A run still marked running
+a day after it started was killed without MLflow hearing of it, and counts as crashed.
+
+A retrain request can queue behind the training it asked for (requests are decided while a
+training runs): ``train_model`` decides again when it starts (:func:`plan`), and a model
+whose triggers no longer fire is not trained again on what its last training saw.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import mlflow
@@ -47,7 +52,14 @@ class RetrainDecision:
         return asdict(self) | {"reason": self.reason}
 
 
-def _latest_run(settings: Settings, experiment: str, kind: str) -> mlflow.entities.Run | None:
+# A training still "running" after this long was killed without a word (out of memory, a
+# lost worker): MLflow never heard that it ended, and it trained nothing.
+RUNNING_AT_MOST = timedelta(days=1)
+
+
+def _latest_run(
+    settings: Settings, experiment: str, kind: str, now: datetime | None = None
+) -> mlflow.entities.Run | None:
     client = MlflowClient(settings.mlflow_tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -57,9 +69,14 @@ def _latest_run(settings: Settings, experiment: str, kind: str) -> mlflow.entiti
         f"tags.`valueloop.kind` = '{kind}' and attributes.status != 'FAILED'"
         " and attributes.status != 'KILLED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=20,
     )
-    return runs[0] if runs else None
+    stale = ((now or datetime.now(UTC)) - RUNNING_AT_MOST).timestamp() * 1000
+    for run in runs:
+        if run.info.status == "RUNNING" and run.info.start_time < stale:
+            continue
+        return run
+    return None
 
 
 def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
@@ -108,7 +125,7 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
 
     now = now or datetime.now(UTC)
     cfg = TrainConfig.load(settings.train_config)
-    train_run = _latest_run(settings, cfg.experiment, "training")
+    train_run = _latest_run(settings, cfg.experiment, "training", now)
     trained_at = (
         datetime.fromtimestamp(train_run.info.start_time / 1000, UTC) if train_run else None
     )
@@ -119,7 +136,7 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
         corrections = _count(con, "select count(*) from raw.label_feedback")
         drift = _largest_drift(con, since=trained_at)
 
-    uplift_run = _latest_run(settings, UPLIFT_EXPERIMENT, "uplift")
+    uplift_run = _latest_run(settings, UPLIFT_EXPERIMENT, "uplift", now)
     trained_on = int(uplift_run.data.params.get("outcomes", 0)) if uplift_run else 0
     uplift: list[str] = []
     new_outcomes = outcomes - trained_on
@@ -159,3 +176,31 @@ def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
             "largest_psi_of": drift[0] if drift else None,
         },
     )
+
+
+def plan(
+    requested: dict[str, list[str]],
+    now: RetrainDecision | None,
+    run_type: str | None,
+    conf: dict | None,
+) -> dict[str, list[str]]:
+    """Which models a ``train_model`` run trains, and why.
+
+    ``requested`` holds the reasons of the retrain requests that triggered it (empty for a
+    manual or scheduled run), ``now`` what the triggers say as it starts. A requested model
+    trains for today's reasons, and not at all when none fires any more (a training that
+    ran after the request answered it). A run given its reasons in ``conf`` (`valueloop run`
+    passes what decide_retraining decided) trains for those; any other run trains both, for
+    the schedule or by hand.
+    """
+    if requested.get("customer_model") or requested.get("uplift_model"):
+        assert now is not None, "a requested run decides again"
+        return {
+            model: list(getattr(now, model)) if requested.get(model) else []
+            for model in ("customer_model", "uplift_model")
+        }
+    conf = conf or {}
+    if "customer_model" in conf or "uplift_model" in conf:
+        return {model: list(conf.get(model, [])) for model in ("customer_model", "uplift_model")}
+    why = "schedule" if run_type == "scheduled" else "manual run"
+    return {"customer_model": [why], "uplift_model": [why]}
