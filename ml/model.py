@@ -80,6 +80,10 @@ class CustomerNet(nn.Module):
         )
         self.tier_head = nn.Linear(fused_dim, len(TIERS))
         self.churn_head = nn.Linear(fused_dim, 1)
+        # Platt scaling of the churn logit, fitted on the validation cutoff after training
+        # (:func:`calibrate_churn`); the identity until then.
+        self.register_buffer("churn_scale", torch.ones(()))
+        self.register_buffer("churn_shift", torch.zeros(()))
         # The encoder's pooler never reaches the loss (we mean-pool): frozen, so that DDP does
         # not wait for gradients it will never get.
         for parameter in getattr(encoder, "pooler", nn.Identity()).parameters():
@@ -105,7 +109,7 @@ class CustomerNet(nn.Module):
         fused = self.fusion(torch.cat([text, self.numeric_tower(numeric.to(hidden.dtype))], -1))
         return {
             "tier_logits": self.tier_head(fused),
-            "churn_logit": self.churn_head(fused).squeeze(-1),
+            "churn_logit": self.churn_head(fused).squeeze(-1) * self.churn_scale + self.churn_shift,
             "embedding": fused,
         }
 

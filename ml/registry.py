@@ -71,6 +71,8 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
         )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
+        # A model registered before its churn was calibrated: the identity.
+        state = {"churn_scale": torch.ones(()), "churn_shift": torch.zeros(()), **state}
         self.net.load_state_dict(state)
         self.net.to(device).eval()
 

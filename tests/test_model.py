@@ -602,3 +602,24 @@ def test_tier_decision_weights_raise_macro_f1_without_touching_the_probabilities
     # Already balanced, well-separated tiers keep weights of 1.
     clean = np.eye(3)[labels] * 0.9 + 0.05
     assert np.allclose(fit_tier_weights(clean, labels), 1.0)
+
+
+def test_the_document_transformer_is_calibrated_on_the_validation_cutoff(
+    warehouse: Settings, tmp_path: Path
+) -> None:
+    """`--model document`: its churn logit is Platt-scaled on the validation cutoff, so the
+    registered model's mean churn probability there is the cutoff's churn rate (a logistic
+    fit with an intercept matches them), and the ECE before and after is logged."""
+    uri, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts"
+    cfg = TrainConfig.load(TINY, model="document", stack=False)
+    report = train(cfg, warehouse.warehouse_path, uri, artifacts, warehouse.home / "cache")
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_run(report.parent_run_id).info.experiment_id],
+        "metrics.validation_churn_ece_calibrated >= 0",
+    )
+    assert len(runs) == 1 and "validation_churn_ece_uncalibrated" in runs[0].data.metrics
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{report.challenger_version}")
+    validation = read_training_data(warehouse.warehouse_path, cfg).frames["validation"]
+    churn = model.predict(validation)["churn_probability"]
+    assert churn.mean() == pytest.approx(validation["is_churned"].mean(), abs=0.01)
