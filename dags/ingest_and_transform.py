@@ -31,14 +31,10 @@ from valueloop.loop_tasks import retraining_tasks
 from valueloop.orchestration import DEFAULT_ARGS, WAREHOUSE_POOL
 
 SETTINGS = load_settings()  # environment only: no I/O at parse time
-# What dbt reads (the warehouse path, the policy's settings), as the platform resolved it: a
-# container that sets only VALUELOOP_HOME still gets the warehouse under it. Secrets stay in
-# the worker's environment, out of the serialized DAG.
-DBT_ENV = {
-    name: value
-    for name, value in SETTINGS.as_env().items()
-    if name not in ("VALUELOOP_PII_SALT", "VALUELOOP_MLFLOW_TRACKING_URI")
-}
+# The one setting dbt's profile needs and has no default for, as the platform resolves it: a
+# container that sets only VALUELOOP_HOME still finds the warehouse under it. Everything else
+# (the salt, the policy's settings) dbt reads from the worker's own environment.
+DBT_ENV = {"VALUELOOP_WAREHOUSE_PATH": str(SETTINGS.warehouse_path)}
 
 
 @dag(

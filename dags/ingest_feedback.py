@@ -53,7 +53,7 @@ def ingest_feedback():
 
         settings = load_settings()
         # One unreadable file must not hold back the others: they load, and reject_unreadable
-        # fails the run naming it.
+        # (beside the build) fails the run naming it.
         totals = pipeline.ingest_landed(settings, items, keep_going=True)
         # Loaded before and never built (a dbt_feedback that failed): built now.
         return {**totals, "unbuilt": transform.feedback_unbuilt(settings)}

@@ -21,7 +21,16 @@ from mlflow import MlflowClient
 from ml import uplift
 from ml.config import TrainConfig
 from tests.conftest import REPO_ROOT, run_valueloop
-from valueloop import campaigns, jobs, market, monitoring, orchestration, pipeline, retraining
+from valueloop import (
+    campaigns,
+    jobs,
+    market,
+    monitoring,
+    orchestration,
+    pipeline,
+    retraining,
+    transform,
+)
 from valueloop.config import Settings, load_settings
 from valueloop.ingest import IngestError, ensure_raw_schema
 from valueloop.quality.runner import run_checkpoint
@@ -158,6 +167,18 @@ def test_a_plan_that_fails_to_store_leaves_no_campaign_file(
         "cmp-f.parquet",
     ]
     assert pd.read_csv(plan.export_csv).shape[0] == plan.treated
+    # A process that died between the commit and moving the files in: planning the campaign
+    # again finds it stored and writes its files again, as they were.
+    exported = plan.export_csv.read_bytes()
+    plan.export_csv.unlink()
+    plan.export_parquet.unlink()
+    kept = campaigns.plan(settings, "cmp-f")
+    assert kept.kept and plan.export_csv.read_bytes() == exported
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(plan.export_parquet),
+        pd.read_csv(plan.export_csv, parse_dates=["assigned_at"]),
+        check_dtype=False,
+    )
 
 
 def test_a_tight_budget_keeps_the_exploration_share_for_the_explored(tmp_path: Path) -> None:
@@ -318,9 +339,12 @@ def test_bad_feedback_is_quarantined_with_its_reason_and_every_row_is_accounted_
     landed = pipeline.land_feedback(settings)
     with pytest.raises(IngestError, match=r"a-broken\.csv"):
         pipeline.ingest_landed(settings, landed)
+    (outcomes.parent / "b-truncated.parquet").write_bytes(b"PAR1 half a file")
+    landed = pipeline.land_feedback(settings)
     totals = pipeline.ingest_landed(settings, landed, keep_going=True)
-    [rejected] = totals["rejected"]
-    assert "a-broken.csv" in rejected and "event" in rejected
+    broken, truncated = totals["rejected"]
+    assert "a-broken.csv" in broken and "event" in broken
+    assert "b-truncated.parquet" in truncated
     assert totals["accepted"] == 1  # more.csv
     # Great Expectations checks the feedback batches like any other.
     result = run_checkpoint(settings, "raw", "feedback-test")
@@ -1378,6 +1402,20 @@ def test_the_market_answers_the_exported_campaign_file_and_never_hears_of_the_co
     truth = pd.read_parquet(settings.demo_dir / "latent" / "campaigns" / f"{campaign_id}.parquet")
     assert sorted(truth["customer_key"]) == sorted(sent["customer_key"])
     assert (truth["group_name"] == "treatment").all()
+
+
+def test_feedback_never_built_is_counted_and_nothing_before_the_first_ingest(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path)
+    # The feedback DAG asks every 10 minutes, before anything was ever loaded: nothing, and no
+    # warehouse made for it.
+    assert transform.feedback_unbuilt(settings) == 0
+    assert not settings.warehouse_path.exists()
+    settings.ensure_dirs()
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        ensure_raw_schema(con)
+    assert transform.feedback_unbuilt(settings) == 0
 
 
 def test_a_queued_request_trains_only_what_still_fires_and_a_manual_run_both() -> None:

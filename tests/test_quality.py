@@ -298,10 +298,14 @@ def test_duplicated_files_are_loaded_once(with_good_batch: Settings, tmp_path: P
     # The same lines under another name with the first one dropped (another file's bytes):
     # ingest quarantines every one as loaded before, so nothing is counted twice, and the
     # raw checkpoint has nothing of that batch to judge.
+    # A line of it that does not parse is quarantined again for its own reason.
     first = corpus.clean_batch(seed=1)
-    resent = ingest(with_good_batch, corpus.write_csv(tmp_path / "resent.csv", first[1:]))
+    broken = {**first[0], "Quantity": "many"}
+    resent = ingest(
+        with_good_batch, corpus.write_csv(tmp_path / "resent.csv", [broken, *first[1:]])
+    )
     [result] = resent.results
-    assert (result.rows_read, result.rows_accepted, result.rows_quarantined) == (1_999, 0, 1_999)
+    assert (result.rows_read, result.rows_accepted, result.rows_quarantined) == (2_000, 0, 2_000)
     assert run_checkpoint(with_good_batch, "raw", run_id="resent").success
     # An export that overlaps the last one: its repeated lines are quarantined with the batch
     # they repeat, its new ones load, and the raw checkpoint warns with the repeated invoices.
@@ -322,7 +326,7 @@ def test_duplicated_files_are_loaded_once(with_good_batch: Settings, tmp_path: P
         ).fetchone()
         reasons = con.execute(
             "select distinct regexp_extract(reason, 'batch (order_lines-[0-9a-f]+)', 1)"
-            " from raw.quarantine"
+            " from raw.quarantine where reason like '%already loaded%'"
         ).fetchall()
         day1 = con.execute(
             "select batch_id from raw.ingest_batches order by loaded_at limit 1"

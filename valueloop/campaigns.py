@@ -268,6 +268,7 @@ def plan(settings: Settings, campaign_id: str | None = None, replace: bool = Fal
         if not replace:
             stored = _stored(con, campaign_id)
             if stored is not None:
+                _restore_exports(con, stored)
                 return stored
         assigned_at = datetime.combine(as_of + timedelta(days=1), datetime.min.time())
         scores["customer_key"] = [customer_key(salt, c) for c in scores["customer_id"]]
@@ -456,6 +457,27 @@ def _choose(
     return chosen.drop(columns=["_priority", "_u", "_cost"]).reset_index(drop=True)
 
 
+def _restore_exports(con: duckdb.DuckDBPyConnection, plan: CampaignPlan) -> None:
+    """A stored plan's campaign files, written again from its assignments when they are
+    missing (a process that died between the commit and moving the files in place)."""
+    if plan.export_csv.exists() and plan.export_parquet.exists():
+        return
+    rows = con.execute(
+        f"select {', '.join(EXPORT_COLUMNS)} from {ASSIGNMENTS} where campaign_id = ?"
+        " and group_name = 'treatment' order by customer_key",
+        [plan.campaign_id],
+    ).df()
+    plan.export_csv.parent.mkdir(parents=True, exist_ok=True)
+    for target, write in (
+        (plan.export_csv, lambda path: rows.to_csv(path, index=False)),
+        (plan.export_parquet, lambda path: rows.to_parquet(path, index=False)),
+    ):
+        partial = target.with_name(f".{target.name}.partial")
+        write(partial)
+        partial.replace(target)
+    log.warning("campaign %s: its files were missing and were written again", plan.campaign_id)
+
+
 def _explored_estimates(con: duckdb.DuckDBPyConnection, chosen: pd.DataFrame) -> pd.DataFrame:
     """An explored customer's expected incremental profit is the uplift model's estimate of
     the action drawn for them (null without one), not that of their policy's action, which
@@ -464,7 +486,25 @@ def _explored_estimates(con: duckdb.DuckDBPyConnection, chosen: pd.DataFrame) ->
     if not explored.any():
         return chosen
     estimates: dict[tuple[str, str], float] = {}
-    if table_exists(con, "scoring.candidate_uplift"):
+    # The candidate tables are the latest scoring run's, published or not: only the run whose
+    # scores the campaign reads speaks for its customers.
+    published = set(chosen["scoring_run_id"].dropna())
+    candidate_run = (
+        con.execute(
+            "select any_value(scoring_run_id) from scoring.candidate_predictions"
+        ).fetchone()[0]
+        if table_exists(con, "scoring.candidate_predictions")
+        else None
+    )
+    same_run = published == {candidate_run}
+    if not same_run:
+        log.warning(
+            "the latest scoring run (%s) is not the published one (%s): explored customers get"
+            " no profit estimate",
+            candidate_run,
+            ", ".join(sorted(published)),
+        )
+    if same_run and table_exists(con, "scoring.candidate_uplift"):
         estimates = {
             (customer, action): profit
             for customer, action, profit in con.execute(

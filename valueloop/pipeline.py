@@ -72,11 +72,17 @@ def ingest_landed(
         try:
             mapping = _mapping(path) if item["format"] == "transactions" else None
             report = jobs.ingest_path(settings, path, item["format"], mapping)
-        except (loaders.IngestError, FileNotFoundError) as error:
+        except Exception as error:  # one file's failure, whatever it is: named below
             if not keep_going:
                 raise
-            log.error("not loaded: %s", error)
-            totals["rejected"].append(str(error))
+            named = str(error) if str(path) in str(error) else f"{path}: {error}"
+            why = (
+                named
+                if isinstance(error, loaders.IngestError)
+                else f"{type(error).__name__}: {named}"
+            )
+            log.error("not loaded: %s", why)
+            totals["rejected"].append(why)
             continue
         log.info("%s", report.summary())
         totals["files"] += len(report.results)

@@ -181,12 +181,27 @@ def feedback_unbuilt(settings: Settings) -> int:
     """Feedback batches loaded since the feedback marts were last built by
     :func:`build_feedback` (every one of them, before its first build). A build that failed
     leaves them counted, so the next feedback run builds them even when no file is new."""
+    if not settings.warehouse_path.exists():
+        return 0  # nothing ingested yet
     with connect(settings.warehouse_path) as con:
-        con.execute(FEEDBACK_BUILDS_DDL)
+        tables = {
+            f"{schema}.{name}"
+            for schema, name in con.execute(
+                "select table_schema, table_name from information_schema.tables"
+                " where table_schema = 'raw'"
+            ).fetchall()
+        }
+        if "raw.ingest_batches" not in tables:
+            return 0
+        built = (
+            "(select max(loaded_through) from raw.feedback_builds)"
+            if "raw.feedback_builds" in tables
+            else "null::timestamp"
+        )
         names = ", ".join(f"'{e.name}'" for e in FEEDBACK_ENTITIES)
         return con.execute(
             f"select count(*) from raw.ingest_batches where entity in ({names}) and loaded_at >"
-            " coalesce((select max(loaded_through) from raw.feedback_builds), '-infinity')"
+            f" coalesce({built}, '-infinity'::timestamp)"
         ).fetchone()[0]
 
 

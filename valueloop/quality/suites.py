@@ -72,8 +72,9 @@ def _difference(metric_sql: str, previous: float | None) -> str:
 
 def _batches(con: duckdb.DuckDBPyConnection, entity: str) -> list[dict]:
     """Every ingest batch of the entity still in the warehouse, newest first. A withdrawn
-    batch's rows are in the quarantine, and so are all of a batch that only repeated lines
-    loaded before (a whole export sent again): nothing is left of either to judge."""
+    batch's rows are in the quarantine, and so are all of a batch whose lines were all loaded
+    before (a whole export sent again; its bad lines, if any, quarantined again for their own
+    reasons, as they were the first time): nothing is left of either to judge."""
     withdrawn = (
         " and batch_id not in (select batch_id from raw.withdrawn_batches)"
         if table_exists(con, "raw.withdrawn_batches")
@@ -82,9 +83,8 @@ def _batches(con: duckdb.DuckDBPyConnection, entity: str) -> list[dict]:
     already = sql_literal("%" + ALREADY_LOADED + "%")
     rows = con.execute(
         "select batch_id, rows_accepted, rows_read, loaded_at from raw.ingest_batches as b"
-        f" where entity = ?{withdrawn} and not (rows_accepted = 0 and rows_read > 0"
-        " and rows_read = (select count(*) from raw.quarantine as q"
-        f" where q._batch_id = b.batch_id and q.reason like {already}))"
+        f" where entity = ?{withdrawn} and not (rows_accepted = 0 and exists (select 1"
+        f" from raw.quarantine as q where q._batch_id = b.batch_id and q.reason like {already}))"
         " order by loaded_at desc, batch_id desc",
         [entity],
     ).fetchall()
