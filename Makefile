@@ -88,5 +88,6 @@ lock:
 	  .venv-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.txt
 	rm -rf .venv-lock
 
-clean:
+# ./data only, the default home: a VALUELOOP_HOME set elsewhere holds a team's data and stays.
+clean: ## remove the environment, ./data and dbt's output
 	rm -rf $(VENV) data dbt_project/target dbt_project/logs
