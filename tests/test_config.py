@@ -61,7 +61,10 @@ def test_a_share_or_rate_out_of_range_is_refused_naming_it(
 ) -> None:
     with pytest.raises(ValueError, match=name + message):
         load_settings(env={name: value}, home=tmp_path)
-    assert load_settings(env={name: "0"} if "WINDOW" not in name else {}, home=tmp_path)
+    in_range = {name: "0"} if "WINDOW" not in name else {name: "1"}
+    assert getattr(
+        load_settings(env=in_range, home=tmp_path), name[len("VALUELOOP_") :].lower()
+    ) == float(in_range[name])
 
 
 def test_the_cli_refuses_a_percentage_for_a_share(tmp_path: Path) -> None:

@@ -180,6 +180,16 @@ create table if not exists {RAW_SCHEMA}.withdrawn_batches (
 """
 
 
+# What each feedback build covered (`valueloop.transform.build_feedback`): feedback batches
+# loaded after the latest `loaded_through` have not reached the marts yet.
+FEEDBACK_BUILDS_DDL = f"""
+create table if not exists {RAW_SCHEMA}.feedback_builds (
+    built_at timestamp not null,
+    loaded_through timestamp
+)
+"""
+
+
 def all_ddl() -> list[str]:
     return [
         f"create schema if not exists {RAW_SCHEMA}",
@@ -187,4 +197,5 @@ def all_ddl() -> list[str]:
         QUARANTINE_DDL,
         BATCHES_DDL,
         WITHDRAWN_DDL,
+        FEEDBACK_BUILDS_DDL,
     ]

@@ -319,8 +319,43 @@ def _load_relation(
     return accepted, quarantined
 
 
+def _move_to_quarantine(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    batch_id: str,
+    where: str,
+    reason_sql: str,
+    column_sql: str = "null",
+    raw_value_sql: str = "null",
+    params: dict | None = None,
+) -> int:
+    """Move a batch's loaded rows that match ``where`` (SQL over ``lines``, the entity's
+    table) to ``raw.quarantine`` with their reason, the whole row kept as JSON; returns how
+    many moved (``params``: the named parameters of the reason, column and value SQL). The
+    caller keeps the batch's counts and runs it inside its transaction."""
+    data = ", ".join(f'"{c}"' for c in entity.column_names)
+    selected = f"from {entity.table} as lines where lines._batch_id = $batch and ({where})"
+    batch = {"batch": batch_id}
+    moved = con.execute(f"select count(*) {selected}", batch).fetchone()[0]
+    if moved:
+        con.execute(
+            "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity,"
+            " column_name, reason, raw_value, raw_record, _loaded_at)"
+            f" select _batch_id, _source_file, _row_number, '{entity.name}', {column_sql},"
+            f" {reason_sql}, {raw_value_sql}, to_json(struct_pack({data}))::varchar, _loaded_at"
+            f" {selected}",
+            {**batch, **(params or {})},
+        )
+        con.execute(
+            f"delete from {entity.table} where _row_number in"
+            f" (select _row_number {selected}) and _batch_id = $batch",
+            batch,
+        )
+    return moved
+
+
 def _quarantine_lines_loaded_before(
-    con: duckdb.DuckDBPyConnection, source: Source, batch_id: str, loaded_at: datetime
+    con: duckdb.DuckDBPyConnection, source: Source, batch_id: str
 ) -> int:
     """Move the batch's order lines that repeat, to the last column, a line an earlier batch
     loaded (exports that overlap, or the same lines re-exported under another name: ingest
@@ -351,25 +386,18 @@ def _quarantine_lines_loaded_before(
         where mine._batch_id = $batch""",
         {"batch": batch_id},
     )
-    moved = con.execute("select count(*) from _repeated").fetchone()[0]
+    moved = _move_to_quarantine(
+        con,
+        entity,
+        batch_id,
+        "_row_number in (select _row_number from _repeated)",
+        f"'invoice_id: the same line was {ALREADY_LOADED} ' || (select first_batch from"
+        " _repeated where _repeated._row_number = lines._row_number)"
+        " || ' (every column equal); not counted twice'",
+        column_sql="'invoice_id'",
+        raw_value_sql="lines.invoice_id",
+    )
     if moved:
-        data = ", ".join(f'"{c}"' for c in entity.column_names)
-        con.execute(
-            "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity,"
-            " column_name, reason, raw_value, raw_record, _loaded_at)"
-            " select $batch, $file, lines._row_number, $entity, 'invoice_id',"
-            f" 'invoice_id: the same line was {ALREADY_LOADED} ' || repeated.first_batch"
-            " || ' (every column equal); not counted twice',"
-            f" lines.invoice_id, to_json(struct_pack({data}))::varchar, $at"
-            f" from {entity.table} as lines inner join _repeated as repeated"
-            " on lines._row_number = repeated._row_number where lines._batch_id = $batch",
-            {"batch": batch_id, "file": source.name, "entity": entity.name, "at": loaded_at},
-        )
-        con.execute(
-            f"delete from {entity.table} where _batch_id = $batch"
-            " and _row_number in (select _row_number from _repeated)",
-            {"batch": batch_id},
-        )
         log.warning(
             "%s: %s order lines were %s an earlier batch: quarantined, not counted twice",
             source.name,
@@ -452,7 +480,7 @@ def ingest_source(
                     quarantined += q
                 log.info("%s: %s rows read", source.name, f"{read:,}")
         if source.entity.name == "order_lines":
-            repeated = _quarantine_lines_loaded_before(con, source, batch_id, loaded_at)
+            repeated = _quarantine_lines_loaded_before(con, source, batch_id)
             accepted -= repeated
             quarantined += repeated
         if read != accepted + quarantined:
@@ -537,18 +565,14 @@ def withdraw_batch(con: duckdb.DuckDBPyConnection, batch_id: str, reason: str) -
     withdrawn_at = datetime.now(UTC).replace(tzinfo=None)
     con.execute("begin transaction")
     try:
-        data = ", ".join(f'"{c}"' for c in ENTITIES[entity].column_names)
-        con.execute(
-            "insert into raw.quarantine (_batch_id, _source_file, _row_number, entity,"
-            " column_name, reason, raw_value, raw_record, _loaded_at)"
-            f" select _batch_id, _source_file, _row_number, ?, null, ?, null,"
-            f" to_json(struct_pack({data}))::varchar, _loaded_at"
-            f" from {table} where _batch_id = ?",
-            [entity, f"batch withdrawn: {reason.strip()}", batch_id],
+        moved = _move_to_quarantine(
+            con,
+            ENTITIES[entity],
+            batch_id,
+            "true",
+            "$reason",
+            params={"reason": f"batch withdrawn: {reason.strip()}"},
         )
-        moved = con.execute(f"select count(*) from {table} where _batch_id = ?", [batch_id])
-        moved = moved.fetchone()[0]
-        con.execute(f"delete from {table} where _batch_id = ?", [batch_id])
         con.execute(
             "update raw.ingest_batches set rows_accepted = rows_accepted - ?,"
             " rows_quarantined = rows_quarantined + ? where batch_id = ?",

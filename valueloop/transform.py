@@ -13,6 +13,8 @@ from pathlib import Path
 
 from valueloop.config import Settings
 from valueloop.contract import FEEDBACK_ENTITIES
+from valueloop.ingest import ensure_raw_schema
+from valueloop.quality.checks import table_exists
 from valueloop.warehouse import connect
 
 FAILED_STATUSES = {"error", "fail", "runtime error"}
@@ -164,16 +166,14 @@ def docs(settings: Settings, quiet: bool = False) -> Path:
 FEEDBACK_SELECTION = "stg_feedback__campaign_outcomes+ stg_feedback__label_feedback+"
 
 
-FEEDBACK_BUILDS_DDL = (
-    "create table if not exists raw.feedback_builds (built_at timestamp, loaded_through timestamp)"
-)
+# raw.ingest_batches' feedback batches
+FEEDBACK_BATCHES = "entity in (" + ", ".join(f"'{e.name}'" for e in FEEDBACK_ENTITIES) + ")"
 
 
 def _feedback_loaded_through(con) -> object:
     """When the latest feedback batch was loaded (None: none yet)."""
-    names = ", ".join(f"'{e.name}'" for e in FEEDBACK_ENTITIES)
     return con.execute(
-        f"select max(loaded_at) from raw.ingest_batches where entity in ({names})"
+        f"select max(loaded_at) from raw.ingest_batches where {FEEDBACK_BATCHES}"
     ).fetchone()[0]
 
 
@@ -184,23 +184,15 @@ def feedback_unbuilt(settings: Settings) -> int:
     if not settings.warehouse_path.exists():
         return 0  # nothing ingested yet
     with connect(settings.warehouse_path) as con:
-        tables = {
-            f"{schema}.{name}"
-            for schema, name in con.execute(
-                "select table_schema, table_name from information_schema.tables"
-                " where table_schema = 'raw'"
-            ).fetchall()
-        }
-        if "raw.ingest_batches" not in tables:
+        if not table_exists(con, "raw.ingest_batches"):
             return 0
         built = (
             "(select max(loaded_through) from raw.feedback_builds)"
-            if "raw.feedback_builds" in tables
+            if table_exists(con, "raw.feedback_builds")
             else "null::timestamp"
         )
-        names = ", ".join(f"'{e.name}'" for e in FEEDBACK_ENTITIES)
         return con.execute(
-            f"select count(*) from raw.ingest_batches where entity in ({names}) and loaded_at >"
+            f"select count(*) from raw.ingest_batches where {FEEDBACK_BATCHES} and loaded_at >"
             f" coalesce({built}, '-infinity'::timestamp)"
         ).fetchone()[0]
 
@@ -215,7 +207,7 @@ def build_feedback(settings: Settings, quiet: bool = True) -> TransformResult:
     args += ["--exclude", f"tag:{SCORING_TAG}", f"tag:{BI_VIEWS_TAG}"]
     result = run_dbt(settings, args, quiet=quiet)
     with connect(settings.warehouse_path) as con:
-        con.execute(FEEDBACK_BUILDS_DDL)
+        ensure_raw_schema(con)
         con.execute(
             "insert into raw.feedback_builds values (current_localtimestamp(), ?)", [through]
         )
