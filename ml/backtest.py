@@ -10,7 +10,8 @@ customer labelled at ``c``. Models: LightGBM on all features, LightGBM on nine R
 BG/NBD, the RFM rule, the LightGBM + BG/NBD ensemble (``ml.ensemble``), the behaviour-sequence
 transformer (``ml.sequence``, CoLES-pretrained on every customer's sequence at the validation
 cutoff) and the stack of the transformer with LightGBM and BG/NBD. Nothing at or after ``c``
-reaches its training rows (:func:`origins`, tested through the real marts).
+reaches its training rows (:func:`origins`, tested through the real marts), nor its tier
+labels: the high-value threshold is set at each cutoff from the labels known there.
 
 Per cutoff and averaged over cutoffs: churn ROC-AUC, PR-AUC and Brier score, tier macro-F1,
 top-decile revenue capture, each with a bootstrap 95% interval, and each model's paired
@@ -53,6 +54,7 @@ from ml.config import TrainConfig
 from ml.data import (
     SEQUENCE_COLUMN,
     TEXT_COLUMN,
+    high_value_share,
     horizon_days,
     labels_fingerprint,
     numeric_columns,
@@ -110,9 +112,32 @@ def _hashed_fifth(ids: pd.Series) -> np.ndarray:
     )
 
 
-def origins(frame: pd.DataFrame, n_cutoffs: int, horizon: int) -> list[Origin]:
+def tiers_as_known(
+    history: pd.DataFrame, rows: pd.DataFrame, share: float
+) -> tuple[pd.DataFrame, float]:
+    """``rows`` with the high-value tier drawn as at a cutoff where only ``history``'s labels
+    are known: the threshold is the top ``share`` of history's buyers' spend (as dbt's
+    customer_labels fixes it on the train split), not one that later cutoffs' spend helped
+    set. Lapsed, and so churn, does not depend on it; a correction from people keeps the tier
+    it set. Returns the rows and the threshold."""
+    spend = history.loc[history["future_spend"] > 0, "future_spend"]
+    threshold = float(spend.quantile(1 - share)) if len(spend) else float("inf")
+    derived = np.where(
+        rows["future_orders"] == 0,
+        "lapsed",
+        np.where(rows["future_spend"] >= threshold, "high", "active"),
+    )
+    kept = rows["label_source"] != "derived"
+    return rows.assign(value_tier=rows["value_tier"].where(kept, derived)), threshold
+
+
+def origins(
+    frame: pd.DataFrame, n_cutoffs: int, horizon: int, high_share: float | None = None
+) -> list[Origin]:
     """The latest ``n_cutoffs`` labelled cutoffs that have at least one fully labelled cutoff
-    before them, oldest first, each with its training and validation rows."""
+    before them, oldest first, each with its training and validation rows. With
+    ``high_share``, every row of an origin has its value tier drawn with the threshold its
+    known labels give (:func:`tiers_as_known`); without, the marts' tiers stay."""
     frame = frame[frame["is_labelled"]] if "is_labelled" in frame else frame
     frame = frame.assign(as_of=pd.to_datetime(frame["as_of"]))
     days = sorted(frame["as_of"].unique())
@@ -128,9 +153,12 @@ def origins(frame: pd.DataFrame, n_cutoffs: int, horizon: int) -> list[Origin]:
         else:
             held = _hashed_fifth(history["customer_id"])
             validation, train = history[held], history[~held]
-        chosen.append(
-            Origin(pd.Timestamp(cutoff), train, validation, frame[frame["as_of"] == cutoff])
-        )
+        test = frame[frame["as_of"] == cutoff]
+        if high_share is not None:
+            train, validation, test = (
+                tiers_as_known(history, rows, high_share)[0] for rows in (train, validation, test)
+            )
+        chosen.append(Origin(pd.Timestamp(cutoff), train, validation, test))
         if len(chosen) == n_cutoffs:
             break
     if not chosen:
@@ -318,7 +346,7 @@ def run(
     unknown = set(names) - set(builders)
     if unknown:
         raise ValueError(f"unknown models {sorted(unknown)}; known: {sorted(builders)}")
-    plan = origins(frame, n_cutoffs, horizon)
+    plan = origins(frame, n_cutoffs, horizon, high_value_share(warehouse))
     per_cutoff, replicates = evaluate_cutoffs(
         plan,
         names,

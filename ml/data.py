@@ -19,7 +19,14 @@ TIERS = ("high", "active", "lapsed")
 ID_COLUMNS = ("customer_cutoff_id", "customer_id", "as_of")
 CATEGORICAL_COLUMNS = ("country", "acquisition_channel", "top_category")
 SNAPSHOT_META = "snapshot.json"
-LABEL_COLUMNS = ("split", "future_orders", "future_spend", "value_tier", "is_churned")
+LABEL_COLUMNS = (
+    "split",
+    "future_orders",
+    "future_spend",
+    "value_tier",
+    "is_churned",
+    "label_source",  # lineage: `derived`, or the correction that set the row's labels
+)
 TEXT_COLUMN = "document"
 # Each customer's latest events as JSON (marts.customer_event_sequences), the sequence model's.
 SEQUENCE_COLUMN = "event_sequence"
@@ -168,6 +175,16 @@ def horizon_days(source: Path) -> int:
         return int(con.execute("select max(horizon_days) from marts.customer_labels").fetchone()[0])
 
 
+def high_value_share(source: Path) -> float:
+    """The share of buyers the labels call high value (dbt var ``high_value_share``)."""
+    if source.is_dir():
+        return float(json.loads((source / SNAPSHOT_META).read_text())["high_value_share"])
+    with duckdb.connect(str(source), read_only=True) as con:
+        return float(
+            con.execute("select max(high_value_share) from marts.customer_labels").fetchone()[0]
+        )
+
+
 def label_corrections(source: Path) -> int:
     """How many label corrections the warehouse had when this training data was taken."""
     if source.is_dir():
@@ -193,6 +210,7 @@ def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
         con.execute(f"copy marts.event_texts to '{texts}' (format parquet)")
     meta = {
         "horizon_days": horizon_days(warehouse),
+        "high_value_share": high_value_share(warehouse),
         "warehouse": str(warehouse),
         "label_corrections": label_corrections(warehouse),
     }

@@ -12,7 +12,14 @@ import pytest
 
 from ml import backtest
 from ml.config import TrainConfig
-from ml.data import SEQUENCE_COLUMN, TEXT_COLUMN, horizon_days, read_mart, read_per_cutoff
+from ml.data import (
+    SEQUENCE_COLUMN,
+    TEXT_COLUMN,
+    high_value_share,
+    horizon_days,
+    read_mart,
+    read_per_cutoff,
+)
 from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop.config import Settings
 
@@ -53,6 +60,63 @@ def test_with_one_known_cutoff_a_fifth_of_its_customers_validates() -> None:
     _assert_no_leak(origins, 90)
     assert not set(origin.train["customer_id"]) & set(origin.validation["customer_id"])
     assert 0.1 < len(origin.validation) / 200 < 0.3
+
+
+def _labelled(days: list[str], customers: int = 100) -> pd.DataFrame:
+    """Spend grows tenfold from one cutoff to the next; one customer in ten buys nothing;
+    customer c1 at every cutoff carries a correction that says high."""
+    frame = _frame(days, customers)
+    step = frame["as_of"].rank(method="dense").astype(int)
+    number = frame["customer_id"].str[1:].astype(int)
+    spend = (number + 1.0) * 10.0**step
+    buys = number % 10 != 0
+    return frame.assign(
+        future_orders=np.where(buys, 1, 0),
+        future_spend=np.where(buys, spend, 0.0),
+        value_tier=np.where(buys, "active", "lapsed"),  # what a pooled threshold could say
+        label_source=np.where(number == 1, "feedback:f1", "derived"),
+    ).assign(value_tier=lambda f: np.where(number == 1, "high", f["value_tier"]))
+
+
+def test_each_cutoff_draws_its_tiers_with_the_threshold_its_known_labels_give() -> None:
+    """A high-value threshold pooled over cutoffs lets later spend decide earlier tiers; each
+    origin sets its own from what it knew, and the later cutoffs' spend moves none of them."""
+    days = [str(d.date()) for d in pd.date_range("2025-01-01", periods=6, freq="30D")]
+    frame = _labelled(days)
+    plan = backtest.origins(frame, n_cutoffs=2, horizon=90, high_share=0.2)
+    for origin in plan:
+        known = pd.concat([origin.train, origin.validation])
+        buyers = known.loc[known["future_spend"] > 0, "future_spend"]
+        threshold = buyers.quantile(0.8)
+        for rows in (origin.train, origin.validation, origin.test):
+            derived = rows["label_source"] == "derived"
+            expected = np.where(
+                rows["future_orders"] == 0,
+                "lapsed",
+                np.where(rows["future_spend"] >= threshold, "high", "active"),
+            )
+            assert (rows["value_tier"][derived] == expected[derived]).all()
+            assert (rows.loc[~derived, "value_tier"] == "high").all()  # the correction stays
+        # A fifth of the known buyers is high; the test cutoff, ten times richer, is all high
+        # but its lapsed customers.
+        assert (known["value_tier"] == "high").sum() == pytest.approx(0.2 * len(buyers), abs=3)
+        assert set(origin.test["value_tier"]) == {"high", "lapsed"}
+    # Later spend changes nothing an origin knew: the first origin's labels are the same
+    # when the last cutoff's spend is a thousand times larger.
+    richer = frame.assign(
+        future_spend=np.where(
+            frame["as_of"] == frame["as_of"].max(),
+            frame["future_spend"] * 1000,
+            frame["future_spend"],
+        )
+    )
+    first, again = plan[0], backtest.origins(richer, 2, 90, high_share=0.2)[0]
+    for a, b in ((first.train, again.train), (first.test, again.test)):
+        pd.testing.assert_series_equal(a["value_tier"], b["value_tier"])
+    # Churn never depends on the threshold.
+    assert all(
+        (o.test["value_tier"] == "lapsed").eq(o.test["future_orders"] == 0).all() for o in plan
+    )
 
 
 def test_a_backtest_with_other_classic_seeds_speaks_for_no_training_run() -> None:
@@ -181,7 +245,23 @@ def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     settings = pipeline_run
     warehouse = settings.warehouse_path
     horizon = horizon_days(warehouse)
-    _assert_no_leak(backtest.origins(read_mart(warehouse, "training_set"), 2, horizon), horizon)
+    whole = read_mart(warehouse, "training_set")
+    plan = backtest.origins(whole, 2, horizon, high_value_share(warehouse))
+    _assert_no_leak(plan, horizon)
+    # The tiers a cutoff is scored on come from a threshold set by the labels known there,
+    # with the marts' share; the marts' own tiers (one threshold on the train split) and
+    # churn are otherwise the same labels.
+    assert high_value_share(warehouse) == pytest.approx(0.2)
+    for origin in plan:
+        known = pd.concat([origin.train, origin.validation])
+        _, threshold = backtest.tiers_as_known(known, origin.test, 0.2)
+        test = origin.test[
+            (origin.test["future_orders"] > 0) & (origin.test["label_source"] == "derived")
+        ]
+        assert len(test) and (test["value_tier"] == "high").sum() > 0
+        assert (test["value_tier"] == "high").eq(test["future_spend"] >= threshold).all()
+        marts = whole.set_index("customer_cutoff_id").loc[origin.test["customer_cutoff_id"]]
+        assert (marts["is_churned"].to_numpy() == origin.test["is_churned"].to_numpy()).all()
 
     result = run_valueloop(
         "evaluate",

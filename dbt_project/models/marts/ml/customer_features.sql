@@ -199,7 +199,7 @@ final as (
             order_stats.spend_last_180d
             / nullif(
                 order_stats.spend_before_180d
-                * 180.0 / greatest(order_stats.first_order_days_ago - 180, 1),
+                * 180.0 / greatest(order_stats.first_order_days_ago - 179, 1),
                 0
             )
         )::double as spend_rate_vs_before_180d,

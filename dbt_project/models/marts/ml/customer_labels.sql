@@ -1,5 +1,7 @@
 -- Point-in-time labels: only events in (as_of, as_of + horizon], for labelled cutoffs.
--- The high-value threshold is fixed on the train split, so later cutoffs do not move it.
+-- The high-value threshold is fixed on the train split, so later cutoffs do not move it
+-- (the rolling backtest refits it at each of its cutoffs from the labels known there, with
+-- high_value_share).
 -- A correction from people (label_feedback) overrides the derived label of its customer at
 -- the cutoffs in [valid_from, valid_to]; the latest submitted wins. The two labels stay
 -- consistent: lapsed <=> churned. label_source names the correction that decided a row.
@@ -118,6 +120,7 @@ final as (
         corrected.future_orders::integer as future_orders,
         corrected.future_spend::double as future_spend,
         corrected.threshold::double as high_value_threshold,
+        {{ var('high_value_share') }}::double as high_value_share,
         corrected.value_tier::varchar as value_tier,
         (corrected.value_tier = 'lapsed')::boolean as is_churned,
         corrected.derived_value_tier::varchar as derived_value_tier,

@@ -26,7 +26,8 @@ joined as (
         labels.future_orders,
         labels.future_spend,
         labels.value_tier,
-        labels.is_churned
+        labels.is_churned,
+        labels.label_source
     from features
     inner join labels on features.customer_cutoff_id = labels.customer_cutoff_id
     inner join documents on features.customer_cutoff_id = documents.customer_cutoff_id
