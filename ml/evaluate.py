@@ -48,6 +48,17 @@ class Predictions:
         return decide_tiers(probs, self.tier_weights)
 
 
+def coherent_tiers(tier_probs: np.ndarray, churn_prob: np.ndarray) -> np.ndarray:
+    """Tier probabilities that agree with the churn probability: lapsed is churned (no
+    purchase in the horizon, by the labels' definition), so ``p_lapsed`` is ``churn_prob``,
+    and high and active share the rest in the ratio ``tier_probs`` gives them (evenly where
+    it gives them nothing)."""
+    buyers = tier_probs[:, : TIERS.index("lapsed")]
+    total = buyers.sum(1, keepdims=True)
+    share = np.where(total > 0, buyers / np.where(total > 0, total, 1.0), 1.0 / buyers.shape[1])
+    return np.column_stack([share * (1.0 - churn_prob)[:, None], churn_prob])
+
+
 def decide_tiers(tier_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """The tier index per row: the argmax of the probabilities times the decision weights."""
     return (tier_probs if weights is None else tier_probs * np.asarray(weights)).argmax(1)

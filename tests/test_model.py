@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -28,7 +29,13 @@ from ml.data import (
     snapshot_training_data,
     to_model_input,
 )
-from ml.evaluate import Predictions, compute_metrics, fit_tier_weights, paired_bootstrap
+from ml.evaluate import (
+    Predictions,
+    coherent_tiers,
+    compute_metrics,
+    fit_tier_weights,
+    paired_bootstrap,
+)
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import OUTPUT_COLUMNS, predict_net
 from ml.train import CLASSIC_LABELS, train
@@ -581,6 +588,47 @@ def test_ddp_fine_tuning_on_two_cpu_processes_matches_one_process(
     assert ddp["train_batches_per_process"] == -(-single["train_batches_per_process"] // 2)
     assert ddp["metrics"].keys() == single["metrics"].keys() >= {"val_score", "val_loss"}
     assert all(np.isfinite(v) for v in ddp["metrics"].values())
+
+
+def test_coherent_tiers_put_the_churn_probability_in_lapsed_and_keep_the_buyers_ratio() -> None:
+    tiers = np.array([[0.2, 0.6, 0.2], [0.0, 0.0, 1.0], [0.5, 0.3, 0.2]])
+    churn = np.array([0.5, 0.4, 0.0])
+    out = coherent_tiers(tiers, churn)
+    assert np.allclose(out[:, 2], churn) and np.allclose(out.sum(1), 1.0)
+    assert np.allclose(out[0], [0.125, 0.375, 0.5])  # high : active stays 1 : 3
+    assert np.allclose(out[1], [0.3, 0.3, 0.4])  # no buyer tier given: shared evenly
+    assert np.allclose(out[2], [0.625, 0.375, 0.0])
+
+
+class _Member:
+    """A fitted member with fixed outputs (the ensembles' averaging is pure logic)."""
+
+    def __init__(self, churn: np.ndarray, tiers: np.ndarray | None) -> None:
+        self.churn, self.tiers = churn, tiers
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        return Predictions(self.churn, self.tiers, np.arange(len(frame), dtype=float))
+
+
+def test_the_stack_publishes_coherent_tiers_and_one_pickled_before_keeps_its_own() -> None:
+    from ml.ensemble import MeanEnsemble
+
+    rng = np.random.default_rng(1)
+    n = 400
+    churned = rng.random(n) < 0.4
+    spend = rng.random(n)
+    labels = np.where(churned, "lapsed", np.where(spend > 0.7, "high", "active"))
+    churn = np.clip(churned * 0.5 + rng.random(n) * 0.5, 0.01, 0.99)
+    raw = np.column_stack([spend * 0.3, 0.5 - spend * 0.3, np.full(n, 0.5)])
+    frame = pd.DataFrame({"is_churned": churned, "value_tier": labels})
+    stack = MeanEnsemble([_Member(churn, raw), _Member(churn, None)], "stack").calibrate(frame)
+    out = stack.predict(frame)
+    assert np.allclose(out.tier_probs[:, 2], out.churn_prob)
+    assert np.allclose(out.tier_probs.sum(1), 1.0)
+    # A stack registered before: no `coherent` attribute; its weights were fitted on its
+    # own averaged tiers, which it keeps publishing.
+    del stack.coherent
+    assert np.allclose(stack.predict(frame).tier_probs, raw)
 
 
 def test_tier_decision_weights_raise_macro_f1_without_touching_the_probabilities() -> None:

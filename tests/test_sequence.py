@@ -347,3 +347,7 @@ def test_the_stack_round_trips_through_its_registered_pyfunc(
     out = registry.python_model_predict(registry.BaselinePyfunc(), model_dir, frame)
     assert np.allclose(out["churn_probability"], expected.churn_prob, atol=1e-6)
     assert out["value_tier"].tolist() == [TIERS[i] for i in expected.predicted_tiers()]
+    # One answer to one question: lapsed is churned, so the published P(lapsed) is the
+    # calibrated churn probability, and the three tiers still sum to one.
+    assert np.allclose(out["p_lapsed"], out["churn_probability"], atol=1e-9)
+    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].sum(axis=1), 1.0)
