@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml import backtest, reasons
 from ml.baselines import LightGBMBaseline
-from ml.data import horizon_days, numeric_columns, read_mart
+from ml.data import high_value_share, horizon_days, numeric_columns, read_mart
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     frame = read_mart(args.warehouse, "training_set")
     horizon = horizon_days(args.warehouse)
-    origin = backtest.origins(frame, 1, horizon)[0]
+    origin = backtest.origins(frame, 1, horizon, high_value_share(args.warehouse))[0]
     model = LightGBMBaseline(numeric_columns(frame), 42).fit(origin.train, origin.validation)
     copies = -(-args.rows // len(origin.test))
     customers = pd.concat([origin.test] * copies, ignore_index=True).head(args.rows)

@@ -87,6 +87,10 @@ BASELINES = ("lightgbm_rfm", "bg_nbd", "rfm_rule")
 # The paired leads in mean customer_score between every two models (BacktestResult.leads).
 LEADS_METRIC = "customer_score"
 LEADS_ARTIFACT = f"backtest_{LEADS_METRIC}_leads.csv"
+# What a backtest's figures mean: bumped when the labels it judges or the models it compares
+# change (2026-11-28: tiers drawn with each cutoff's own threshold, coherent ensemble tiers),
+# so that a training run is never decided by a backtest of other models (``verdict``).
+METHOD = "2026-11-28"
 # Customers read per cutoff: bounds the backtest's memory (about 1.5 KiB a row in pandas).
 MAX_ROWS_PER_CUTOFF = 100_000
 
@@ -118,8 +122,8 @@ def tiers_as_known(
     """``rows`` with the high-value tier drawn as at a cutoff where only ``history``'s labels
     are known: the threshold is the top ``share`` of history's buyers' spend (as dbt's
     customer_labels fixes it on the train split), not one that later cutoffs' spend helped
-    set. Lapsed, and so churn, does not depend on it; a correction from people keeps the tier
-    it set. Returns the rows and the threshold."""
+    set. Lapsed, and so churn, does not depend on it; a tier that a correction from people
+    set stays (``tier_corrected``). Returns the rows and the threshold."""
     spend = history.loc[history["future_spend"] > 0, "future_spend"]
     threshold = float(spend.quantile(1 - share)) if len(spend) else float("inf")
     derived = np.where(
@@ -127,7 +131,7 @@ def tiers_as_known(
         "lapsed",
         np.where(rows["future_spend"] >= threshold, "high", "active"),
     )
-    kept = rows["label_source"] != "derived"
+    kept = rows["tier_corrected"].astype(bool)
     return rows.assign(value_tier=rows["value_tier"].where(kept, derived)), threshold
 
 
@@ -346,6 +350,11 @@ def run(
     unknown = set(names) - set(builders)
     if unknown:
         raise ValueError(f"unknown models {sorted(unknown)}; known: {sorted(builders)}")
+    if "tier_corrected" not in frame:
+        raise ValueError(
+            f"{warehouse}: training_set has no tier_corrected column (marts built by an "
+            "older version): rebuild the marts (`valueloop transform`)"
+        )
     plan = origins(frame, n_cutoffs, horizon, high_value_share(warehouse))
     per_cutoff, replicates = evaluate_cutoffs(
         plan,
@@ -491,8 +500,8 @@ def verdict(
     """The latest backtest of the data in ``source`` (a warehouse, or a training snapshot of
     it: the backtest is found by the training set's rows and labels, ``labels_fingerprint``,
     so a label correction since makes it another data set) whose latest cutoff is
-    ``latest_cutoff`` (so it tested on the labels a training run holds out now), that ran
-    every one of ``models`` and,
+    ``latest_cutoff`` (so it tested on the labels a training run holds out now), run by this
+    version's method (:data:`METHOD`), that ran every one of ``models`` and,
     when ``model_config`` is given, trained them with the settings of that fingerprint
     (``TrainConfig.model_fingerprint``): each model's mean ``metric`` over its cutoffs
     (``customer_score``: the mean of churn ROC-AUC and tier macro-F1, as on the holdout).
@@ -506,7 +515,8 @@ def verdict(
         filter_string=(
             "tags.`valueloop.kind` = 'backtest' and attributes.status = 'FINISHED' "
             f"and tags.`valueloop.labels` = '{labels_fingerprint(Path(source))}' "
-            f"and tags.`valueloop.latest_cutoff` = '{latest_cutoff}'"
+            f"and tags.`valueloop.latest_cutoff` = '{latest_cutoff}' "
+            f"and tags.`valueloop.backtest_method` = '{METHOD}'"
             + (f" and tags.`valueloop.model_config` = '{model_config}'" if model_config else "")
         ),
         order_by=["attributes.start_time DESC"],
@@ -644,6 +654,7 @@ def _log(result, tracking_uri, artifacts_dir, n_bootstrap, out_dir, warehouse, c
                 "valueloop.labels": labels_fingerprint(Path(warehouse)),
                 "valueloop.latest_cutoff": result.origins[-1]["cutoff"],
                 "valueloop.model_config": model_config_tag(cfg, seed),
+                "valueloop.backtest_method": METHOD,
             }
         )
         mlflow.log_params({"cutoffs": len(result.origins), "bootstrap": n_bootstrap})

@@ -26,6 +26,7 @@ LABEL_COLUMNS = (
     "value_tier",
     "is_churned",
     "label_source",  # lineage: `derived`, or the correction that set the row's labels
+    "tier_corrected",  # a correction set value_tier (the backtest keeps it)
 )
 TEXT_COLUMN = "document"
 # Each customer's latest events as JSON (marts.customer_event_sequences), the sequence model's.
@@ -177,12 +178,24 @@ def horizon_days(source: Path) -> int:
 
 def high_value_share(source: Path) -> float:
     """The share of buyers the labels call high value (dbt var ``high_value_share``)."""
+    stale = (
+        f"{source} was built before the labels carried high_value_share: "
+        "rebuild the marts (`valueloop transform`)"
+    )
     if source.is_dir():
-        return float(json.loads((source / SNAPSHOT_META).read_text())["high_value_share"])
+        meta = json.loads((source / SNAPSHOT_META).read_text())
+        if "high_value_share" not in meta:
+            raise ValueError(stale)
+        return float(meta["high_value_share"])
     with duckdb.connect(str(source), read_only=True) as con:
-        return float(
-            con.execute("select max(high_value_share) from marts.customer_labels").fetchone()[0]
-        )
+        try:
+            share = con.execute("select max(high_value_share) from marts.customer_labels")
+        except duckdb.BinderException as error:
+            raise ValueError(stale) from error
+        value = share.fetchone()[0]
+    if value is None:
+        raise ValueError(f"marts.customer_labels in {source} is empty; nothing is labelled")
+    return float(value)
 
 
 def label_corrections(source: Path) -> int:

@@ -53,6 +53,9 @@ def coherent_tiers(tier_probs: np.ndarray, churn_prob: np.ndarray) -> np.ndarray
     purchase in the horizon, by the labels' definition), so ``p_lapsed`` is ``churn_prob``,
     and high and active share the rest in the ratio ``tier_probs`` gives them (evenly where
     it gives them nothing)."""
+    assert TIERS[-1] == "lapsed", TIERS  # lapsed is the last column, built from churn
+    if not (np.isfinite(tier_probs).all() and np.isfinite(churn_prob).all()):
+        raise ValueError("tier and churn probabilities must be finite")
     buyers = tier_probs[:, : TIERS.index("lapsed")]
     total = buyers.sum(1, keepdims=True)
     share = np.where(total > 0, buyers / np.where(total > 0, total, 1.0), 1.0 / buyers.shape[1])

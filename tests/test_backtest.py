@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import duckdb
 import mlflow
 import numpy as np
 import pandas as pd
@@ -64,7 +65,8 @@ def test_with_one_known_cutoff_a_fifth_of_its_customers_validates() -> None:
 
 def _labelled(days: list[str], customers: int = 100) -> pd.DataFrame:
     """Spend grows tenfold from one cutoff to the next; one customer in ten buys nothing;
-    customer c1 at every cutoff carries a correction that says high."""
+    customer c1 at every cutoff carries a correction that says high; c2 one that says "did
+    not churn", which leaves the buyer's tier to the threshold."""
     frame = _frame(days, customers)
     step = frame["as_of"].rank(method="dense").astype(int)
     number = frame["customer_id"].str[1:].astype(int)
@@ -74,7 +76,10 @@ def _labelled(days: list[str], customers: int = 100) -> pd.DataFrame:
         future_orders=np.where(buys, 1, 0),
         future_spend=np.where(buys, spend, 0.0),
         value_tier=np.where(buys, "active", "lapsed"),  # what a pooled threshold could say
-        label_source=np.where(number == 1, "feedback:f1", "derived"),
+        label_source=np.select(
+            [number == 1, number == 2], ["feedback:f1", "feedback:f2"], "derived"
+        ),
+        tier_corrected=number == 1,
     ).assign(value_tier=lambda f: np.where(number == 1, "high", f["value_tier"]))
 
 
@@ -89,14 +94,18 @@ def test_each_cutoff_draws_its_tiers_with_the_threshold_its_known_labels_give() 
         buyers = known.loc[known["future_spend"] > 0, "future_spend"]
         threshold = buyers.quantile(0.8)
         for rows in (origin.train, origin.validation, origin.test):
-            derived = rows["label_source"] == "derived"
+            drawn = ~rows["tier_corrected"]
             expected = np.where(
                 rows["future_orders"] == 0,
                 "lapsed",
                 np.where(rows["future_spend"] >= threshold, "high", "active"),
             )
-            assert (rows["value_tier"][derived] == expected[derived]).all()
-            assert (rows.loc[~derived, "value_tier"] == "high").all()  # the correction stays
+            assert (rows["value_tier"][drawn] == expected[drawn]).all()
+            assert (rows.loc[~drawn, "value_tier"] == "high").all()  # the correction stays
+            # "Did not churn" on a buyer set no tier: c2's follows the threshold (the marts'
+            # says active; at the richer test cutoff it is high).
+            c2 = (rows["customer_id"] == "c2").to_numpy()
+            assert c2.any() and (rows.loc[c2, "value_tier"] == expected[c2]).all()
         # A fifth of the known buyers is high; the test cutoff, ten times richer, is all high
         # but its lapsed customers.
         assert (known["value_tier"] == "high").sum() == pytest.approx(0.2 * len(buyers), abs=3)
@@ -253,15 +262,19 @@ def test_the_backtest_command_runs_on_the_real_marts_and_logs_to_mlflow(
     # churn are otherwise the same labels.
     assert high_value_share(warehouse) == pytest.approx(0.2)
     for origin in plan:
-        known = pd.concat([origin.train, origin.validation])
-        _, threshold = backtest.tiers_as_known(known, origin.test, 0.2)
-        test = origin.test[
-            (origin.test["future_orders"] > 0) & (origin.test["label_source"] == "derived")
-        ]
+        # The threshold as DuckDB computes it over the labels known at the cutoff.
+        known_days = origin.training_cutoffs  # every labelled cutoff known there, as dates
+        with duckdb.connect(str(warehouse), read_only=True) as con:
+            (threshold,) = con.execute(
+                "select quantile_cont(future_spend, 0.8) from marts.training_set"
+                " where future_spend > 0 and as_of::varchar in (select unnest($days))",
+                {"days": known_days},
+            ).fetchone()
+        test = origin.test[(origin.test["future_orders"] > 0) & ~origin.test["tier_corrected"]]
         assert len(test) and (test["value_tier"] == "high").sum() > 0
         assert (test["value_tier"] == "high").eq(test["future_spend"] >= threshold).all()
-        marts = whole.set_index("customer_cutoff_id").loc[origin.test["customer_cutoff_id"]]
-        assert (marts["is_churned"].to_numpy() == origin.test["is_churned"].to_numpy()).all()
+        # Lapsed is churned, as in the marts.
+        assert (origin.test["value_tier"] == "lapsed").eq(origin.test["is_churned"]).all()
 
     result = run_valueloop(
         "evaluate",

@@ -27,6 +27,7 @@ from ml.data import (
     read_mart,
     read_training_data,
     snapshot_training_data,
+    tier_index,
     to_model_input,
 )
 from ml.evaluate import (
@@ -270,6 +271,14 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
     assert (
         backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score", gate_only)
         == ruling
+    )
+    # Nor a backtest run by an earlier method (other labels judged, other models compared).
+    store = mlflow.MlflowClient(uri)
+    store.set_tag(result.parent_run_id, "valueloop.backtest_method", "2026-11-27")
+    assert backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score") is None
+    store.set_tag(result.parent_run_id, "valueloop.backtest_method", backtest.METHOD)
+    assert (
+        backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score") == ruling
     )
     # Its paired leads between every two models: one pair's lead is the other's loss, and the
     # difference of their mean scores.
@@ -608,6 +617,35 @@ class _Member:
 
     def predict(self, frame: pd.DataFrame) -> Predictions:
         return Predictions(self.churn, self.tiers, np.arange(len(frame), dtype=float))
+
+
+def test_the_lightgbm_bg_nbd_ensemble_publishes_coherent_tiers_with_weights_fitted_on_them() -> (
+    None
+):
+    from ml.ensemble import AveragedEnsemble
+
+    rng = np.random.default_rng(2)
+    n = 400
+    churned = rng.random(n) < 0.4
+    spend = rng.random(n)
+    labels = np.where(churned, "lapsed", np.where(spend > 0.8, "high", "active"))
+    churn = np.clip(churned * 0.5 + rng.random(n) * 0.5, 0.01, 0.99)
+    raw = np.column_stack([spend * 0.2, 0.6 - spend * 0.2, np.full(n, 0.4)])
+    frame = pd.DataFrame({"is_churned": churned, "value_tier": labels})
+    ensemble = AveragedEnsemble.__new__(AveragedEnsemble)  # members with fixed outputs
+    ensemble.lightgbm, ensemble.bg_nbd = _Member(churn, raw), _Member(churn, None)
+    ensemble.lightgbm.fit = ensemble.bg_nbd.fit = lambda *frames: None
+    ensemble.fit(frame, frame)
+    out = ensemble.predict(frame)
+    assert np.allclose(out.tier_probs[:, 2], out.churn_prob)
+    assert np.allclose(out.tier_probs.sum(1), 1.0)
+    expected = fit_tier_weights(
+        coherent_tiers(raw, out.churn_prob), tier_index(frame["value_tier"])
+    )
+    assert np.allclose(out.tier_weights, expected)
+    del ensemble.coherent  # pickled before: LightGBM's own tiers, no weights
+    before = ensemble.predict(frame)
+    assert np.allclose(before.tier_probs, raw) and before.tier_weights is None
 
 
 def test_the_stack_publishes_coherent_tiers_and_one_pickled_before_keeps_its_own() -> None:

@@ -104,7 +104,18 @@ corrected as (
                 and derived.derived_value_tier = 'lapsed'
                 then 'active'
             else derived.derived_value_tier
-        end as value_tier
+        end as value_tier,
+        -- Whether the correction set the tier (a "did not churn" on a buyer leaves the
+        -- derived one, which a threshold decides).
+        coalesce(
+            latest_correction.label = 'value_tier'
+            or latest_correction.corrected_value = 'true'
+            or (
+                latest_correction.corrected_value = 'false'
+                and derived.derived_value_tier = 'lapsed'
+            ),
+            false
+        ) as tier_corrected
     from derived
     left join latest_correction
         on derived.customer_cutoff_id = latest_correction.customer_cutoff_id
@@ -122,6 +133,7 @@ final as (
         corrected.threshold::double as high_value_threshold,
         {{ var('high_value_share') }}::double as high_value_share,
         corrected.value_tier::varchar as value_tier,
+        corrected.tier_corrected::boolean as tier_corrected,
         (corrected.value_tier = 'lapsed')::boolean as is_churned,
         corrected.derived_value_tier::varchar as derived_value_tier,
         coalesce('feedback:' || corrected.feedback_id, 'derived')::varchar as label_source

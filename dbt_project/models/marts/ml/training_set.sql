@@ -27,7 +27,8 @@ joined as (
         labels.future_spend,
         labels.value_tier,
         labels.is_churned,
-        labels.label_source
+        labels.label_source,
+        labels.tier_corrected
     from features
     inner join labels on features.customer_cutoff_id = labels.customer_cutoff_id
     inner join documents on features.customer_cutoff_id = documents.customer_cutoff_id
