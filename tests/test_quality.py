@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -392,6 +393,33 @@ def test_marts_checkpoint_passes_then_flags_drift_and_stops_on_bad_values(marts:
         r".recency_days: observed \d+.*sample bad values: -5",
     ):
         run_checkpoint(marts, "marts", run_id="m3")
+
+
+def test_too_few_explicit_cutoffs_stop_the_marts_checks_naming_the_fix(
+    marts: Settings, tmp_path: Path
+) -> None:
+    """`transform --as-of` with two labelled dates builds no train split: the marts checks
+    stop and say to give three or more; with three they pass."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(marts.warehouse_path, home / marts.warehouse_path.name)
+    with duckdb.connect(str(home / marts.warehouse_path.name), read_only=True) as con:
+        days = [
+            str(r[0])
+            for r in con.execute(
+                "select distinct as_of from marts.training_set order by as_of desc limit 3"
+            ).fetchall()
+        ]
+    two = run_valueloop("transform", "--as-of", days[0], "--as-of", days[1], home=home)
+    assert two.returncode == 0, two.stderr[-2000:]
+    stopped = run_valueloop("check", "marts", home=home)
+    assert stopped.returncode != 0
+    assert "training_set.splits" in stopped.stderr
+    assert "give three or more such dates" in stopped.stderr
+    three = [a for d in days for a in ("--as-of", d)]
+    assert run_valueloop("transform", *three, home=home).returncode == 0
+    passed = run_valueloop("check", "marts", home=home)
+    assert passed.returncode == 0, passed.stderr[-2000:]
 
 
 def _publish_scores(settings: Settings, churn: str) -> None:

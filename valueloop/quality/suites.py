@@ -503,7 +503,9 @@ def marts_suite(
             "training_set.splits",
             training,
             "count(distinct split)",
-            "train, validation and test splits are all present",
+            "train, validation and test splits are all present (it takes three labelled "
+            "cutoffs, each at least horizon_days before the last day of data: with "
+            "`valueloop transform --as-of`, give three or more such dates)",
             min_value=3,
             max_value=3,
         ),
