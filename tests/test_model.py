@@ -619,19 +619,29 @@ class _Member:
         return Predictions(self.churn, self.tiers, np.arange(len(frame), dtype=float))
 
 
+def _tier_problem(
+    seed: int, high_above: float, lapsed_prob: float, n: int = 400
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Labels (four in ten churned, the top spenders high), a churn probability that leans
+    to the churned, and tier probabilities whose P(lapsed) is a flat ``lapsed_prob``: what
+    the ensembles average, made incoherent on purpose."""
+    rng = np.random.default_rng(seed)
+    churned = rng.random(n) < 0.4
+    spend = rng.random(n)
+    labels = np.where(churned, "lapsed", np.where(spend > high_above, "high", "active"))
+    churn = np.clip(churned * 0.5 + rng.random(n) * 0.5, 0.01, 0.99)
+    buyers = 1 - lapsed_prob
+    high = spend * (1 - high_above)
+    raw = np.column_stack([high, buyers - high, np.full(n, lapsed_prob)])
+    return pd.DataFrame({"is_churned": churned, "value_tier": labels}), churn, raw
+
+
 def test_the_lightgbm_bg_nbd_ensemble_publishes_coherent_tiers_with_weights_fitted_on_them() -> (
     None
 ):
     from ml.ensemble import AveragedEnsemble
 
-    rng = np.random.default_rng(2)
-    n = 400
-    churned = rng.random(n) < 0.4
-    spend = rng.random(n)
-    labels = np.where(churned, "lapsed", np.where(spend > 0.8, "high", "active"))
-    churn = np.clip(churned * 0.5 + rng.random(n) * 0.5, 0.01, 0.99)
-    raw = np.column_stack([spend * 0.2, 0.6 - spend * 0.2, np.full(n, 0.4)])
-    frame = pd.DataFrame({"is_churned": churned, "value_tier": labels})
+    frame, churn, raw = _tier_problem(seed=2, high_above=0.8, lapsed_prob=0.4)
     ensemble = AveragedEnsemble.__new__(AveragedEnsemble)  # members with fixed outputs
     ensemble.lightgbm, ensemble.bg_nbd = _Member(churn, raw), _Member(churn, None)
     ensemble.lightgbm.fit = ensemble.bg_nbd.fit = lambda *frames: None
@@ -651,14 +661,7 @@ def test_the_lightgbm_bg_nbd_ensemble_publishes_coherent_tiers_with_weights_fitt
 def test_the_stack_publishes_coherent_tiers_and_one_pickled_before_keeps_its_own() -> None:
     from ml.ensemble import MeanEnsemble
 
-    rng = np.random.default_rng(1)
-    n = 400
-    churned = rng.random(n) < 0.4
-    spend = rng.random(n)
-    labels = np.where(churned, "lapsed", np.where(spend > 0.7, "high", "active"))
-    churn = np.clip(churned * 0.5 + rng.random(n) * 0.5, 0.01, 0.99)
-    raw = np.column_stack([spend * 0.3, 0.5 - spend * 0.3, np.full(n, 0.5)])
-    frame = pd.DataFrame({"is_churned": churned, "value_tier": labels})
+    frame, churn, raw = _tier_problem(seed=1, high_above=0.7, lapsed_prob=0.5)
     stack = MeanEnsemble([_Member(churn, raw), _Member(churn, None)], "stack").calibrate(frame)
     out = stack.predict(frame)
     assert np.allclose(out.tier_probs[:, 2], out.churn_prob)
