@@ -139,6 +139,11 @@ class BGNBDBaseline:
         model.fit(method="map", progressbar=False)
         posterior = model.idata.posterior
         self.params = {k: float(posterior[k].mean()) for k in ("r", "alpha", "a", "b")}
+        # The customer its reason codes start from (ml.reasons.btyd_shapley): the medians.
+        self.reference = {
+            c: float(train[c].astype("float64").median())
+            for c in ("frequency", "recency_days", "first_order_days_ago")
+        }
         return self
 
     def _alive(self, x: np.ndarray, t_x: np.ndarray, big_t: np.ndarray) -> np.ndarray:

@@ -96,7 +96,7 @@ class MeanEnsemble:
 
     @property
     def lightgbm(self) -> LightGBMBaseline | None:
-        """The LightGBM member (reason codes explain it)."""
+        """The LightGBM member (the reasons of a stack pickled before coherent tiers)."""
         return next((m for m in self.members if isinstance(m, LightGBMBaseline)), None)
 
     def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[Predictions]]:

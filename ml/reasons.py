@@ -1,9 +1,9 @@
 """Reason codes: why a customer got their churn risk and their tier, in plain words.
 
-For a champion built on LightGBM (the LightGBM baseline, or the ensemble's LightGBM half) the
-drivers are exact TreeSHAP values (Lundberg et al., 2020, "From local explanations to global
-understanding with explainable AI for trees": the algorithm the shap library's TreeExplainer
-runs), computed by LightGBM itself (``pred_contrib=True``) so scoring needs nothing more:
+For a LightGBM champion the drivers are exact TreeSHAP values (Lundberg et al., 2020, "From
+local explanations to global understanding with explainable AI for trees": the algorithm the
+shap library's TreeExplainer runs), computed by LightGBM itself (``pred_contrib=True``) so
+scoring needs nothing more:
 
 * ``churn_reasons``: the three features that move the customer's churn log-odds most, each
   with its direction ("raises risk" / "lowers risk");
@@ -13,13 +13,16 @@ Each feature is written as a sentence about the customer ("no order in 120 days,
 every 30"; "spend down 60% over 90 days"), with a plain fallback for features without one.
 The same model and customer always give the same reasons. A sequence-transformer champion gets
 its reasons from integrated gradients (:func:`explain_sequence`): its drivers are features and
-single events. The document transformer gets none (attributions through its text encoder are
-not built).
+single events. An ensemble champion (the stack; LightGBM with BG/NBD) is explained through all
+of its members, combined as it combines their outputs (:func:`explain_ensemble`; until
+2026-11-28 by its LightGBM member alone). The document transformer gets none (attributions
+through its text encoder are not built).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -103,45 +106,78 @@ def lightgbm_of(model) -> object | None:
     return inner if inner is not None and hasattr(inner, "churn_model") else None
 
 
-def explain(model, frame: pd.DataFrame, published: pd.Series | None = None):
-    """``churn_reasons`` and ``tier_reasons`` per row of ``frame`` (same index), or None when
-    the model has no LightGBM to explain. ``published``: the tiers the champion published
-    (an ensemble's or a stack's may differ from its LightGBM's): the reasons support those."""
-    trees = lightgbm_of(model)
-    if trees is None:
-        return None
-    x = trees._matrix(frame)
-    names = list(x.columns)
-    churn = trees.churn_model.predict(x, pred_contrib=True)[:, : len(names)]
-    tier_all = trees.tier_model.predict(x, pred_contrib=True)
-    tiers = (
-        trees.tier_model.predict_proba(x).argmax(axis=1)
-        if published is None
-        else published.map({t: i for i, t in enumerate(TIERS)}).to_numpy("int64")
-    )
-    width = len(names) + 1
-    rows = np.arange(len(frame))
-    churn_top = np.argsort(-np.abs(churn), axis=1, kind="stable")[:, :TOP]
-    tier_contrib = tier_all.reshape(len(frame), len(TIERS), width)[rows, tiers, : len(names)]
-    tier_top = np.argsort(-tier_contrib, axis=1, kind="stable")[:, :TOP]
+def _texts(
+    frame: pd.DataFrame,
+    churn_attr: np.ndarray,
+    tier_attr: np.ndarray,
+    tiers: np.ndarray,
+    driver,
+) -> pd.DataFrame:
+    """The two reason columns from attributions (rows x drivers): the three drivers that move
+    the churn risk most, with their direction, and the three that most support the tier.
+    ``driver(row, j)`` puts driver ``j`` of a customer in words."""
+    churn_top = np.argsort(-np.abs(churn_attr), axis=1, kind="stable")[:, :TOP]
+    tier_top = np.argsort(-tier_attr, axis=1, kind="stable")[:, :TOP]
     churn_text, tier_text = [], []
     for i, row in enumerate(frame.to_dict("records")):
         churn_text.append(
             "; ".join(
-                f"{phrase(names[j], row)} ({'raises' if churn[i, j] > 0 else 'lowers'} risk)"
+                f"{driver(row, j)} ({'raises' if churn_attr[i, j] > 0 else 'lowers'} risk)"
                 for j in churn_top[i]
-                if churn[i, j] != 0
+                if churn_attr[i, j] != 0
             )
         )
-        tier = TIERS[tiers[i]]
         tier_text.append(
             "; ".join(
-                f"{phrase(names[j], row)} (supports {tier})"
+                f"{driver(row, j)} (supports {TIERS[tiers[i]]})"
                 for j in tier_top[i]
-                if tier_contrib[i, j] > 0
+                if tier_attr[i, j] > 0
             )
         )
     return pd.DataFrame({"churn_reasons": churn_text, "tier_reasons": tier_text}, index=frame.index)
+
+
+def _tree_contributions(trees, frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """LightGBM's exact TreeSHAP: its feature names, the churn log-odds contributions
+    (rows x features + 1, the expected value last) and the tier raw-score contributions
+    (rows x tiers x features + 1)."""
+    x = trees._matrix(frame)
+    names = list(x.columns)
+    churn = trees.churn_model.predict(x, pred_contrib=True)
+    tier = trees.tier_model.predict(x, pred_contrib=True)
+    return names, churn, tier.reshape(len(frame), len(TIERS), len(names) + 1)
+
+
+def explain(model, frame: pd.DataFrame, published: pd.Series | None = None):
+    """``churn_reasons`` and ``tier_reasons`` per row of ``frame`` (same index), or None when
+    the model has no LightGBM to explain. ``published``: the tiers the champion published.
+
+    An ensemble whose tiers agree with its churn probability (the stack, and LightGBM with
+    BG/NBD) is explained as a whole (:func:`explain_ensemble`); one pickled before that, by
+    its LightGBM member, with the reasons supporting the tiers the ensemble published."""
+    if getattr(model, "coherent", False) and published is not None:
+        return explain_ensemble(model, frame, published)
+    trees = lightgbm_of(model)
+    if trees is None:
+        return None
+    names, churn, tier_all = _tree_contributions(trees, frame)
+    tiers = (
+        trees.tier_model.predict_proba(trees._matrix(frame)).argmax(axis=1)
+        if published is None
+        else _tier_indices(published)
+    )
+    tier_contrib = tier_all[np.arange(len(frame)), tiers, : len(names)]
+    return _texts(
+        frame,
+        churn[:, : len(names)],
+        tier_contrib,
+        tiers,
+        lambda row, j: phrase(names[j], row),
+    )
+
+
+def _tier_indices(published: pd.Series) -> np.ndarray:
+    return published.map({t: i for i, t in enumerate(TIERS)}).to_numpy("int64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,35 +197,35 @@ def _event_phrase(events: dict, newest_first_position: int) -> str:
     return f"{kind} of {abs(events['amount'][index]):,.2f}, {when}"
 
 
-def explain_sequence(net, vocab, scaler, frame: pd.DataFrame, batch_size: int = 256):
-    """``churn_reasons`` and ``tier_reasons`` of the sequence transformer: integrated gradients
-    (Sundararajan et al., 2017; captum) from a baseline customer (mean features, events that
-    carry nothing) to this one, on the churn logit and on the predicted tier's logit. The
-    drivers are features, phrased as for the tree models, and single events ("order of 35.20,
-    12 days ago"). Deterministic for a fixed model and customer."""
-    import json
-
+def _sequence_attributions(net, vocab, scaler, frame: pd.DataFrame, pick, batch_size: int):
+    """Integrated gradients (Sundararajan et al., 2017; captum) from a baseline customer (mean
+    features, events that carry nothing) to each customer, through both inputs of the net:
+    of the churn logit, and of a tier logit, or the difference of two, that ``pick(tier
+    probabilities, rows)`` chooses per row as (plus, minus or None). Returns, per row, the
+    churn and the tier attributions (features, then events newest first), the churn logit,
+    the chosen tier logit (or difference), the tier probabilities and ``plus``."""
     import torch
     from captum.attr import IntegratedGradients
 
     from ml.data import SEQUENCE_COLUMN
-    from ml.evaluate import decide_tiers
     from ml.sequence import SequenceDataset, parse_sequences
 
     net.eval()
     device = next(net.parameters()).device
-    names = list(scaler.columns)
-    parsed = parse_sequences(frame[SEQUENCE_COLUMN], vocab)
-    dataset = SequenceDataset(parsed, scaler.transform(frame))
-    weights = net.tier_decision.detach().cpu().numpy()
+    dataset = SequenceDataset(
+        parse_sequences(frame[SEQUENCE_COLUMN], vocab), scaler.transform(frame)
+    )
 
-    def churn(numeric, events, mask):
+    def churn(numeric, events, mask, plus, minus):
         return net.heads(net.encoder.encode(events, mask), numeric)["churn_logit"]
 
-    def tier(numeric, events, mask):
-        return net.heads(net.encoder.encode(events, mask), numeric)["tier_logits"]
+    def tier(numeric, events, mask, plus, minus):
+        logits = net.heads(net.encoder.encode(events, mask), numeric)["tier_logits"]
+        chosen = logits.gather(1, plus[:, None]).squeeze(1)
+        return chosen if minus is None else chosen - logits.gather(1, minus[:, None]).squeeze(1)
 
-    churn_parts, tier_parts, chosen = [], [], []
+    parts: dict[str, list] = {k: [] for k in ("churn", "tier", "churn_out", "tier_out", "probs")}
+    parts["plus"] = []
     for start in range(0, len(dataset), batch_size):
         rows = np.arange(start, min(start + batch_size, len(dataset)))
         batch = {k: v.to(device) for k, v in dataset.batch(rows).items()}
@@ -197,48 +233,280 @@ def explain_sequence(net, vocab, scaler, frame: pd.DataFrame, batch_size: int = 
             events = net.encoder.embed(batch)
             out = net(batch)
         probs = torch.softmax(out["tier_logits"].float(), -1).cpu().numpy()
-        predicted = decide_tiers(probs, weights)
+        plus, minus = pick(probs, rows)
+        indices = (
+            torch.as_tensor(plus, device=device),
+            None if minus is None else torch.as_tensor(minus, device=device),
+        )
         inputs = (batch["numeric"], events)
         baselines = (torch.zeros_like(inputs[0]), torch.zeros_like(events))
-        extra = (batch["mask"],)
-        parts = []
-        for fn, target in ((churn, None), (tier, torch.as_tensor(predicted, device=device))):
+        extra = (batch["mask"], *indices)
+        for key, fn in (("churn", churn), ("tier", tier)):
             numeric_attr, event_attr = IntegratedGradients(fn).attribute(
-                inputs, baselines, target=target, additional_forward_args=extra, n_steps=IG_STEPS
+                inputs, baselines, additional_forward_args=extra, n_steps=IG_STEPS
             )
             per_event = (event_attr.sum(-1) * batch["mask"]).detach().cpu().numpy()
-            width = per_event.shape[1]
             padded = np.zeros((len(rows), vocab.max_events))
-            padded[:, :width] = per_event
-            parts.append(np.concatenate([numeric_attr.detach().cpu().numpy(), padded], 1))
-        churn_parts.append(parts[0])
-        tier_parts.append(parts[1])
-        chosen.append(predicted)
-    churn_attr, tier_attr = np.concatenate(churn_parts), np.concatenate(tier_parts)
-    tiers = np.concatenate(chosen)
-    churn_top = np.argsort(-np.abs(churn_attr), axis=1, kind="stable")[:, :TOP]
-    tier_top = np.argsort(-tier_attr, axis=1, kind="stable")[:, :TOP]
-    churn_text, tier_text = [], []
-    for i, row in enumerate(frame.to_dict("records")):
-        events = json.loads(row[SEQUENCE_COLUMN] or "{}")
+            padded[:, : per_event.shape[1]] = per_event
+            parts[key].append(np.concatenate([numeric_attr.detach().cpu().numpy(), padded], 1))
+        with torch.no_grad():
+            parts["churn_out"].append(churn(*inputs, *extra).float().cpu().numpy())
+            parts["tier_out"].append(tier(*inputs, *extra).float().cpu().numpy())
+        parts["probs"].append(probs)
+        parts["plus"].append(np.asarray(plus))
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
-        def driver(j: int, events=events, row=row) -> str:
-            if j < len(names):
-                return phrase(names[j], row)
-            return _event_phrase(events, j - len(names))
 
-        churn_text.append(
-            "; ".join(
-                f"{driver(j)} ({'raises' if churn_attr[i, j] > 0 else 'lowers'} risk)"
-                for j in churn_top[i]
-                if churn_attr[i, j] != 0
+def _sequence_driver(names: list[str]):
+    """Driver ``j`` of a sequence model's attributions in words: a feature, or an event."""
+    import json
+
+    from ml.data import SEQUENCE_COLUMN
+
+    def driver(row: dict, j: int) -> str:
+        if j < len(names):
+            return phrase(names[j], row)
+        return _event_phrase(json.loads(row[SEQUENCE_COLUMN] or "{}"), j - len(names))
+
+    return driver
+
+
+def explain_sequence(net, vocab, scaler, frame: pd.DataFrame, batch_size: int = 256):
+    """``churn_reasons`` and ``tier_reasons`` of the sequence transformer: integrated gradients
+    from a baseline customer (mean features, events that carry nothing) to this one, on the
+    churn logit and on the predicted tier's logit. The drivers are features, phrased as for
+    the tree models, and single events ("order of 35.20, 12 days ago"). Deterministic for a
+    fixed model and customer."""
+    from ml.evaluate import decide_tiers
+
+    weights = net.tier_decision.detach().cpu().numpy()
+    found = _sequence_attributions(
+        net,
+        vocab,
+        scaler,
+        frame,
+        lambda probs, rows: (decide_tiers(probs, weights), None),
+        batch_size,
+    )
+    return _texts(
+        frame, found["churn"], found["tier"], found["plus"], _sequence_driver(list(scaler.columns))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles (the stack; LightGBM with BG/NBD): every member explained, the attributions
+# combined as the ensemble combines the members.
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def as_probability(logit: np.ndarray, attr: np.ndarray) -> np.ndarray:
+    """Attributions of a logit (rows x drivers, summing to the logit's change from its
+    reference) in units of its probability: each row scaled by the secant of the sigmoid
+    between the reference and the logit, so they sum to the probability's change instead
+    (the slope at the logit where the two meet)."""
+    delta = attr.sum(1)
+    here = _sigmoid(logit)
+    moved = np.abs(delta) > 1e-9
+    secant = np.where(
+        moved,
+        (here - _sigmoid(logit - delta)) / np.where(moved, delta, 1.0),
+        here * (1.0 - here),
+    )
+    return attr * secant[:, None]
+
+
+# BG/NBD reads three features (ml.baselines.BGNBDBaseline.rfm).
+BTYD_FEATURES = ("frequency", "recency_days", "first_order_days_ago")
+
+
+def btyd_shapley(model, frame: pd.DataFrame) -> np.ndarray | None:
+    """Exact Shapley values of BG/NBD's churn probability over its three features, from its
+    reference customer (the training rows' medians) to each customer: rows x 3, summing to
+    the probability's change. None for a model fitted before it kept a reference."""
+    from itertools import combinations
+    from math import factorial
+
+    reference = getattr(model, "reference", None)
+    if reference is None:
+        return None
+    n, k = len(frame), len(BTYD_FEATURES)
+    actual = frame[list(BTYD_FEATURES)].astype("float64").to_numpy()
+    base = np.array([reference[f] for f in BTYD_FEATURES], dtype="float64")
+
+    def value(coalition: tuple[int, ...]) -> np.ndarray:
+        mixed = np.tile(base, (n, 1))
+        mixed[:, list(coalition)] = actual[:, list(coalition)]
+        columns = dict(zip(BTYD_FEATURES, mixed.T, strict=True))
+        other = frame.drop(columns=list(BTYD_FEATURES)).reset_index(drop=True)
+        return model.predict(other.assign(**columns)).churn_prob
+
+    values = {c: value(c) for size in range(k + 1) for c in combinations(range(k), size)}
+    shapley = np.zeros((n, k))
+    for j in range(k):
+        others = [i for i in range(k) if i != j]
+        for size in range(k):
+            weight = factorial(size) * factorial(k - size - 1) / factorial(k)
+            for c in combinations(others, size):
+                shapley[:, j] += weight * (values[tuple(sorted((*c, j)))] - values[c])
+    return shapley
+
+
+class _Drivers:
+    """The drivers of an ensemble's members by name: each feature once, whichever members
+    read it (the transformer's events come after them)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def place(self, names, attr: np.ndarray, events: np.ndarray | None = None):
+        """A member's attributions (rows x its features) keyed by the ensemble's columns, with
+        its event attributions (rows x events) if it has any."""
+        for name in names:
+            if name not in self.names:
+                self.names.append(name)
+        return {self.names.index(name): attr[:, i] for i, name in enumerate(names)}, events
+
+
+@dataclass
+class EnsembleAttributions:
+    """An ensemble's attributions per customer (rows x drivers: ``features``, then the
+    transformer's events, newest first; ``sequence_features`` names the transformer's own
+    features, which its event drivers are phrased with)."""
+
+    features: list[str]
+    sequence_features: list[str]
+    mean_churn: np.ndarray  # the members' mean churn probability, which the ensemble calibrates
+    mean_churn_attr: np.ndarray  # its attributions, in probability units
+    slope: np.ndarray  # d calibrated / d mean at the customer
+    tier_attr: np.ndarray  # of the published tier's probability (first order)
+    tiers: np.ndarray
+
+    @property
+    def churn_attr(self) -> np.ndarray:
+        """Of the calibrated churn probability (to first order)."""
+        return self.mean_churn_attr * self.slope[:, None]
+
+
+def explain_ensemble(model, frame: pd.DataFrame, published: pd.Series) -> pd.DataFrame:
+    """The reason columns of an ensemble (:func:`ensemble_attributions`) in words."""
+    found = ensemble_attributions(model, frame, published)
+    width = len(found.features)
+    sequence_driver = _sequence_driver(found.sequence_features)
+
+    def driver(row: dict, j: int) -> str:
+        if j < width:
+            return phrase(found.features[j], row)
+        return sequence_driver(row, len(found.sequence_features) + j - width)
+
+    return _texts(frame, found.churn_attr, found.tier_attr, found.tiers, driver)
+
+
+def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> EnsembleAttributions:
+    """The reasons of an ensemble whose tiers agree with its churn probability
+    (:class:`ml.ensemble.MeanEnsemble`, :class:`ml.ensemble.AveragedEnsemble`), from all of
+    its members, combined as it combines them:
+
+    * **Churn.** The ensemble calibrates the members' mean churn probability (Platt, monotone).
+      Each member's exact attributions are turned into probability units (LightGBM's TreeSHAP
+      log-odds and the transformer's integrated gradients of its logit by
+      :func:`as_probability`; BG/NBD's exact Shapley values, :func:`btyd_shapley`, are in them
+      already) and averaged as the probabilities are, then carried through the calibration's
+      slope at the customer. Each member is explained from its own reference customer.
+    * **Tier.** ``p_lapsed`` is the calibrated churn probability, so a lapsed customer's tier
+      reasons are the churn drivers that raise it. High and active share the rest,
+      ``p_t = (1 - churn) x s_t``, with ``s_t`` the members' high-against-active share; to
+      first order a driver moves ``p_t`` by ``(1 - churn) x Δs_t - s_t x Δchurn``, where
+      ``Δs_t`` is the tier members' attributions of their own high-against-active odds (the
+      difference of the two tiers' logits or raw scores), in share units, averaged.
+
+    The drivers are features, in the same words as for one model, and the transformer's
+    single events. A BG/NBD member fitted before it kept a reference customer adds nothing to
+    the reasons (its churn probability is still in the mean they explain)."""
+    from ml.baselines import BGNBDBaseline, LightGBMBaseline
+    from ml.ensemble import EPS, _logit
+
+    members = getattr(model, "members", None) or [model.lightgbm, model.bg_nbd]
+    n = len(frame)
+    tiers = _tier_indices(published)
+    buyer = tiers != TIERS.index("lapsed")
+    plus = np.where(buyer, tiers, TIERS.index("high"))
+    minus = np.where(plus == TIERS.index("high"), TIERS.index("active"), TIERS.index("high"))
+    drivers = _Drivers()
+    churn_parts: list[tuple[dict, np.ndarray | None]] = []
+    share_parts: list[tuple[dict, np.ndarray | None]] = []
+    churn_probs, buyer_probs = [], []
+    event_names: list[str] | None = None
+    for member in members:
+        if isinstance(member, LightGBMBaseline):
+            names, churn, tier_all = _tree_contributions(member, frame)
+            width = len(names)
+            churn_probs.append(_sigmoid(churn.sum(1)))
+            churn_parts.append(drivers.place(names, as_probability(churn.sum(1), churn[:, :width])))
+            rows = np.arange(n)
+            odds = tier_all[rows, plus] - tier_all[rows, minus]
+            share_parts.append(drivers.place(names, as_probability(odds.sum(1), odds[:, :width])))
+            raw = tier_all.sum(2)
+            buyer_probs.append(np.exp(raw - raw.max(1, keepdims=True)))
+        elif isinstance(member, BGNBDBaseline):
+            churn_probs.append(member.predict(frame).churn_prob)
+            shapley = btyd_shapley(member, frame)
+            if shapley is not None:
+                churn_parts.append(drivers.place(BTYD_FEATURES, shapley))
+        elif hasattr(member, "fitted"):  # the sequence transformer (ml.sequence.SequenceClassifier)
+            net, vocab, scaler = member.fitted.net, member.fitted.vocab, member.scaler
+            names = list(scaler.columns)
+            found = _sequence_attributions(
+                net,
+                vocab,
+                scaler,
+                frame,
+                lambda probs, rows: (plus[rows], minus[rows]),
+                256,
             )
-        )
-        tier_text.append(
-            "; ".join(
-                f"{driver(j)} (supports {TIERS[tiers[i]]})"
-                for j in tier_top[i]
-                if tier_attr[i, j] > 0
+            width = len(names)
+            churn_attr = as_probability(found["churn_out"], found["churn"])
+            share_attr = as_probability(found["tier_out"], found["tier"])
+            churn_probs.append(_sigmoid(found["churn_out"]))
+            churn_parts.append(drivers.place(names, churn_attr[:, :width], churn_attr[:, width:]))
+            share_parts.append(drivers.place(names, share_attr[:, :width], share_attr[:, width:]))
+            buyer_probs.append(found["probs"])
+            event_names = names
+        else:
+            raise TypeError(
+                f"no reason codes for an ensemble member of type {type(member).__name__}"
             )
-        )
-    return pd.DataFrame({"churn_reasons": churn_text, "tier_reasons": tier_text}, index=frame.index)
+    width = len(drivers.names)
+    n_events = max((e.shape[1] for _, e in churn_parts + share_parts if e is not None), default=0)
+
+    def combined(parts, count: int) -> np.ndarray:
+        total = np.zeros((n, width + n_events))
+        for by_column, events in parts:
+            for column, values in by_column.items():
+                total[:, column] += values
+            if events is not None:
+                total[:, width : width + events.shape[1]] += events
+        return total / count
+
+    unclipped = np.mean(churn_probs, axis=0)
+    mean = np.clip(unclipped, EPS, 1 - EPS)
+    calibrated = model.calibration.predict_proba(_logit(mean)[:, None])[:, 1]
+    slope = (
+        float(model.calibration.coef_[0, 0]) * calibrated * (1 - calibrated) / (mean * (1 - mean))
+    )
+    mean_attr = combined(churn_parts, len(members))
+    churn_attr = mean_attr * slope[:, None]
+    share_attr = combined(share_parts, len(buyer_probs))
+    q = np.mean([p / p.sum(1, keepdims=True) for p in buyer_probs], axis=0)
+    rows = np.arange(n)
+    share = q[rows, plus] / (q[rows, plus] + q[rows, minus])
+    tier_attr = np.where(
+        buyer[:, None],
+        (1 - calibrated)[:, None] * share_attr - share[:, None] * churn_attr,
+        churn_attr,
+    )
+    return EnsembleAttributions(
+        drivers.names, event_names or [], unclipped, mean_attr, slope, tier_attr, tiers
+    )

@@ -7,6 +7,7 @@ import pandas as pd
 
 from ml import reasons
 from ml.baselines import LightGBMBaseline
+from ml.data import TIERS
 
 FEATURES = ["recency_days", "frequency", "ipt_mean_days", "avg_rating"]
 
@@ -15,12 +16,15 @@ def _customers(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     recency = rng.integers(1, 400, n).astype(float)
     frequency = rng.integers(1, 30, n).astype(float)
+    first = recency + rng.integers(0, 700, n)
     churned = rng.random(n) < 1 / (1 + np.exp(-(recency - 200) / 40))
     return pd.DataFrame(
         {
             "customer_id": [f"c{i}" for i in range(n)],
             "recency_days": recency,
             "frequency": frequency,
+            "first_order_days_ago": first,
+            "avg_order_value": rng.uniform(10, 200, n),
             "ipt_mean_days": rng.uniform(10, 60, n),
             "avg_rating": rng.uniform(1, 5, n),  # noise
             "country": "UK",
@@ -62,3 +66,49 @@ def test_reasons_name_the_drivers_in_words_and_are_stable() -> None:
 
 def test_a_model_without_trees_has_no_reasons() -> None:
     assert reasons.explain(object(), _customers(5, 3)) is None
+
+
+def test_an_ensemble_is_explained_by_all_its_members() -> None:
+    """The LightGBM + BG/NBD ensemble's reasons come from both members: here LightGBM reads
+    only noise, so what drives the churn risk it publishes is BG/NBD's recency, which the
+    LightGBM member alone could never name. In probability units the members' attributions
+    add up exactly to the mean churn probability's change from their reference customers."""
+    from ml.ensemble import AveragedEnsemble
+
+    train, validation = _customers(3000, 0), _customers(800, 1)
+    model = AveragedEnsemble(["avg_rating"], 0, 90).fit(train, validation)
+    customers = _customers(300, 2)
+    out = model.predict(customers)
+    published = pd.Series([TIERS[i] for i in out.predicted_tiers()], index=customers.index)
+    found = reasons.ensemble_attributions(model, customers, published)
+    trees = model.lightgbm.churn_model.predict(
+        model.lightgbm._matrix(customers.head(1)), pred_contrib=True
+    )[0, -1]
+    btyd_reference = model.bg_nbd.predict(
+        customers.head(1).assign(**model.bg_nbd.reference)
+    ).churn_prob[0]
+    reference = (1 / (1 + np.exp(-trees)) + btyd_reference) / 2
+    assert np.allclose(found.mean_churn_attr.sum(1), found.mean_churn - reference, atol=1e-9)
+    assert np.allclose(
+        found.mean_churn,
+        (model.lightgbm.predict(customers).churn_prob + model.bg_nbd.predict(customers).churn_prob)
+        / 2,
+    )
+    why = reasons.explain(model, customers, published)
+    assert why.equals(reasons.explain(model, customers, published))  # stable
+    btyd = ("no order in", "orders so far", "first order")
+    top = why["churn_reasons"].str.split("; ").str[0]
+    assert top.str.startswith(btyd).mean() > 0.5, top.value_counts().head()
+    # A lapsed customer's tier reasons are the drivers that raise their churn risk.
+    lapsed = published.index[published == "lapsed"]
+    assert len(lapsed) > 10
+    for i in lapsed:
+        raising = [p for p in why.at[i, "churn_reasons"].split("; ") if "raises risk" in p]
+        supports = why.at[i, "tier_reasons"].split("; ")
+        assert [p.rsplit(" (", 1)[0] for p in raising] == [p.rsplit(" (", 1)[0] for p in supports][
+            : len(raising)
+        ]
+    # The LightGBM member alone (an ensemble pickled before coherent tiers) cannot see it.
+    del model.coherent
+    alone = reasons.explain(model, customers, published)
+    assert not alone["churn_reasons"].str.contains("|".join(btyd)).any()

@@ -325,11 +325,8 @@ def test_the_oldest_kept_event_keeps_its_gap_when_the_sequence_is_cut() -> None:
     assert np.allclose(arrays.numbers[0, :, 1], np.log1p([15, 30, 30]))
 
 
-def test_the_stack_round_trips_through_its_registered_pyfunc(
-    fitted, pipeline_run: Settings, tmp_path: Path
-) -> None:
-    import pickle
-
+def _stack(fitted, settings: Settings):
+    """The stack of the fitted transformer with LightGBM and BG/NBD, as training builds it."""
     from ml.baselines import BGNBDBaseline, LightGBMBaseline
     from ml.data import horizon_days
     from ml.ensemble import MeanEnsemble
@@ -337,8 +334,17 @@ def test_the_stack_round_trips_through_its_registered_pyfunc(
     _, frames, _, _, model = fitted
     numeric = model.scaler.columns
     trees = LightGBMBaseline(numeric, 0).fit(frames["train"], frames["validation"])
-    btyd = BGNBDBaseline(horizon_days(pipeline_run.warehouse_path)).fit(frames["train"])
-    stack = MeanEnsemble([model, trees, btyd], "stack").calibrate(frames["validation"])
+    btyd = BGNBDBaseline(horizon_days(settings.warehouse_path)).fit(frames["train"])
+    return MeanEnsemble([model, trees, btyd], "stack").calibrate(frames["validation"])
+
+
+def test_the_stack_round_trips_through_its_registered_pyfunc(
+    fitted, pipeline_run: Settings, tmp_path: Path
+) -> None:
+    import pickle
+
+    _, frames, _, _, model = fitted
+    stack = _stack(fitted, pipeline_run)
     frame = to_model_input(frames["test"].head(50))
     expected = stack.predict(frame)
     restored = pickle.loads(pickle.dumps(stack))
@@ -351,3 +357,37 @@ def test_the_stack_round_trips_through_its_registered_pyfunc(
     # calibrated churn probability, and the three tiers still sum to one.
     assert np.allclose(out["p_lapsed"], out["churn_probability"], atol=1e-9)
     assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].sum(axis=1), 1.0)
+
+
+def test_the_stacks_reasons_come_from_all_three_members(fitted, pipeline_run: Settings) -> None:
+    """The stack's reason codes combine its transformer's integrated gradients (features and
+    events), its LightGBM's TreeSHAP and its BG/NBD's Shapley values: each member moves
+    them, every driver is a real feature or event of the customer, and a fixed model gives
+    the same words."""
+    _, frames, _, _, model = fitted
+    stack = _stack(fitted, pipeline_run)
+    frame = to_model_input(frames["test"].head(60))
+    out = stack.predict(frame)
+    published = pd.Series([TIERS[i] for i in out.predicted_tiers()], index=frame.index)
+    found = reasons.ensemble_attributions(stack, frame, published)
+    width = len(found.features)
+    assert found.sequence_features == list(model.scaler.columns)
+    assert np.abs(found.mean_churn_attr[:, width:]).sum() > 0  # the transformer's events
+    assert np.allclose(
+        found.mean_churn,
+        np.mean([m.predict(frame).churn_prob for m in stack.members], axis=0),
+        atol=1e-5,
+    )
+    btyd_only = [found.features.index(f) for f in reasons.BTYD_FEATURES]
+    assert np.abs(found.mean_churn_attr[:, btyd_only]).sum() > 0
+    why = reasons.explain(stack, frame, published)
+    assert why.equals(reasons.explain(stack, frame, published))
+    for row, (_, text) in zip(frame.to_dict("records"), why.iterrows(), strict=True):
+        events = json.loads(row[SEQUENCE_COLUMN])
+        known = {reasons.phrase(name, row) for name in found.features} | {
+            reasons._event_phrase(events, p) for p in range(len(events.get("kind", [])))
+        }
+        for column in ("churn_reasons", "tier_reasons"):
+            drivers = [d.rsplit(" (", 1)[0] for d in text[column].split("; ") if d]
+            assert set(drivers) <= known, (column, drivers, row["customer_id"])
+        assert 1 <= len(text["churn_reasons"].split("; ")) <= 3
