@@ -32,16 +32,12 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
-from ml.baselines import BGNBDBaseline, LightGBMBaseline
+from ml.baselines import BGNBDBaseline, LightGBMBaseline, clipped_logit
 from ml.data import tier_index
 from ml.evaluate import Predictions, coherent_tiers, fit_tier_weights
 
-EPS = 1e-4
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, EPS, 1 - EPS)
-    return np.log(p / (1 - p))
+# The logit the calibrations read, clipped (ml.baselines holds it, which this module builds on).
+_logit = clipped_logit
 
 
 class AveragedEnsemble:
@@ -54,7 +50,7 @@ class AveragedEnsemble:
         self.bg_nbd = BGNBDBaseline(horizon_days)
 
     def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, Predictions, Predictions]:
-        trees, btyd = self.lightgbm.predict(frame), self.bg_nbd.predict(frame)
+        trees, btyd = self.lightgbm.raw(frame), self.bg_nbd.predict(frame)
         return (trees.churn_prob + btyd.churn_prob) / 2, trees, btyd
 
     def fit(self, train: pd.DataFrame, validation: pd.DataFrame) -> AveragedEnsemble:
@@ -100,7 +96,8 @@ class MeanEnsemble:
         return next((m for m in self.members if isinstance(m, LightGBMBaseline)), None)
 
     def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[Predictions]]:
-        outputs = [m.predict(frame) for m in self.members]
+        # Members give their own outputs, LightGBM its uncalibrated ones: the mean is calibrated.
+        outputs = [m.raw(frame) if hasattr(m, "raw") else m.predict(frame) for m in self.members]
         return np.mean([o.churn_prob for o in outputs], axis=0), outputs
 
     def calibrate(self, validation: pd.DataFrame) -> MeanEnsemble:

@@ -5,9 +5,12 @@ local explanations to global understanding with explainable AI for trees": the a
 shap library's TreeExplainer runs), computed by LightGBM itself (``pred_contrib=True``) so
 scoring needs nothing more:
 
-* ``churn_reasons``: the three features that move the customer's churn log-odds most, each
+* ``churn_reasons``: the three features that move the customer's churn risk most (its
+  log-odds, or the same contributions in probability units: the order is the same), each
   with its direction ("raises risk" / "lowers risk");
-* ``tier_reasons``: the three features that most support the predicted tier.
+* ``tier_reasons``: the three features that most support the published tier (a LightGBM
+  publishing coherent tiers: a lapsed tier by what raises the churn risk, as an ensemble's,
+  :func:`ensemble_attributions`).
 
 Each feature is written as a sentence about the customer ("no order in 120 days, usually buys
 every 30"; "spend down 60% over 90 days"), with a plain fallback for features without one.
@@ -150,11 +153,14 @@ def _tree_contributions(trees, frame: pd.DataFrame) -> tuple[list[str], np.ndarr
 
 def explain(model, frame: pd.DataFrame, published: pd.Series | None = None):
     """``churn_reasons`` and ``tier_reasons`` per row of ``frame`` (same index), or None when
-    the model has no LightGBM to explain. ``published``: the tiers the champion published.
+    the model has no LightGBM to explain. ``published``: the tiers the champion published
+    (scoring always gives them; without them a model is explained by its LightGBM, with the
+    reasons supporting that LightGBM's own most likely tier).
 
-    An ensemble whose tiers agree with its churn probability (the stack, and LightGBM with
-    BG/NBD) is explained as a whole (:func:`explain_ensemble`); one pickled before that, by
-    its LightGBM member, with the reasons supporting the tiers the ensemble published."""
+    A model whose tiers agree with its calibrated churn probability (the stack, LightGBM with
+    BG/NBD, LightGBM since 2026-11-28) is explained as a whole (:func:`explain_ensemble`; a
+    LightGBM as an ensemble of one); one pickled before that, by its LightGBM (an ensemble's
+    member), with the reasons supporting the tiers it published."""
     if getattr(model, "coherent", False) and published is not None:
         return explain_ensemble(model, frame, published)
     trees = lightgbm_of(model)
@@ -249,9 +255,12 @@ def _sequence_attributions(net, vocab, scaler, frame: pd.DataFrame, pick, batch_
             padded = np.zeros((len(rows), vocab.max_events))
             padded[:, : per_event.shape[1]] = per_event
             parts[key].append(np.concatenate([numeric_attr.detach().cpu().numpy(), padded], 1))
-        with torch.no_grad():
-            parts["churn_out"].append(churn(*inputs, *extra).float().cpu().numpy())
-            parts["tier_out"].append(tier(*inputs, *extra).float().cpu().numpy())
+        logits = out["tier_logits"].float()
+        chosen = logits.gather(1, indices[0][:, None]).squeeze(1)
+        if indices[1] is not None:
+            chosen = chosen - logits.gather(1, indices[1][:, None]).squeeze(1)
+        parts["churn_out"].append(out["churn_logit"].float().cpu().numpy())
+        parts["tier_out"].append(chosen.cpu().numpy())
         parts["probs"].append(probs)
         parts["plus"].append(np.asarray(plus))
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -406,8 +415,9 @@ def explain_ensemble(model, frame: pd.DataFrame, published: pd.Series) -> pd.Dat
 
 def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> EnsembleAttributions:
     """The reasons of an ensemble whose tiers agree with its churn probability
-    (:class:`ml.ensemble.MeanEnsemble`, :class:`ml.ensemble.AveragedEnsemble`), from all of
-    its members, combined as it combines them:
+    (:class:`ml.ensemble.MeanEnsemble`, :class:`ml.ensemble.AveragedEnsemble`; a
+    :class:`ml.baselines.LightGBMBaseline`, which calibrates and makes its tiers coherent the
+    same way, is an ensemble of one), from all of its members, combined as it combines them:
 
     * **Churn.** The ensemble calibrates the members' mean churn probability (Platt, monotone).
       Each member's exact attributions are turned into probability units (LightGBM's TreeSHAP
@@ -420,15 +430,20 @@ def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> E
       ``p_t = (1 - churn) x s_t``, with ``s_t`` the members' high-against-active share; to
       first order a driver moves ``p_t`` by ``(1 - churn) x Δs_t - s_t x Δchurn``, where
       ``Δs_t`` is the tier members' attributions of their own high-against-active odds (the
-      difference of the two tiers' logits or raw scores), in share units, averaged.
+      difference of the two tiers' logits or raw scores), in share units, weighted by each
+      member's buyer mass (its high plus active probability; the change of those masses is
+      left out, so this is exact with one tier member).
 
     The drivers are features, in the same words as for one model, and the transformer's
     single events. A BG/NBD member fitted before it kept a reference customer adds nothing to
     the reasons (its churn probability is still in the mean they explain)."""
-    from ml.baselines import BGNBDBaseline, LightGBMBaseline
-    from ml.ensemble import EPS, _logit
+    from ml.baselines import EPS, BGNBDBaseline, LightGBMBaseline
+    from ml.baselines import clipped_logit as _logit
 
-    members = getattr(model, "members", None) or [model.lightgbm, model.bg_nbd]
+    if isinstance(model, LightGBMBaseline):  # one model, calibrated and coherent the same way
+        members = [model]
+    else:
+        members = getattr(model, "members", None) or [model.lightgbm, model.bg_nbd]
     n = len(frame)
     tiers = _tier_indices(published)
     buyer = tiers != TIERS.index("lapsed")
@@ -481,27 +496,50 @@ def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> E
     width = len(drivers.names)
     n_events = max((e.shape[1] for _, e in churn_parts + share_parts if e is not None), default=0)
 
-    def combined(parts, count: int) -> np.ndarray:
+    def placed(part) -> np.ndarray:
+        by_column, events = part
         total = np.zeros((n, width + n_events))
-        for by_column, events in parts:
-            for column, values in by_column.items():
-                total[:, column] += values
-            if events is not None:
-                total[:, width : width + events.shape[1]] += events
-        return total / count
+        for column, values in by_column.items():
+            total[:, column] += values
+        if events is not None:
+            total[:, width : width + events.shape[1]] += events
+        return total
 
     unclipped = np.mean(churn_probs, axis=0)
-    mean = np.clip(unclipped, EPS, 1 - EPS)
-    calibrated = model.calibration.predict_proba(_logit(mean)[:, None])[:, 1]
-    slope = (
-        float(model.calibration.coef_[0, 0]) * calibrated * (1 - calibrated) / (mean * (1 - mean))
-    )
-    mean_attr = combined(churn_parts, len(members))
+    mean_attr = sum(placed(part) for part in churn_parts) / len(members)
+    calibration = getattr(model, "calibration", None)  # a LightGBM publishes its own
+    if calibration is None:
+        calibrated, slope = unclipped, np.ones(n)
+    else:
+        # Through the (monotone) calibration by its secant from the members' reference mean to
+        # this one, as the members' logits were: the attributions then add up to the
+        # calibrated probability's change (the slope at the customer where the two meet).
+        def calibrate(p: np.ndarray) -> np.ndarray:
+            return calibration.predict_proba(_logit(np.clip(p, EPS, 1 - EPS))[:, None])[:, 1]
+
+        calibrated = calibrate(unclipped)
+        delta = mean_attr.sum(1)
+        moved = np.abs(delta) > 1e-9
+        mean = np.clip(unclipped, EPS, 1 - EPS)
+        tangent = (
+            float(calibration.coef_[0, 0]) * calibrated * (1 - calibrated) / (mean * (1 - mean))
+        )
+        secant = (calibrated - calibrate(unclipped - delta)) / np.where(moved, delta, 1.0)
+        slope = np.where(moved, secant, tangent)
     churn_attr = mean_attr * slope[:, None]
-    share_attr = combined(share_parts, len(buyer_probs))
-    q = np.mean([p / p.sum(1, keepdims=True) for p in buyer_probs], axis=0)
+    # The ensemble's high-against-active share is the members' buyer mass in plus over their
+    # buyer mass: to first order each member's share moves it in proportion to its buyer mass
+    # (the change of the masses themselves is left out; exact with one tier member).
     rows = np.arange(n)
-    share = q[rows, plus] / (q[rows, plus] + q[rows, minus])
+    q = [p / p.sum(1, keepdims=True) for p in buyer_probs]
+    mass = [m[rows, plus] + m[rows, minus] for m in q]
+    total = np.sum(mass, axis=0)
+    safe = np.where(total > 0, total, 1.0)
+    share_attr = sum(
+        placed(part) * np.where(total > 0, b / safe, 1.0 / len(q))[:, None]
+        for part, b in zip(share_parts, mass, strict=True)
+    )
+    share = np.where(total > 0, np.sum([m[rows, plus] for m in q], axis=0) / safe, 0.5)
     tier_attr = np.where(
         buyer[:, None],
         (1 - calibrated)[:, None] * share_attr - share[:, None] * churn_attr,

@@ -618,6 +618,8 @@ class _Member:
     def predict(self, frame: pd.DataFrame) -> Predictions:
         return Predictions(self.churn, self.tiers, np.arange(len(frame), dtype=float))
 
+    raw = predict  # its own outputs, which the ensembles average
+
 
 def _tier_problem(
     seed: int, high_above: float, lapsed_prob: float, n: int = 400

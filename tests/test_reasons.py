@@ -89,10 +89,17 @@ def test_an_ensemble_is_explained_by_all_its_members() -> None:
     ).churn_prob[0]
     reference = (1 / (1 + np.exp(-trees)) + btyd_reference) / 2
     assert np.allclose(found.mean_churn_attr.sum(1), found.mean_churn - reference, atol=1e-9)
+    # ... and, through the calibration, to the published probability's change.
+    calibrated_reference = model.calibration.predict_proba(
+        np.log(reference / (1 - reference)).reshape(1, 1)
+    )[0, 1]
+    assert np.allclose(found.churn_attr.sum(1), out.churn_prob - calibrated_reference, atol=1e-9)
+    stale = customers["recency_days"].idxmax()
+    recency = found.features.index("recency_days")
+    assert found.churn_attr[customers.index.get_loc(stale), recency] > 0  # raises the risk
     assert np.allclose(
         found.mean_churn,
-        (model.lightgbm.predict(customers).churn_prob + model.bg_nbd.predict(customers).churn_prob)
-        / 2,
+        (model.lightgbm.raw(customers).churn_prob + model.bg_nbd.predict(customers).churn_prob) / 2,
     )
     why = reasons.explain(model, customers, published)
     assert why.equals(reasons.explain(model, customers, published))  # stable
@@ -112,3 +119,46 @@ def test_an_ensemble_is_explained_by_all_its_members() -> None:
     del model.coherent
     alone = reasons.explain(model, customers, published)
     assert not alone["churn_reasons"].str.contains("|".join(btyd)).any()
+
+
+def test_lightgbm_publishes_coherent_tiers_and_explains_those() -> None:
+    """What a LightGBM champion publishes: its churn model's probability, P(lapsed) that same
+    probability, the tier chosen with decision weights; its reasons explain those (a lapsed
+    tier by what raises the risk, a high one by what makes it high). A LightGBM pickled
+    before publishes its tier model's probabilities, as it did."""
+    train, validation = _customers(3000, 0), _customers(800, 1)
+    model = LightGBMBaseline(FEATURES, 0).fit(train, validation)
+    customers = _customers(300, 2)
+    out, raw = model.predict(customers), model.raw(customers)
+    assert np.allclose(out.churn_prob, raw.churn_prob)  # its churn model's own probability
+    assert np.allclose(
+        raw.churn_prob, model.churn_model.predict_proba(model._matrix(customers))[:, 1]
+    )
+    assert np.allclose(out.tier_probs[:, 2], out.churn_prob)
+    assert np.allclose(out.tier_probs.sum(1), 1.0)
+    assert out.tier_weights is not None
+    published = pd.Series([TIERS[i] for i in out.predicted_tiers()], index=customers.index)
+    why = reasons.explain(model, customers, published)
+    assert (published == "lapsed").sum() > 10
+    for i in published.index[published == "lapsed"]:
+        raising = [
+            p.rsplit(" (", 1)[0]
+            for p in why.at[i, "churn_reasons"].split("; ")
+            if "raises risk" in p
+        ]
+        supports = [p.rsplit(" (", 1)[0] for p in why.at[i, "tier_reasons"].split("; ")]
+        assert supports[: len(raising)] == raising
+    # High is many orders here: a high customer's tier is supported by their orders.
+    high = published.index[published == "high"]
+    assert len(high) > 10
+    said = why.loc[high, "tier_reasons"].str.contains("orders so far \\(supports high\\)")
+    assert said.mean() > 0.8, why.loc[high, "tier_reasons"].head()
+    # Active is a buyer: a recent order, which lowers the churn risk, supports it.
+    recent = published.index[(published == "active") & (customers["recency_days"] < 100)]
+    assert len(recent) > 10
+    said = why.loc[recent, "tier_reasons"].str.contains("no order in [0-9]+ days[^;]*\\(supports")
+    assert said.mean() > 0.8, why.loc[recent, "tier_reasons"].head()
+    del model.coherent  # pickled before 2026-11-28
+    before = model.predict(customers)
+    assert np.allclose(before.churn_prob, raw.churn_prob)
+    assert np.allclose(before.tier_probs, raw.tier_probs) and before.tier_weights is None

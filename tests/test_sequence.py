@@ -364,6 +364,8 @@ def test_the_stacks_reasons_come_from_all_three_members(fitted, pipeline_run: Se
     events), its LightGBM's TreeSHAP and its BG/NBD's Shapley values: each member moves
     them, every driver is a real feature or event of the customer, and a fixed model gives
     the same words."""
+    import torch
+
     _, frames, _, _, model = fitted
     stack = _stack(fitted, pipeline_run)
     frame = to_model_input(frames["test"].head(60))
@@ -375,8 +377,8 @@ def test_the_stacks_reasons_come_from_all_three_members(fitted, pipeline_run: Se
     assert np.abs(found.mean_churn_attr[:, width:]).sum() > 0  # the transformer's events
     assert np.allclose(
         found.mean_churn,
-        np.mean([m.predict(frame).churn_prob for m in stack.members], axis=0),
-        atol=1e-5,
+        np.mean([getattr(m, "raw", m.predict)(frame).churn_prob for m in stack.members], axis=0),
+        atol=1e-2 if torch.cuda.is_available() else 1e-5,  # bf16 predictions on a GPU
     )
     btyd_only = [found.features.index(f) for f in reasons.BTYD_FEATURES]
     assert np.abs(found.mean_churn_attr[:, btyd_only]).sum() > 0
