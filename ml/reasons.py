@@ -25,6 +25,7 @@ through its text encoder are not built).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,21 +58,38 @@ def _trend(row: dict, value: float) -> str:
     return "no spend in the 90 days before the last 90" if value > 0 else "no recent spend"
 
 
+COUNTED = {"order": "orders", "review": "reviews", "product": "products", "category": "categories"}
+
+
+def _count(value: float, one: str, many: str | None = None) -> str:
+    """A count with its noun ("1 order", "12 orders")."""
+    return f"{value:.0f} {one if round(value) == 1 else many or one + 's'}"
+
+
+def without_figures(reason: str) -> str:
+    """A reason with the customer's figures replaced by N and its counts in the plural, so that
+    the same driver reads the same whatever its value ("N orders so far")."""
+    reason = re.sub(r"-?\d[\d,.]*", "N", reason)
+    for one, many in COUNTED.items():
+        reason = re.sub(rf"\b(N (?:different )?){one}\b", rf"\g<1>{many}", reason)
+    return reason
+
+
 PHRASES = {
     "recency_days": _recency,
     "spend_trend_90d": _trend,
     "ipt_mean_days": lambda r, v: f"buys every {v:.0f} days on average",
     "ipt_max_days": lambda r, v: f"longest gap between orders {v:.0f} days",
     "ipt_std_days": lambda r, v: f"irregular buyer (gaps vary by {v:.0f} days)",
-    "frequency": lambda r, v: f"{v:.0f} orders so far",
+    "frequency": lambda r, v: f"{_count(v, 'order')} so far",
     "monetary_value": lambda r, v: f"spent {v:,.0f} in total",
     "gross_spend": lambda r, v: f"spent {v:,.0f} before returns",
     "avg_order_value": lambda r, v: f"orders average {v:,.0f}",
     "tenure_days": lambda r, v: f"customer for {v:.0f} days",
     "first_order_days_ago": lambda r, v: f"first order {v:.0f} days ago",
-    "orders_last_30d": lambda r, v: f"{v:.0f} orders in the last 30 days",
-    "orders_last_90d": lambda r, v: f"{v:.0f} orders in the last 90 days",
-    "orders_last_180d": lambda r, v: f"{v:.0f} orders in the last 180 days",
+    "orders_last_30d": lambda r, v: f"{_count(v, 'order')} in the last 30 days",
+    "orders_last_90d": lambda r, v: f"{_count(v, 'order')} in the last 90 days",
+    "orders_last_180d": lambda r, v: f"{_count(v, 'order')} in the last 180 days",
     "spend_last_30d": lambda r, v: f"spent {v:,.0f} in the last 30 days",
     "spend_last_90d": lambda r, v: f"spent {v:,.0f} in the last 90 days",
     "spend_last_180d": lambda r, v: f"spent {v:,.0f} in the last 180 days",
@@ -80,10 +98,10 @@ PHRASES = {
     "return_rate": lambda r, v: f"returns {v:.0%} of spend",
     "cancellation_rate": lambda r, v: f"cancels {v:.0%} of spend",
     "discounted_line_share": lambda r, v: f"buys {v:.0%} of items on promotion",
-    "n_distinct_products": lambda r, v: f"bought {v:.0f} different products",
-    "n_distinct_categories": lambda r, v: f"buys in {v:.0f} categories",
+    "n_distinct_products": lambda r, v: f"bought {_count(v, 'different product')}",
+    "n_distinct_categories": lambda r, v: f"buys in {_count(v, 'category', 'categories')}",
     "top_category_share": lambda r, v: f"{v:.0%} of spend in one category",
-    "n_reviews": lambda r, v: f"{v:.0f} reviews written",
+    "n_reviews": lambda r, v: f"{_count(v, 'review')} written",
     "avg_rating": lambda r, v: f"rates products {v:.1f}/5 on average",
     "min_rating": lambda r, v: f"lowest rating given {v:.0f}/5",
 }

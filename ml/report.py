@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 from pathlib import Path
 
 import duckdb
@@ -16,6 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
+
+from ml.reasons import without_figures
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -67,7 +68,7 @@ def reason_drivers(texts: pd.Series, top: int = 8) -> pd.DataFrame:
     lists = texts.dropna().str.split("; ")
     if lists.empty:
         return pd.DataFrame(columns=["driver", "customers", "share"])
-    drivers = lists.map(lambda xs: sorted({re.sub(r"-?\d[\d,.]*", "N", x) for x in xs}))
+    drivers = lists.map(lambda xs: sorted({without_figures(x) for x in xs}))
     counts = drivers.explode().value_counts().head(top)
     return pd.DataFrame(
         {

@@ -236,12 +236,14 @@ def test_reason_drivers_count_each_driver_once_per_customer_whatever_its_figures
         [
             "no order in 120 days (raises risk); spent 0 in the last 90 days (raises risk)",
             "no order in 30 days (lowers risk); spent 1,204.5 in the last 90 days (lowers risk)",
-            "no order in 200 days (raises risk)",
+            "no order in 200 days (raises risk); 1 order so far (raises risk)",
+            "12 orders so far (raises risk)",
             None,
         ]
     )
     drivers = reason_drivers(texts).set_index("driver")
+    assert drivers.loc["N orders so far (raises risk)", "customers"] == 2  # one order or twelve
     assert drivers.loc["no order in N days (raises risk)", "customers"] == 2
     assert drivers.loc["spent N in the last N days (lowers risk)", "customers"] == 1
-    assert drivers.loc["no order in N days (raises risk)", "share"] == round(2 / 3, 3)
+    assert drivers.loc["no order in N days (raises risk)", "share"] == round(2 / 4, 3)
     assert list(drivers["customers"]) == sorted(drivers["customers"], reverse=True)
