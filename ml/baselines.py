@@ -37,14 +37,6 @@ LIGHTGBM_PARAMS = {
 # shop, four leaves 0.754 and 0.856 (BENCHMARKS.md).
 CHURN_LEAVES = 4
 
-EPS = 1e-4
-
-
-def clipped_logit(p: np.ndarray) -> np.ndarray:
-    """The logit of probabilities clipped to [EPS, 1 - EPS] (what the Platt calibrations read)."""
-    p = np.clip(p, EPS, 1 - EPS)
-    return np.log(p / (1 - p))
-
 
 class LightGBMBaseline:
     """Two gradient-boosted models on customer_features: tier (class-balanced) and churn.

@@ -32,12 +32,16 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
-from ml.baselines import BGNBDBaseline, LightGBMBaseline, clipped_logit
+from ml.baselines import BGNBDBaseline, LightGBMBaseline
 from ml.data import tier_index
 from ml.evaluate import Predictions, coherent_tiers, fit_tier_weights
 
-# The logit the calibrations read, clipped (ml.baselines holds it, which this module builds on).
-_logit = clipped_logit
+EPS = 1e-4
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, EPS, 1 - EPS)
+    return np.log(p / (1 - p))
 
 
 class AveragedEnsemble:
@@ -96,7 +100,8 @@ class MeanEnsemble:
         return next((m for m in self.members if isinstance(m, LightGBMBaseline)), None)
 
     def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[Predictions]]:
-        # Members give their own outputs, LightGBM its uncalibrated ones: the mean is calibrated.
+        # Members give their own outputs (LightGBM its tier model's tiers): the ensemble
+        # calibrates the mean churn and makes its own tiers coherent with it.
         outputs = [m.raw(frame) if hasattr(m, "raw") else m.predict(frame) for m in self.members]
         return np.mean([o.churn_prob for o in outputs], axis=0), outputs
 

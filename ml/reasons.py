@@ -175,8 +175,8 @@ def explain(model, frame: pd.DataFrame, published: pd.Series | None = None):
     (scoring always gives them; without them a model is explained by its LightGBM, with the
     reasons supporting that LightGBM's own most likely tier).
 
-    A model whose tiers agree with its calibrated churn probability (the stack, LightGBM with
-    BG/NBD, LightGBM since 2026-11-28) is explained as a whole (:func:`explain_ensemble`; a
+    A model whose tiers agree with its churn probability (the stack, LightGBM with BG/NBD,
+    LightGBM since 2026-11-28) is explained as a whole (:func:`explain_ensemble`; a
     LightGBM as an ensemble of one); one pickled before that, by its LightGBM (an ensemble's
     member), with the reasons supporting the tiers it published."""
     if getattr(model, "coherent", False) and published is not None:
@@ -455,8 +455,8 @@ def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> E
     The drivers are features, in the same words as for one model, and the transformer's
     single events. A BG/NBD member fitted before it kept a reference customer adds nothing to
     the reasons (its churn probability is still in the mean they explain)."""
-    from ml.baselines import EPS, BGNBDBaseline, LightGBMBaseline
-    from ml.baselines import clipped_logit as _logit
+    from ml.baselines import BGNBDBaseline, LightGBMBaseline
+    from ml.ensemble import EPS, _logit
 
     if isinstance(model, LightGBMBaseline):  # one model, calibrated and coherent the same way
         members = [model]
