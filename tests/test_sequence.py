@@ -380,8 +380,19 @@ def test_the_stacks_reasons_come_from_all_three_members(fitted, pipeline_run: Se
         np.mean([getattr(m, "raw", m.predict)(frame).churn_prob for m in stack.members], axis=0),
         atol=1e-2 if torch.cuda.is_available() else 1e-5,  # bf16 predictions on a GPU
     )
-    btyd_only = [found.features.index(f) for f in reasons.BTYD_FEATURES]
-    assert np.abs(found.mean_churn_attr[:, btyd_only]).sum() > 0
+    # BG/NBD's exact Shapley values are a third of the mean, on its three features, and
+    # nothing else: the same stack with a BG/NBD fitted before it kept a reference differs by
+    # exactly that.
+    btyd = stack.members[2]
+    shapley = reasons.btyd_shapley(btyd, frame)
+    assert np.abs(shapley).sum() > 0
+    reference = btyd.reference
+    del btyd.reference
+    without = reasons.ensemble_attributions(stack, frame, published)
+    btyd.reference = reference
+    expected = np.zeros_like(found.mean_churn_attr)
+    expected[:, [found.features.index(f) for f in reasons.BTYD_FEATURES]] = shapley / 3
+    assert np.allclose(found.mean_churn_attr - without.mean_churn_attr, expected, atol=1e-7)
     why = reasons.explain(stack, frame, published)
     assert why.equals(reasons.explain(stack, frame, published))
     for row, (_, text) in zip(frame.to_dict("records"), why.iterrows(), strict=True):
