@@ -274,7 +274,7 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
     )
     # Nor a backtest run by an earlier method (other labels judged, other models compared).
     store = mlflow.MlflowClient(uri)
-    store.set_tag(result.parent_run_id, "valueloop.backtest_method", "2026-11-27")
+    store.set_tag(result.parent_run_id, "valueloop.backtest_method", "2026-11-28")
     assert backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score") is None
     store.set_tag(result.parent_run_id, "valueloop.backtest_method", backtest.METHOD)
     assert (
