@@ -62,6 +62,16 @@ def coherent_tiers(tier_probs: np.ndarray, churn_prob: np.ndarray) -> np.ndarray
     return np.column_stack([share * (1.0 - churn_prob)[:, None], churn_prob])
 
 
+def published_tiers(net, tier_probs: np.ndarray, churn_prob: np.ndarray) -> np.ndarray:
+    """The tier probabilities a transformer's net publishes: coherent with its churn
+    probability (:func:`coherent_tiers`) when it was fitted so (its ``coherent`` buffer is 1,
+    nets fitted since 2026-11-29), else its tier head's, as a net saved before publishes."""
+    flag = getattr(net, "coherent", None)
+    if flag is None or not float(flag):
+        return tier_probs
+    return coherent_tiers(tier_probs, churn_prob)
+
+
 def decide_tiers(tier_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """The tier index per row: the argmax of the probabilities times the decision weights."""
     return (tier_probs if weights is None else tier_probs * np.asarray(weights)).argmax(1)

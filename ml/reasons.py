@@ -16,8 +16,9 @@ Each feature is written as a sentence about the customer ("no order in 120 days,
 every 30"; "spend down 60% over 90 days"), with a plain fallback for features without one.
 The same model and customer always give the same reasons. A sequence-transformer champion gets
 its reasons from integrated gradients (:func:`explain_sequence`): its drivers are features and
-single events. An ensemble champion (the stack; LightGBM with BG/NBD) is explained through all
-of its members, combined as it combines their outputs (:func:`explain_ensemble`; until
+single events (a net publishing coherent tiers, since 2026-11-29, is explained as an ensemble
+of one). An ensemble champion (the stack; LightGBM with BG/NBD) is explained through all of
+its members, combined as it combines their outputs (:func:`explain_ensemble`; until
 2026-11-28 by its LightGBM member alone). The document transformer gets none (attributions
 through its text encoder are not built).
 """
@@ -298,15 +299,33 @@ def _sequence_driver(names: list[str]):
     return driver
 
 
-def explain_sequence(net, vocab, scaler, frame: pd.DataFrame, batch_size: int = 256):
+def explain_sequence(
+    net, vocab, scaler, frame: pd.DataFrame, batch_size: int = 256, published=None
+):
     """``churn_reasons`` and ``tier_reasons`` of the sequence transformer: integrated gradients
     from a baseline customer (mean features, events that carry nothing) to this one, on the
     churn logit and on the predicted tier's logit. The drivers are features, phrased as for
     the tree models, and single events ("order of 35.20, 12 days ago"). Deterministic for a
-    fixed model and customer."""
-    from ml.evaluate import decide_tiers
+    fixed model and customer.
+
+    A net that publishes coherent tiers (fitted since 2026-11-29) is explained as an ensemble
+    of one (:func:`ensemble_attributions`), for the tiers it ``published`` (computed here when
+    not given): a lapsed tier by what raises the churn risk, since ``p_lapsed`` is its churn
+    probability."""
+    from types import SimpleNamespace
+
+    from ml.evaluate import decide_tiers, published_tiers
+    from ml.sequence import predict_sequence_net
 
     weights = net.tier_decision.detach().cpu().numpy()
+    coherent = getattr(net, "coherent", None)
+    if coherent is not None and float(coherent):
+        if published is None:
+            tiers, churn, _ = predict_sequence_net(net, vocab, scaler, frame, batch_size)
+            chosen = decide_tiers(published_tiers(net, tiers, churn), weights)
+            published = pd.Series(np.array(TIERS)[chosen], index=frame.index)
+        member = SimpleNamespace(fitted=SimpleNamespace(net=net, vocab=vocab), scaler=scaler)
+        return explain_ensemble(SimpleNamespace(members=[member]), frame, published, batch_size)
     found = _sequence_attributions(
         net,
         vocab,
@@ -417,9 +436,11 @@ class EnsembleAttributions:
         return self.mean_churn_attr * self.slope[:, None]
 
 
-def explain_ensemble(model, frame: pd.DataFrame, published: pd.Series) -> pd.DataFrame:
+def explain_ensemble(
+    model, frame: pd.DataFrame, published: pd.Series, batch_size: int = 256
+) -> pd.DataFrame:
     """The reason columns of an ensemble (:func:`ensemble_attributions`) in words."""
-    found = ensemble_attributions(model, frame, published)
+    found = ensemble_attributions(model, frame, published, batch_size)
     width = len(found.features)
     sequence_driver = _sequence_driver(found.sequence_features)
 
@@ -431,7 +452,9 @@ def explain_ensemble(model, frame: pd.DataFrame, published: pd.Series) -> pd.Dat
     return _texts(frame, found.churn_attr, found.tier_attr, found.tiers, driver)
 
 
-def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> EnsembleAttributions:
+def ensemble_attributions(
+    model, frame: pd.DataFrame, published: pd.Series, batch_size: int = 256
+) -> EnsembleAttributions:
     """The reasons of an ensemble whose tiers agree with its churn probability
     (:class:`ml.ensemble.MeanEnsemble`, :class:`ml.ensemble.AveragedEnsemble`; a
     :class:`ml.baselines.LightGBMBaseline`, which calibrates and makes its tiers coherent the
@@ -497,7 +520,7 @@ def ensemble_attributions(model, frame: pd.DataFrame, published: pd.Series) -> E
                 scaler,
                 frame,
                 lambda probs, rows: (plus[rows], minus[rows]),
-                256,
+                batch_size,
             )
             width = len(names)
             churn_attr = as_probability(found["churn_out"], found["churn"])

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ml.data import TIERS, FeatureScaler
-from ml.evaluate import Predictions
+from ml.evaluate import Predictions, published_tiers
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -52,6 +52,12 @@ def configure(tracking_uri: str, artifacts_dir: Path, experiment: str) -> str:
     return experiment_id
 
 
+def _identity_buffers(net) -> dict:
+    """A net's buffers as a freshly built one has them (no calibration, no decision weights,
+    tiers as its head gives them): the defaults for buffers an older saved net lacks."""
+    return {name: value.detach().clone() for name, value in net.named_buffers() if "." not in name}
+
+
 class TransformerPyfunc(mlflow.pyfunc.PythonModel):
     """The fine-tuned net with its tokenizer, scaler and config, rebuilt from artifacts."""
 
@@ -71,8 +77,9 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
         )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
-        # A model registered before its churn was calibrated: the identity.
-        state = {"churn_scale": torch.ones(()), "churn_shift": torch.zeros(()), **state}
+        # A model registered before its churn was calibrated: the identity; before its tiers
+        # were coherent (2026-11-29): its tier head's argmax.
+        state = {**_identity_buffers(self.net), **state}
         self.net.load_state_dict(state)
         self.net.to(device).eval()
 
@@ -89,7 +96,11 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
             int(params["batch_size"]),
         )
         return output_frame(
-            tiers, churn, embeddings if params["return_embedding"] else None, model_input.index
+            published_tiers(self.net, tiers, churn),
+            churn,
+            embeddings if params["return_embedding"] else None,
+            model_input.index,
+            self.net.tier_decision.cpu().numpy(),
         )
 
 
@@ -111,7 +122,8 @@ class SequencePyfunc(mlflow.pyfunc.PythonModel):
         self.net = SequenceNet(spec, len(self.scaler.columns), self.meta["fused_dim"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
-        self.net.load_state_dict(state)
+        # A net saved before its tiers were coherent (2026-11-29): its tier head's.
+        self.net.load_state_dict({**_identity_buffers(self.net), **state})
         self.net.to(device).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
@@ -123,7 +135,7 @@ class SequencePyfunc(mlflow.pyfunc.PythonModel):
             self.net, self.vocab, self.scaler, model_input, int(params["batch_size"])
         )
         return output_frame(
-            tiers,
+            published_tiers(self.net, tiers, churn),
             churn,
             embeddings if params["return_embedding"] else None,
             model_input.index,

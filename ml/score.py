@@ -147,7 +147,11 @@ def _stream_predictions(
                     reasons.explain(explained, chunk, out["value_tier"])
                     if explained is not None
                     else reasons.explain_sequence(
-                        python_model.net, python_model.vocab, python_model.scaler, chunk
+                        python_model.net,
+                        python_model.vocab,
+                        python_model.scaler,
+                        chunk,
+                        published=out["value_tier"],
                     )
                     if sequence_model
                     else None

@@ -46,7 +46,7 @@ from ml.data import (
     read_sequences,
     tier_index,
 )
-from ml.evaluate import fit_tier_weights
+from ml.evaluate import fit_tier_weights, published_tiers
 from ml.model import TINY_RANDOM, TwoHeadModule, packaged_minilm
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,10 @@ class SequenceNet(nn.Module):
         self.register_buffer("churn_shift", torch.zeros(()))
         # Tier decision weights for macro-F1, fitted on the validation cutoff (ml.evaluate).
         self.register_buffer("tier_decision", torch.ones(len(TIERS)))
+        # 1 once fitted to publish coherent tiers (``ml.evaluate.published_tiers``: p_lapsed is
+        # the churn probability); 0 in a net saved before 2026-11-29, which publishes its tier
+        # head's.
+        self.register_buffer("coherent", torch.zeros(()))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.heads(self.encoder(batch), batch["numeric"])
@@ -788,8 +792,13 @@ def fit_sequence_model(
     net = module.net.to(device).eval()
     ece = calibrate_churn(net, vocab, scaler, frames["validation"])
     log.info("churn calibration on the validation cutoff: ECE %.4f -> %.4f", *ece)
-    tiers, _, _ = predict_sequence_net(net, vocab, scaler, frames["validation"])
-    weights = fit_tier_weights(tiers, tier_index(frames["validation"]["value_tier"]))
+    # Coherent tiers (lapsed is churned: p_lapsed is the calibrated churn probability), with
+    # the decision weights fitted on them, as the ensembles and LightGBM publish.
+    net.coherent.fill_(1.0)
+    tiers, churn, _ = predict_sequence_net(net, vocab, scaler, frames["validation"])
+    weights = fit_tier_weights(
+        published_tiers(net, tiers, churn), tier_index(frames["validation"]["value_tier"])
+    )
     net.tier_decision.copy_(torch.as_tensor(weights, dtype=net.tier_decision.dtype))
     return FittedSequenceModel(
         net,
@@ -875,9 +884,25 @@ class SequenceClassifier:
         )
         return self
 
-    def predict(self, frame: pd.DataFrame):
+    def raw(self, frame: pd.DataFrame):
+        """The net's own outputs: its calibrated churn probability and its tier head's
+        probabilities (what an ensemble averages; no decision weights)."""
         from ml.predict import as_predictions
 
+        return as_predictions(*self._outputs(frame))
+
+    def predict(self, frame: pd.DataFrame):
+        """What the transformer publishes: coherent tiers (a net fitted before 2026-11-29, its
+        tier head's), chosen with its decision weights."""
+        from ml.predict import as_predictions
+
+        tiers, churn = self._outputs(frame)
+        net = self.fitted.net
+        return as_predictions(
+            published_tiers(net, tiers, churn), churn, net.tier_decision.cpu().numpy()
+        )
+
+    def _outputs(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         net = self.fitted.net
         chunks = (
             [frame]
@@ -891,9 +916,7 @@ class SequenceClassifier:
             predict_sequence_net(net, self.fitted.vocab, self.scaler, c, self.cfg.eval_batch_size)
             for c in chunks
         ]
-        tiers = np.concatenate([p[0] for p in parts])
-        churn = np.concatenate([p[1] for p in parts])
-        return as_predictions(tiers, churn, net.tier_decision.cpu().numpy())
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _with_sequences(self, frame: pd.DataFrame) -> pd.DataFrame:
         if self.source is None:

@@ -40,7 +40,14 @@ from ml.data import (
 )
 from ml.data import fingerprint as dataset_fingerprint
 from ml.ensemble import AveragedEnsemble, MeanEnsemble
-from ml.evaluate import Predictions, compute_metrics, paired_bootstrap, plot_all
+from ml.evaluate import (
+    Predictions,
+    compute_metrics,
+    fit_tier_weights,
+    paired_bootstrap,
+    plot_all,
+    published_tiers,
+)
 from ml.model import CustomerModel, load_tokenizer
 from ml.predict import as_predictions, predict_net
 
@@ -369,10 +376,20 @@ def _train_document(
         {"validation_churn_ece_uncalibrated": before, "validation_churn_ece_calibrated": after},
         run_id=run_id,
     )
+    # Coherent tiers (p_lapsed is the calibrated churn probability) with decision weights
+    # fitted on the validation cutoff, as the sequence model's.
+    net.coherent.fill_(1.0)
+    tiers, churn, _ = predict_net(
+        net, tokenizer, scaler, frames["validation"], cfg.max_length, cfg.eval_batch_size
+    )
+    weights = fit_tier_weights(
+        published_tiers(net, tiers, churn), tier_index(frames["validation"]["value_tier"])
+    )
+    net.tier_decision.copy_(torch.as_tensor(weights, dtype=net.tier_decision.dtype))
     tiers, churn, _ = predict_net(
         net, tokenizer, scaler, holdout, cfg.max_length, cfg.eval_batch_size, progress=True
     )
-    holdout_predictions = as_predictions(tiers, churn)
+    holdout_predictions = as_predictions(published_tiers(net, tiers, churn), churn, weights)
     metrics["transformer"] = _log_evaluation(
         "transformer", holdout, holdout_predictions, work / "plots"
     )
@@ -457,7 +474,7 @@ def _train_sequence(
         fitted.net, fitted.vocab, scaler, holdout, cfg.eval_batch_size, progress=True
     )
     predictions["transformer"] = as_predictions(
-        tiers, churn, fitted.net.tier_decision.cpu().numpy()
+        published_tiers(fitted.net, tiers, churn), churn, fitted.net.tier_decision.cpu().numpy()
     )
     metrics["transformer"] = _log_evaluation(
         "transformer", holdout, predictions["transformer"], work / "plots"

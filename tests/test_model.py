@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import mlflow
@@ -22,6 +23,7 @@ import torch
 from ml import backtest, registry
 from ml.config import DEFAULT_CONFIG, TrainConfig
 from ml.data import (
+    TIERS,
     CustomerDataModule,
     load_splits,
     read_mart,
@@ -34,6 +36,7 @@ from ml.evaluate import (
     Predictions,
     coherent_tiers,
     compute_metrics,
+    decide_tiers,
     fit_tier_weights,
     paired_bootstrap,
 )
@@ -274,7 +277,7 @@ def test_a_backtest_of_the_same_data_decides_between_the_transformer_and_its_sta
     )
     # Nor a backtest run by an earlier method (other labels judged, other models compared).
     store = mlflow.MlflowClient(uri)
-    store.set_tag(result.parent_run_id, "valueloop.backtest_method", "2026-11-28")
+    store.set_tag(result.parent_run_id, "valueloop.backtest_method", "2026-11-28.2")
     assert backtest.verdict(uri, warehouse.warehouse_path, latest, models, "customer_score") is None
     store.set_tag(result.parent_run_id, "valueloop.backtest_method", backtest.METHOD)
     assert (
@@ -409,6 +412,16 @@ def test_pyfunc_round_trip_gives_the_same_predictions(warehouse: Settings, tmp_p
     assert np.allclose(out["churn_probability"].to_numpy(), churn, atol=1e-5)
     assert np.allclose(out.filter(like="embedding_").to_numpy(), embeddings, atol=1e-5)
     assert loaded.metadata.get_input_schema() is not None
+    # A net saved before calibration, decision weights and coherent tiers loads as it was.
+    state = torch.load(model_dir / "net.pt", weights_only=True)
+    for name in ("churn_scale", "churn_shift", "tier_decision", "coherent"):
+        del state[name]
+    torch.save(state, model_dir / "net.pt")
+    old = registry.TransformerPyfunc()
+    old.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
+    before = old.predict(None, frame)
+    assert np.allclose(before[["p_high", "p_active", "p_lapsed"]].to_numpy(), tiers, atol=1e-5)
+    assert (before["value_tier"] == np.array(TIERS)[tiers.argmax(1)]).all()
     uri = "models:/roundtrip-model@challenger/requirements.txt"
     logged = Path(mlflow.artifacts.download_artifacts(uri))
     assert logged.read_text().split() == registry.pip_requirements()
@@ -712,5 +725,27 @@ def test_the_document_transformer_is_calibrated_on_the_validation_cutoff(
     assert len(runs) == 1 and "validation_churn_ece_uncalibrated" in runs[0].data.metrics
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{report.challenger_version}")
     validation = read_training_data(warehouse.warehouse_path, cfg).frames["validation"]
-    churn = model.predict(validation)["churn_probability"]
+    out = model.predict(validation)
+    churn = out["churn_probability"]
     assert churn.mean() == pytest.approx(validation["is_churned"].mean(), abs=0.01)
+    # Its tiers agree with it (P(lapsed) is the churn probability), chosen with decision
+    # weights fitted on the validation cutoff.
+    assert np.allclose(out["p_lapsed"], churn)
+    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].sum(axis=1), 1.0)
+    python_model = model.unwrap_python_model()
+    net = python_model.net
+    assert float(net.coherent) == 1.0
+    probs = out[["p_high", "p_active", "p_lapsed"]].to_numpy()
+    chosen = np.array(TIERS)[decide_tiers(probs, net.tier_decision.cpu().numpy())]
+    assert (out["value_tier"] == chosen).all()
+    # The weights are those that maximise macro-F1 on the coherent tiers of the validation rows.
+    tiers, p, _ = predict_net(
+        net,
+        python_model.tokenizer,
+        python_model.scaler,
+        validation,
+        python_model.meta["max_length"],
+        cfg.eval_batch_size,
+    )
+    expected = fit_tier_weights(coherent_tiers(tiers, p), tier_index(validation["value_tier"]))
+    np.testing.assert_allclose(net.tier_decision.cpu().numpy(), expected, rtol=1e-6)

@@ -15,11 +15,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
+import torch
 import yaml
 
 from ml import reasons, registry, sequence
 from ml.config import DEFAULT_CONFIG, TrainConfig
-from ml.data import SEQUENCE_COLUMN, TIERS, read_mart, read_training_data, to_model_input
+from ml.data import (
+    SEQUENCE_COLUMN,
+    TIERS,
+    md5_sample,
+    read_mart,
+    read_training_data,
+    tier_index,
+    to_model_input,
+)
+from ml.ensemble import MeanEnsemble
+from ml.evaluate import coherent_tiers, decide_tiers, fit_tier_weights
 from ml.model import TINY_RANDOM
 from tests.conftest import REPO_ROOT
 from valueloop.config import Settings, load_settings
@@ -196,8 +207,22 @@ def test_sequence_pyfunc_round_trip_gives_the_same_predictions(
         )
     loaded = mlflow.pyfunc.load_model(f"models:/sequence-roundtrip/{version}")
     out = loaded.predict(frame, params={"return_embedding": True})
-    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].to_numpy(), tiers, atol=1e-5)
+    # It publishes coherent tiers: P(lapsed) is its churn probability, high and active share
+    # the rest as its tier head does; the tier chosen with its decision weights.
+    published = coherent_tiers(tiers, churn)
+    assert np.allclose(out[["p_high", "p_active", "p_lapsed"]].to_numpy(), published, atol=1e-5)
     assert np.allclose(out["churn_probability"].to_numpy(), churn, atol=1e-5)
+    assert np.allclose(out["p_lapsed"], out["churn_probability"])
+    weights = model.fitted.net.tier_decision.cpu().numpy()
+    assert (out["value_tier"] == np.array(TIERS)[decide_tiers(published, weights)]).all()
+    assert not np.allclose(published, tiers, atol=1e-3)  # the tier head alone says otherwise
+    # A net saved before 2026-11-29 (no coherent flag) loads and publishes its tier head's.
+    state = torch.load(model_dir / "net.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "coherent"}, model_dir / "net.pt")
+    old = registry.SequencePyfunc()
+    old.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
+    before = old.predict(None, frame)
+    assert np.allclose(before[["p_high", "p_active", "p_lapsed"]].to_numpy(), tiers, atol=1e-5)
     assert np.allclose(out.filter(like="embedding_").to_numpy(), embeddings, atol=1e-5)
     assert SEQUENCE_COLUMN in loaded.metadata.get_input_schema().input_names()
     # A customer's events change its scores: the model reads the sequence.
@@ -247,11 +272,13 @@ def test_a_sequence_champion_scores_every_customer_through_valueloop_score(
         scores = con.execute(
             "select count(*), min(model_version), max(model_version), "
             "count(*) filter (where churn_probability between 0 and 1), "
-            "count(*) filter (where churn_reasons <> '' and tier_reasons is not null) "
+            "count(*) filter (where churn_reasons <> '' and tier_reasons is not null), "
+            "count(*) filter (where abs(p_lapsed - churn_probability) < 1e-9) "
             "from marts.customer_scores"
         ).fetchone()
-    # Every customer scored by this version, with reason codes from integrated gradients.
-    assert scores == (customers, version, version, customers, customers)
+    # Every customer scored by this version, with reason codes from integrated gradients, and
+    # one answer to "will they lapse": P(lapsed) is the churn probability.
+    assert scores == (customers, version, version, customers, customers, customers)
 
 
 def test_sequence_reason_codes_name_real_features_and_events_and_are_stable(fitted) -> None:
@@ -271,6 +298,59 @@ def test_sequence_reason_codes_name_real_features_and_events_and_are_stable(fitt
         drivers = [d.rsplit(" (", 1)[0] for d in parts]
         assert 1 <= len(drivers) <= 3 and set(drivers) <= known, (drivers, row["customer_id"])
         assert all(d.endswith(("raises risk)", "lowers risk)")) for d in parts)
+
+
+def test_a_coherent_sequence_model_explains_the_tiers_it_publishes(fitted) -> None:
+    """The fitted transformer publishes P(lapsed) = its churn probability (its tier head's
+    probabilities are what an ensemble averages: ``raw``), and its reasons explain the
+    published tiers: a lapsed one by the drivers that raise the churn risk."""
+    _, frames, _, _, model = fitted
+    frame = to_model_input(frames["test"].head(120))
+    out, raw = model.predict(frame), model.raw(frame)
+    assert float(model.fitted.net.coherent) == 1.0
+    assert np.allclose(out.churn_prob, raw.churn_prob)
+    assert np.allclose(out.tier_probs[:, TIERS.index("lapsed")], out.churn_prob)
+    assert np.allclose(out.tier_probs, coherent_tiers(raw.tier_probs, raw.churn_prob))
+    assert raw.tier_weights is None and out.tier_weights is not None
+    net, vocab, scaler = model.fitted.net, model.fitted.vocab, model.scaler
+    # ``raw`` is the tier head's own, which the stack averages (not coherent).
+    head, _, _ = sequence.predict_sequence_net(net, vocab, scaler, frame)
+    np.testing.assert_allclose(raw.tier_probs, head, atol=1e-6)
+    assert not np.allclose(raw.tier_probs[:, TIERS.index("lapsed")], raw.churn_prob, atol=1e-3)
+    stacked = MeanEnsemble([model], "one")._raw(frame)[1][0]
+    np.testing.assert_allclose(stacked.tier_probs, head, atol=1e-6)
+    # The decision weights were fitted on the coherent tiers of the validation rows it drew.
+    drawn = md5_sample(frames["validation"], model.cfg.max_val_rows, model.cfg.seed, "value_tier")
+    tiers, churn, _ = sequence.predict_sequence_net(net, vocab, scaler, drawn)
+    expected = fit_tier_weights(coherent_tiers(tiers, churn), tier_index(drawn["value_tier"]))
+    np.testing.assert_allclose(out.tier_weights, expected, rtol=1e-6)
+    published = pd.Series([TIERS[i] for i in out.predicted_tiers()], index=frame.index)
+    why = reasons.explain_sequence(net, vocab, scaler, frame, published=published)
+    pd.testing.assert_frame_equal(  # the same model and customers, the same reasons
+        why, reasons.explain_sequence(net, vocab, scaler, frame, published=published)
+    )
+    # Without the published tiers, it works them out the same way.
+    pd.testing.assert_frame_equal(why, reasons.explain_sequence(net, vocab, scaler, frame))
+    # Batched otherwise (other padding), the same attributions up to float rounding.
+    member = SimpleNamespace(fitted=model.fitted, scaler=scaler)
+    one, other = (
+        reasons.ensemble_attributions(SimpleNamespace(members=[member]), frame, published, size)
+        for size in (256, 7)
+    )
+    np.testing.assert_allclose(one.churn_attr, other.churn_attr, atol=1e-6)
+    np.testing.assert_allclose(one.tier_attr, other.tier_attr, atol=1e-6)
+    said = why["tier_reasons"].str.extract(r"\(supports (\w+)\)")[0].dropna()
+    assert (said == published[said.index]).all() and len(said) > 0.8 * len(frame)
+    lapsed = published.index[published == "lapsed"]
+    assert len(lapsed) > 0, published.value_counts()
+    for i in lapsed:
+        raising = [
+            p.rsplit(" (", 1)[0]
+            for p in why.at[i, "churn_reasons"].split("; ")
+            if "raises risk" in p
+        ]
+        supports = [p.rsplit(" (", 1)[0] for p in why.at[i, "tier_reasons"].split("; ")]
+        assert supports[: len(raising)] == raising, (why.loc[i].to_dict(), raising)
 
 
 def test_an_event_phrase_describes_the_event_at_its_position_newest_first() -> None:
