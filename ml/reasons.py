@@ -159,15 +159,22 @@ def _texts(
     return pd.DataFrame({"churn_reasons": churn_text, "tier_reasons": tier_text}, index=frame.index)
 
 
-def _tree_contributions(trees, frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _tree_contributions(
+    trees, frame: pd.DataFrame, tier_rows: np.ndarray | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """LightGBM's exact TreeSHAP: its feature names, the churn log-odds contributions
     (rows x features + 1, the expected value last) and the tier raw-score contributions
-    (rows x tiers x features + 1)."""
+    (rows x tiers x features + 1; only for the ``tier_rows`` mask when given, zero elsewhere:
+    the three-class tier model is most of the cost)."""
     x = trees._matrix(frame)
     names = list(x.columns)
     churn = trees.churn_model.predict(x, pred_contrib=True)
-    tier = trees.tier_model.predict(x, pred_contrib=True)
-    return names, churn, tier.reshape(len(frame), len(TIERS), len(names) + 1)
+    tier = np.zeros((len(frame), len(TIERS), len(names) + 1))
+    chosen = np.ones(len(frame), bool) if tier_rows is None else tier_rows
+    if chosen.any():
+        found = trees.tier_model.predict(x[chosen], pred_contrib=True)
+        tier[chosen] = found.reshape(int(chosen.sum()), len(TIERS), len(names) + 1)
+    return names, churn, tier
 
 
 def explain(model, frame: pd.DataFrame, published: pd.Series | None = None):
@@ -222,13 +229,17 @@ def _event_phrase(events: dict, newest_first_position: int) -> str:
     return f"{kind} of {abs(events['amount'][index]):,.2f}, {when}"
 
 
-def _sequence_attributions(net, vocab, scaler, frame: pd.DataFrame, pick, batch_size: int):
+def _sequence_attributions(
+    net, vocab, scaler, frame: pd.DataFrame, pick, batch_size: int, tier_rows=None
+):
     """Integrated gradients (Sundararajan et al., 2017; captum) from a baseline customer (mean
     features, events that carry nothing) to each customer, through both inputs of the net:
     of the churn logit, and of a tier logit, or the difference of two, that ``pick(tier
     probabilities, rows)`` chooses per row as (plus, minus or None). Returns, per row, the
     churn and the tier attributions (features, then events newest first), the churn logit,
-    the chosen tier logit (or difference), the tier probabilities and ``plus``."""
+    the chosen tier logit (or difference), the tier probabilities and ``plus``. The tier's
+    integrated gradients are taken only for the ``tier_rows`` mask when given (zero
+    elsewhere): they are half the cost."""
     import torch
     from captum.attr import IntegratedGradients
 
@@ -263,17 +274,27 @@ def _sequence_attributions(net, vocab, scaler, frame: pd.DataFrame, pick, batch_
             torch.as_tensor(plus, device=device),
             None if minus is None else torch.as_tensor(minus, device=device),
         )
-        inputs = (batch["numeric"], events)
-        baselines = (torch.zeros_like(inputs[0]), torch.zeros_like(events))
-        extra = (batch["mask"], *indices)
+        wanted = np.ones(len(rows), bool) if tier_rows is None else np.asarray(tier_rows)[rows]
         for key, fn in (("churn", churn), ("tier", tier)):
-            numeric_attr, event_attr = IntegratedGradients(fn).attribute(
-                inputs, baselines, additional_forward_args=extra, n_steps=IG_STEPS
-            )
-            per_event = (event_attr.sum(-1) * batch["mask"]).detach().cpu().numpy()
-            padded = np.zeros((len(rows), vocab.max_events))
-            padded[:, : per_event.shape[1]] = per_event
-            parts[key].append(np.concatenate([numeric_attr.detach().cpu().numpy(), padded], 1))
+            found = np.zeros((len(rows), batch["numeric"].shape[1] + vocab.max_events))
+            keep = slice(None) if key == "churn" or wanted.all() else np.flatnonzero(wanted)
+            if key == "churn" or wanted.any():
+                keep_t = keep if isinstance(keep, slice) else torch.as_tensor(keep, device=device)
+                numeric, mask = batch["numeric"][keep_t], batch["mask"][keep_t]
+                numeric_attr, event_attr = IntegratedGradients(fn).attribute(
+                    (numeric, events[keep_t]),
+                    (torch.zeros_like(numeric), torch.zeros_like(events[keep_t])),
+                    additional_forward_args=(
+                        mask,
+                        *(None if i is None else i[keep_t] for i in indices),
+                    ),
+                    n_steps=IG_STEPS,
+                )
+                per_event = (event_attr.sum(-1) * mask).detach().cpu().numpy()
+                width = numeric_attr.shape[1]
+                found[keep, :width] = numeric_attr.detach().cpu().numpy()
+                found[keep, width : width + per_event.shape[1]] = per_event
+            parts[key].append(found)
         logits = out["tier_logits"].float()
         chosen = logits.gather(1, indices[0][:, None]).squeeze(1)
         if indices[1] is not None:
@@ -497,7 +518,7 @@ def ensemble_attributions(
     event_names: list[str] | None = None
     for member in members:
         if isinstance(member, LightGBMBaseline):
-            names, churn, tier_all = _tree_contributions(member, frame)
+            names, churn, tier_all = _tree_contributions(member, frame, buyer)
             width = len(names)
             churn_probs.append(_sigmoid(churn.sum(1)))
             churn_parts.append(drivers.place(names, as_probability(churn.sum(1), churn[:, :width])))
@@ -521,6 +542,7 @@ def ensemble_attributions(
                 frame,
                 lambda probs, rows: (plus[rows], minus[rows]),
                 batch_size,
+                buyer,  # a lapsed tier is explained by the churn drivers alone
             )
             width = len(names)
             churn_attr = as_probability(found["churn_out"], found["churn"])

@@ -162,3 +162,27 @@ def test_lightgbm_publishes_coherent_tiers_and_explains_those() -> None:
     before = model.predict(customers)
     assert np.allclose(before.churn_prob, raw.churn_prob)
     assert np.allclose(before.tier_probs, raw.tier_probs) and before.tier_weights is None
+
+
+def test_tier_attributions_are_taken_for_buyers_only_and_change_nothing(monkeypatch) -> None:
+    """The tier model's TreeSHAP (most of a LightGBM's reason cost) is computed only for the
+    customers published as buyers: a lapsed tier is explained by the churn drivers. The
+    attributions are exactly those computed for every customer."""
+    train, validation = _customers(3000, 0), _customers(800, 1)
+    model = LightGBMBaseline(FEATURES, 0).fit(train, validation)
+    customers = _customers(300, 2)
+    out = model.predict(customers)
+    published = pd.Series([TIERS[i] for i in out.predicted_tiers()], index=customers.index)
+    buyer = (published != "lapsed").to_numpy()
+    assert 10 < buyer.sum() < len(buyer) - 10
+    _, _, everyone = reasons._tree_contributions(model, customers)
+    _, _, buyers = reasons._tree_contributions(model, customers, buyer)
+    assert np.array_equal(buyers[buyer], everyone[buyer]) and not buyers[~buyer].any()
+    found = reasons.ensemble_attributions(model, customers, published)
+    full = reasons._tree_contributions
+    monkeypatch.setattr(
+        reasons, "_tree_contributions", lambda trees, frame, rows=None: full(trees, frame)
+    )
+    every = reasons.ensemble_attributions(model, customers, published)
+    np.testing.assert_allclose(found.churn_attr, every.churn_attr, atol=1e-12)
+    np.testing.assert_allclose(found.tier_attr, every.tier_attr, atol=1e-12)

@@ -300,7 +300,7 @@ def test_sequence_reason_codes_name_real_features_and_events_and_are_stable(fitt
         assert all(d.endswith(("raises risk)", "lowers risk)")) for d in parts)
 
 
-def test_a_coherent_sequence_model_explains_the_tiers_it_publishes(fitted) -> None:
+def test_a_coherent_sequence_model_explains_the_tiers_it_publishes(fitted, monkeypatch) -> None:
     """The fitted transformer publishes P(lapsed) = its churn probability (its tier head's
     probabilities are what an ensemble averages: ``raw``), and its reasons explain the
     published tiers: a lapsed one by the drivers that raise the churn risk."""
@@ -339,6 +339,13 @@ def test_a_coherent_sequence_model_explains_the_tiers_it_publishes(fitted) -> No
     )
     np.testing.assert_allclose(one.churn_attr, other.churn_attr, atol=1e-6)
     np.testing.assert_allclose(one.tier_attr, other.tier_attr, atol=1e-6)
+    # The tier's integrated gradients are taken for the buyers only (a lapsed tier is explained
+    # by the churn drivers): the same as taking them for everyone.
+    full = reasons._sequence_attributions
+    monkeypatch.setattr(reasons, "_sequence_attributions", lambda *a: full(*a[:6]))
+    every = reasons.ensemble_attributions(SimpleNamespace(members=[member]), frame, published)
+    np.testing.assert_allclose(one.tier_attr, every.tier_attr, atol=1e-6)
+    monkeypatch.undo()
     said = why["tier_reasons"].str.extract(r"\(supports (\w+)\)")[0].dropna()
     assert (said == published[said.index]).all() and len(said) > 0.8 * len(frame)
     lapsed = published.index[published == "lapsed"]
