@@ -89,10 +89,10 @@ LEADS_METRIC = "customer_score"
 LEADS_ARTIFACT = f"backtest_{LEADS_METRIC}_leads.csv"
 # What a backtest's figures mean: bumped when the labels it judges or the models it compares
 # change (2026-11-28: tiers drawn with each cutoff's own threshold, coherent ensemble tiers;
-# 2026-11-28.2: LightGBM's coherent tiers with decision weights; 2026-11-29: the sequence
+# 2026-11-28.2: LightGBM's coherent tiers with decision weights; 2026-11-28.3: the sequence
 # transformer's coherent tiers), so that a training run is never decided by a backtest of
 # other models (``verdict``).
-METHOD = "2026-11-29"
+METHOD = "2026-11-28.3"
 # Customers read per cutoff: bounds the backtest's memory (about 1.5 KiB a row in pandas).
 MAX_ROWS_PER_CUTOFF = 100_000
 
