@@ -65,7 +65,8 @@ def coherent_tiers(tier_probs: np.ndarray, churn_prob: np.ndarray) -> np.ndarray
 def published_tiers(net, tier_probs: np.ndarray, churn_prob: np.ndarray) -> np.ndarray:
     """The tier probabilities a transformer's net publishes: coherent with its churn
     probability (:func:`coherent_tiers`) when it was fitted so (its ``coherent`` buffer is 1,
-    nets fitted since 2026-11-28), else its tier head's, as a net saved before publishes."""
+    nets fitted since backtest method 2026-11-28.3), else its tier head's, as a net saved
+    before publishes."""
     flag = getattr(net, "coherent", None)
     if flag is None or not float(flag):
         return tier_probs

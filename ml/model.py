@@ -85,8 +85,8 @@ class CustomerNet(nn.Module):
         self.register_buffer("churn_scale", torch.ones(()))
         self.register_buffer("churn_shift", torch.zeros(()))
         # Tier decision weights for macro-F1 and the coherent-tiers flag, set on the validation
-        # cutoff after training (as ``ml.sequence.SequenceNet``'s); a net saved before
-        # 2026-11-28 has neither and publishes its tier head's argmax.
+        # cutoff after training (as ``ml.sequence.SequenceNet``'s); a net saved before coherent
+        # tiers has neither and publishes its tier head's argmax.
         self.register_buffer("tier_decision", torch.ones(len(TIERS)))
         self.register_buffer("coherent", torch.zeros(()))
         # The encoder's pooler never reaches the loss (we mean-pool): frozen, so that DDP does

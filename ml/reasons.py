@@ -16,11 +16,11 @@ Each feature is written as a sentence about the customer ("no order in 120 days,
 every 30"; "spend down 60% over 90 days"), with a plain fallback for features without one.
 The same model and customer always give the same reasons. A sequence-transformer champion gets
 its reasons from integrated gradients (:func:`explain_sequence`): its drivers are features and
-single events (a net publishing coherent tiers, since 2026-11-28, is explained as an ensemble
-of one). An ensemble champion (the stack; LightGBM with BG/NBD) is explained through all of
-its members, combined as it combines their outputs (:func:`explain_ensemble`; until
-2026-11-28 by its LightGBM member alone). The document transformer gets none (attributions
-through its text encoder are not built).
+single events (a net publishing coherent tiers, fitted since backtest method 2026-11-28.3, is
+explained as an ensemble of one). An ensemble champion (the stack; LightGBM with BG/NBD) is
+explained through all of its members, combined as it combines their outputs
+(:func:`explain_ensemble`; until 2026-11-28 by its LightGBM member alone). The document
+transformer gets none (attributions through its text encoder are not built).
 """
 
 from __future__ import annotations
@@ -329,10 +329,10 @@ def explain_sequence(
     the tree models, and single events ("order of 35.20, 12 days ago"). Deterministic for a
     fixed model and customer.
 
-    A net that publishes coherent tiers (fitted since 2026-11-28) is explained as an ensemble
-    of one (:func:`ensemble_attributions`), for the tiers it ``published`` (computed here when
-    not given): a lapsed tier by what raises the churn risk, since ``p_lapsed`` is its churn
-    probability."""
+    A net that publishes coherent tiers (fitted since method 2026-11-28.3) is explained as an
+    ensemble of one (:func:`ensemble_attributions`), for the tiers it ``published`` (computed
+    here when not given): a lapsed tier by what raises the churn risk, since ``p_lapsed`` is
+    its churn probability."""
     from types import SimpleNamespace
 
     from ml.evaluate import decide_tiers, published_tiers

@@ -78,7 +78,7 @@ class TransformerPyfunc(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
         # A model registered before its churn was calibrated: the identity; before its tiers
-        # were coherent (2026-11-28): its tier head's argmax.
+        # were coherent: its tier head's argmax.
         state = {**_identity_buffers(self.net), **state}
         self.net.load_state_dict(state)
         self.net.to(device).eval()
@@ -122,7 +122,7 @@ class SequencePyfunc(mlflow.pyfunc.PythonModel):
         self.net = SequenceNet(spec, len(self.scaler.columns), self.meta["fused_dim"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = torch.load(folder / "net.pt", map_location=device, weights_only=True)
-        # A net saved before its tiers were coherent (2026-11-28): its tier head's.
+        # A net saved before its tiers were coherent: its tier head's.
         self.net.load_state_dict({**_identity_buffers(self.net), **state})
         self.net.to(device).eval()
 

@@ -355,8 +355,8 @@ class SequenceNet(nn.Module):
         # Tier decision weights for macro-F1, fitted on the validation cutoff (ml.evaluate).
         self.register_buffer("tier_decision", torch.ones(len(TIERS)))
         # 1 once fitted to publish coherent tiers (``ml.evaluate.published_tiers``: p_lapsed is
-        # the churn probability); 0 in a net saved before 2026-11-28, which publishes its tier
-        # head's.
+        # the churn probability); 0 in a net saved before coherent tiers, which publishes its
+        # tier head's.
         self.register_buffer("coherent", torch.zeros(()))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -892,7 +892,7 @@ class SequenceClassifier:
         return as_predictions(*self._outputs(frame))
 
     def predict(self, frame: pd.DataFrame):
-        """What the transformer publishes: coherent tiers (a net fitted before 2026-11-28, its
+        """What the transformer publishes: coherent tiers (a net fitted before coherent tiers, its
         tier head's), chosen with its decision weights."""
         from ml.predict import as_predictions
 

@@ -216,7 +216,7 @@ def test_sequence_pyfunc_round_trip_gives_the_same_predictions(
     weights = model.fitted.net.tier_decision.cpu().numpy()
     assert (out["value_tier"] == np.array(TIERS)[decide_tiers(published, weights)]).all()
     assert not np.allclose(published, tiers, atol=1e-3)  # the tier head alone says otherwise
-    # A net saved before 2026-11-28 (no coherent flag) loads and publishes its tier head's.
+    # A net saved before coherent tiers (no coherent flag) loads and publishes its tier head's.
     state = torch.load(model_dir / "net.pt", weights_only=True)
     torch.save({k: v for k, v in state.items() if k != "coherent"}, model_dir / "net.pt")
     old = registry.SequencePyfunc()
