@@ -217,6 +217,10 @@ def _tier_indices(published: pd.Series) -> np.ndarray:
 # features and its events.
 
 IG_STEPS = 16
+# Customers per batch of integrated gradients (each runs IG_STEPS interpolations of them at
+# once): on 2 CPU cores 64 explained the stack's transformer faster than 16 or 256
+# (BENCHMARKS.md, "Reason codes").
+IG_BATCH = 64
 
 
 def _event_phrase(events: dict, newest_first_position: int) -> str:
@@ -262,8 +266,11 @@ def _sequence_attributions(
 
     parts: dict[str, list] = {k: [] for k in ("churn", "tier", "churn_out", "tier_out", "probs")}
     parts["plus"] = []
+    # Customers of like sequence length batched together, as predict_sequence_net does: a
+    # batch is padded to its longest sequence, and integrated gradients run every step on it.
+    order = np.argsort(dataset.events.lengths, kind="stable")
     for start in range(0, len(dataset), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(dataset)))
+        rows = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in dataset.batch(rows).items()}
         with torch.no_grad():
             events = net.encoder.embed(batch)
@@ -303,7 +310,8 @@ def _sequence_attributions(
         parts["tier_out"].append(chosen.cpu().numpy())
         parts["probs"].append(probs)
         parts["plus"].append(np.asarray(plus))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    back = np.argsort(order, kind="stable")  # into the frame's order
+    return {k: np.concatenate(v)[back] for k, v in parts.items()}
 
 
 def _sequence_driver(names: list[str]):
@@ -321,7 +329,7 @@ def _sequence_driver(names: list[str]):
 
 
 def explain_sequence(
-    net, vocab, scaler, frame: pd.DataFrame, batch_size: int = 256, published=None
+    net, vocab, scaler, frame: pd.DataFrame, batch_size: int = IG_BATCH, published=None
 ):
     """``churn_reasons`` and ``tier_reasons`` of the sequence transformer: integrated gradients
     from a baseline customer (mean features, events that carry nothing) to this one, on the
@@ -458,7 +466,7 @@ class EnsembleAttributions:
 
 
 def explain_ensemble(
-    model, frame: pd.DataFrame, published: pd.Series, batch_size: int = 256
+    model, frame: pd.DataFrame, published: pd.Series, batch_size: int = IG_BATCH
 ) -> pd.DataFrame:
     """The reason columns of an ensemble (:func:`ensemble_attributions`) in words."""
     found = ensemble_attributions(model, frame, published, batch_size)
@@ -474,7 +482,7 @@ def explain_ensemble(
 
 
 def ensemble_attributions(
-    model, frame: pd.DataFrame, published: pd.Series, batch_size: int = 256
+    model, frame: pd.DataFrame, published: pd.Series, batch_size: int = IG_BATCH
 ) -> EnsembleAttributions:
     """The reasons of an ensemble whose tiers agree with its churn probability
     (:class:`ml.ensemble.MeanEnsemble`, :class:`ml.ensemble.AveragedEnsemble`; a
