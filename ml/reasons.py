@@ -244,9 +244,10 @@ def _sequence_attributions(
     of the churn logit, and of a tier logit, or the difference of two, that ``pick(tier
     probabilities, rows)`` chooses per row as (plus, minus or None). Returns, per row, the
     churn and the tier attributions (features, then events newest first), the churn logit,
-    the chosen tier logit (or difference), the tier probabilities and ``plus``. The tier's
-    integrated gradients are taken only for the ``tier_rows`` mask when given (zero
-    elsewhere): they are half the cost."""
+    the chosen tier logit (or difference), the tier probabilities and ``plus``, all in the
+    frame's order. The tier's integrated gradients are taken only for the ``tier_rows`` mask
+    when given (zero elsewhere): they are half the cost. Customers go in batches sorted by
+    sequence length, so ``rows`` (what ``pick`` gets) are frame positions in that order."""
     import torch
     from captum.attr import IntegratedGradients
 
@@ -536,7 +537,7 @@ def ensemble_attributions(
             rows = np.arange(n)
             odds = tier_all[rows, plus] - tier_all[rows, minus]
             share_parts.append(drivers.place(names, as_probability(odds.sum(1), odds[:, :width])))
-            raw = tier_all.sum(2)
+            raw = tier_all.sum(2)  # zero for the lapsed (no tier contributions): unused there
             buyer_probs.append(np.exp(raw - raw.max(1, keepdims=True)))
         elif isinstance(member, BGNBDBaseline):
             churn_probs.append(member.predict(frame).churn_prob)

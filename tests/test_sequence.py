@@ -339,13 +339,36 @@ def test_a_coherent_sequence_model_explains_the_tiers_it_publishes(fitted, monke
     )
     np.testing.assert_allclose(one.churn_attr, other.churn_attr, atol=1e-6)
     np.testing.assert_allclose(one.tier_attr, other.tier_attr, atol=1e-6)
+    # The same customers in another order: the same attributions, in that order (customers are
+    # explained in batches sorted by sequence length, then put back).
+    perm = np.random.default_rng(0).permutation(len(frame))
+    shuffled = reasons.ensemble_attributions(
+        SimpleNamespace(members=[member]), frame.iloc[perm], published.iloc[perm]
+    )
+    np.testing.assert_allclose(shuffled.churn_attr, one.churn_attr[perm], atol=1e-6)
+    np.testing.assert_allclose(shuffled.tier_attr, one.tier_attr[perm], atol=1e-6)
     # The tier's integrated gradients are taken for the buyers only (a lapsed tier is explained
     # by the churn drivers): the same as taking them for everyone.
+    buyers = (published != "lapsed").sum()
+    assert 5 < buyers < len(published) - 5, published.value_counts()
     full = reasons._sequence_attributions
     monkeypatch.setattr(reasons, "_sequence_attributions", lambda *a: full(*a[:6]))
     every = reasons.ensemble_attributions(SimpleNamespace(members=[member]), frame, published)
     np.testing.assert_allclose(one.tier_attr, every.tier_attr, atol=1e-6)
     monkeypatch.undo()
+    # A net saved before coherent tiers is explained by its tier head: each customer's tier
+    # reasons support the tier its head and decision weights choose for them.
+    import copy
+
+    old = copy.deepcopy(net)
+    old.coherent.fill_(0.0)
+    head_probs, _, _ = sequence.predict_sequence_net(old, vocab, scaler, frame)
+    chosen = np.array(TIERS)[decide_tiers(head_probs, old.tier_decision.cpu().numpy())]
+    said = reasons.explain_sequence(old, vocab, scaler, frame)["tier_reasons"].str.extract(
+        r"\(supports (\w+)\)"
+    )[0]
+    assert said.notna().mean() > 0.8
+    assert (said.dropna() == pd.Series(chosen, index=frame.index)[said.dropna().index]).all()
     said = why["tier_reasons"].str.extract(r"\(supports (\w+)\)")[0].dropna()
     assert (said == published[said.index]).all() and len(said) > 0.8 * len(frame)
     lapsed = published.index[published == "lapsed"]
