@@ -186,3 +186,52 @@ def test_tier_attributions_are_taken_for_buyers_only_and_change_nothing(monkeypa
     every = reasons.ensemble_attributions(model, customers, published)
     np.testing.assert_allclose(found.churn_attr, every.churn_attr, atol=1e-12)
     np.testing.assert_allclose(found.tier_attr, every.tier_attr, atol=1e-12)
+
+
+def test_the_last_order_day_is_one_driver_with_the_days_since_it() -> None:
+    """The events of the orders on the day ``recency_days`` counts from are folded into it, so
+    a customer's reasons never say "no order in 30 days (raises risk)" beside "order of 20.00,
+    30 days ago (lowers risk)": other events, other features and every total stay as they are."""
+    import json
+
+    from ml.data import SEQUENCE_COLUMN
+
+    names = ["recency_days", "frequency"]
+    events = {  # oldest first: an order 90 days ago, a return 40 days ago, two orders 30 days ago
+        "kind": ["order", "return", "order", "order"],
+        "days_before": [90, 40, 30, 30],
+        "amount": [10.0, -5.0, 20.0, 7.5],
+    }
+    frame = pd.DataFrame(
+        {
+            "recency_days": [30.0, np.nan, 12.0],
+            SEQUENCE_COLUMN: [json.dumps(events), "{}", json.dumps(events)],
+        }
+    )
+    # rows x (recency, frequency, events newest first: order 30, order 30, return 40, order 90)
+    churn = np.array(
+        [
+            [0.30, 0.05, -0.10, -0.15, 0.02, -0.01],
+            [0.00, 0.10, 0.00, 0.00, 0.00, 0.00],
+            [0.20, 0.05, -0.10, -0.15, 0.02, -0.01],
+        ]
+    )
+    tier = churn * 2
+    folded_churn, folded_tier = reasons.fold_last_order(frame, names, churn, tier)
+    assert np.allclose(folded_churn[0], [0.05, 0.05, 0.0, 0.0, 0.02, -0.01])
+    assert np.allclose(folded_tier[0], 2 * folded_churn[0])
+    # No order yet, or no order on the day the days since the last order count from: untouched.
+    assert np.array_equal(folded_churn[1:], churn[1:])
+    assert np.allclose(folded_churn.sum(1), churn.sum(1))
+    assert np.array_equal(churn[0], [0.30, 0.05, -0.10, -0.15, 0.02, -0.01])  # not in place
+    # Without events, or without the recency feature, there is nothing to fold.
+    assert reasons.fold_last_order(frame, names + ["x"] * 4, churn)[0] is churn
+    assert reasons.fold_last_order(frame, ["x", "frequency"], churn)[0] is churn
+
+
+def test_a_missing_feature_says_what_its_absence_means() -> None:
+    row = {"ipt_max_days": np.nan, "avg_rating": None, "recency_days": np.nan, "country": "UK"}
+    assert reasons.phrase("ipt_max_days", row) == "no repeat order yet"
+    assert reasons.phrase("avg_rating", row) == "no reviews written"
+    assert reasons.phrase("recency_days", row) == "recency days unknown"
+    assert reasons.phrase("country", row) == "country UK"
