@@ -139,8 +139,9 @@ def noise_bound(
     truth = profit[columns].to_numpy()
     margin = target.margin
     cost = np.array([target.costs[a] for a in columns])
-    error = margin * learner.std_errors(frame)[columns].to_numpy()
-    shared = margin * learner.shared_std_errors(frame)[columns].to_numpy()
+    scale = np.array([uplift.profit_error_scale(learner, margin)[a] for a in columns])
+    error = scale * learner.std_errors(frame)[columns].to_numpy()
+    shared = scale * learner.shared_std_errors(frame)[columns].to_numpy()
     allowed = np.array([[a in e for a in columns] for e in target.eligible], dtype=bool)
     names = np.asarray(columns, dtype=object)
     _, cell = np.unique(learner._cells(frame), return_inverse=True)

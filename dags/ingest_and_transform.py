@@ -7,11 +7,16 @@ rebuilds it:
 1. **land**: list the landed files (`simulator/`, `online-retail/`, `transactions/`);
 2. **ingest**: load them into schema `raw` (a file already loaded is skipped; bad rows go to
    `raw.quarantine`);
-3. **check_raw**: the Great Expectations `raw` checkpoint (a critical failure stops the run);
+   **anything_new**: a scheduled run with no new file, and no data loaded since the marts were
+   last built here, stops (the rest skipped): nothing would change, and the marts asset would
+   rescore the same customers and re-measure the same drift every day. A run someone
+   triggers (the UI, `valueloop run`) always goes on: new dbt models, a withdrawn batch;
+3. **check_raw**: the Great Expectations `raw` checkpoint (a critical failure stops the run;
+   on success the raw asset is updated);
 4. **dbt**: the dbt project rendered by astronomer-cosmos, one task per model (`dbt build`
    of the model: run, then its tests), in dependency order;
-5. **check_marts**: the `marts` checkpoint; on success the marts asset is updated, which
-   triggers `score_customers`;
+5. **check_marts**: the `marts` checkpoint; on success the build is recorded
+   (`raw.marts_builds`) and the marts asset is updated, which triggers `score_customers`;
 6. **decide_retraining**: the loop's triggers (no champion, new label corrections, drift,
    schedule, new campaign outcomes); when one fires, **request_retraining** updates the
    retrain asset with the reasons, which triggers `train_model`.
@@ -54,13 +59,25 @@ def ingest_and_transform():
 
         return pipeline.land(load_settings())
 
-    @task(pool=WAREHOUSE_POOL, outlets=[RAW])
-    def ingest(items: list[dict[str, str]]) -> dict[str, int]:
+    @task(pool=WAREHOUSE_POOL)
+    def ingest(items: list[dict[str, str]]) -> dict[str, object]:
+        from valueloop import pipeline, transform
+
+        settings = load_settings()
+        totals = pipeline.ingest_landed(settings, items)
+        return {
+            **totals,
+            "unbuilt": transform.marts_unbuilt(settings),  # loaded, never built (a failed run)
+            "loaded_through": transform.shop_loaded_through(settings),
+        }
+
+    @task.short_circuit
+    def anything_new(totals: dict, dag_run=None) -> bool:
         from valueloop import pipeline
 
-        return pipeline.ingest_landed(load_settings(), items)
+        return pipeline.marts_need_building(totals, dag_run.run_type)
 
-    @task(pool=WAREHOUSE_POOL)
+    @task(pool=WAREHOUSE_POOL, outlets=[RAW])
     def check_raw(run_id=None) -> str:
         from valueloop.quality.runner import run_checkpoint
 
@@ -92,14 +109,18 @@ def ingest_and_transform():
     )
 
     @task(pool=WAREHOUSE_POOL, outlets=[MARTS])
-    def check_marts(run_id=None) -> str:
+    def check_marts(totals: dict, run_id=None) -> str:
+        from valueloop import transform
         from valueloop.quality.runner import run_checkpoint
 
-        return run_checkpoint(load_settings(), "marts", run_id=run_id).summary()
+        settings = load_settings()
+        summary = run_checkpoint(settings, "marts", run_id=run_id).summary()
+        transform.record_marts_build(settings, totals["loaded_through"])
+        return summary
 
     ingested = ingest(land())
-    marts_checked = check_marts()
-    ingested >> check_raw() >> dbt >> marts_checked
+    marts_checked = check_marts(ingested)
+    anything_new(ingested) >> check_raw() >> dbt >> marts_checked
     retraining_tasks(after=marts_checked)
 
 

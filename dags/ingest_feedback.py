@@ -46,7 +46,7 @@ def ingest_feedback():
 
         return pipeline.land_feedback(load_settings())
 
-    @task(pool=WAREHOUSE_POOL, outlets=[FEEDBACK])
+    @task(pool=WAREHOUSE_POOL)
     def ingest(items: list[dict[str, str]]) -> dict[str, int]:
         from valueloop import pipeline, transform
         from valueloop.config import load_settings
@@ -80,7 +80,7 @@ def ingest_feedback():
 
         return run_checkpoint(load_settings(), "raw", run_id=run_id).summary()
 
-    @task(pool=WAREHOUSE_POOL)
+    @task(pool=WAREHOUSE_POOL, outlets=[FEEDBACK])  # only when new feedback was built
     def dbt_feedback() -> str:
         from valueloop import transform
         from valueloop.config import load_settings

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -198,20 +199,41 @@ def high_value_share(source: Path) -> float:
     return float(value)
 
 
+# The corrections built into the labels (a dbt table): one loaded into raw but not yet built is
+# not in the training set, so it must not count as trained on (valueloop.retraining counts the
+# same table).
+CORRECTIONS_BUILT = "select count(*) from marts.label_corrections"
+
+
 def label_corrections(source: Path) -> int:
-    """How many label corrections the warehouse had when this training data was taken."""
+    """How many label corrections were built into the labels when this training data was
+    taken (none before the marts have the table)."""
     if source.is_dir():
         return int(json.loads((source / SNAPSHOT_META).read_text()).get("label_corrections", 0))
     with duckdb.connect(str(source), read_only=True) as con:
-        try:
-            return int(con.execute("select count(*) from raw.label_feedback").fetchone()[0])
-        except duckdb.CatalogException:
-            return 0
+        built = con.execute(
+            "select count(*) from information_schema.tables"
+            " where table_schema = 'marts' and table_name = 'label_corrections'"
+        ).fetchone()[0]
+        return int(con.execute(CORRECTIONS_BUILT).fetchone()[0]) if built else 0
+
+
+def data_taken_at(source: Path) -> str:
+    """When the training data was taken from the warehouse (ISO, UTC): the snapshot's time, or
+    now for a warehouse read directly. Retraining reads drift measured after it as unanswered
+    (the run itself may start long after its snapshot, queued for a worker)."""
+    if source.is_dir():
+        taken = json.loads((source / SNAPSHOT_META).read_text()).get("taken_at")
+        if taken:
+            return taken
+        return datetime.fromtimestamp((source / SNAPSHOT_META).stat().st_mtime, UTC).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
     """Copy what training reads out of the warehouse, so that training, which takes minutes
     to hours, runs without holding the warehouse (Airflow's one-slot pool, DuckDB's lock)."""
+    taken_at = datetime.now(UTC).isoformat()  # before the copy: what it holds is at least this old
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -226,6 +248,7 @@ def snapshot_training_data(warehouse: Path, folder: Path) -> Path:
         "high_value_share": high_value_share(warehouse),
         "warehouse": str(warehouse),
         "label_corrections": label_corrections(warehouse),
+        "taken_at": taken_at,
     }
     (partial / SNAPSHOT_META).write_text(json.dumps(meta))
     shutil.rmtree(folder, ignore_errors=True)  # re-running a run replaces its snapshot

@@ -286,12 +286,18 @@ def score_candidates(
         con.execute("create or replace table scoring.candidate_segments as select * from _segments")
     transform.run_dbt(settings, ["build", "--select", f"tag:{transform.SCORING_TAG}"], quiet=True)
     reference, reference_run = drift_reference(settings.mlflow_tracking_uri, model_run_id)
+    # Drift of the customers scored here, measured now: publishing may come after the marts
+    # have moved on.
+    with connect(settings.warehouse_path, read_only=True) as con:
+        drift = monitoring.feature_drift(
+            con, reference, f"champion v{version}'s training data (run {reference_run})"
+        )
     stats = {
         "run_id": run_id,
         "model_name": cfg.registered_model,
         "model_version": str(version),
-        "drift_reference": reference,
         "drift_reference_run": reference_run,
+        "feature_drift": drift.to_dict("records"),
         "customers": len(predictions),
         "k": segmentation.k,
         "silhouette_by_k": {str(k): v for k, v in segmentation.silhouette_by_k.items()},
@@ -380,7 +386,8 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
         id_vars="customer_id", var_name="action", value_name="expected_incremental_profit"
     )
     if hasattr(model, "std_errors"):
-        errors = (settings.margin_rate * model.std_errors(frame)).assign(customer_id=ids)
+        scale = uplift.profit_error_scale(model, settings.margin_rate)
+        errors = (model.std_errors(frame) * pd.Series(scale)).assign(customer_id=ids)
         long = long.merge(
             errors.melt(id_vars="customer_id", var_name="action", value_name="profit_std_error"),
             on=["customer_id", "action"],
@@ -388,7 +395,8 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     else:
         long["profit_std_error"] = 0.0
     if hasattr(model, "shared_std_errors"):
-        shared = (settings.margin_rate * model.shared_std_errors(frame)).assign(customer_id=ids)
+        scale = uplift.profit_error_scale(model, settings.margin_rate)
+        shared = (model.shared_std_errors(frame) * pd.Series(scale)).assign(customer_id=ids)
         long = long.merge(
             shared.melt(
                 id_vars="customer_id", var_name="action", value_name="profit_shared_std_error"
@@ -435,9 +443,11 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
                 con,
                 run_id,
                 int(horizon),
+                # A candidate scored before drift was measured at scoring: measured here.
                 stats.get("drift_reference"),
                 f"champion v{stats['model_version']}'s training data"
                 f" (run {stats.get('drift_reference_run')})",
+                measured=pd.DataFrame(stats["feature_drift"]) if "feature_drift" in stats else None,
             ),
             run_id,
             reports / f"{stem}_monitoring.html",
@@ -499,5 +509,9 @@ def _log_to_mlflow(
                 **{f"tier_share_{k}": v for k, v in tier_mix.items()},
             }
         )
-        for path in sorted(report_path.parent.glob(f"{report_path.stem}*")):
-            mlflow.log_artifact(str(path), artifact_path="report")
+        stem = report_path.stem  # this run's files only: another run's stem can start with it
+        parts = (".html", "_map.png", "_segments.csv", "_segmentation.json", "_monitoring.html")
+        for part in parts:
+            path = report_path.with_name(stem + part)
+            if path.exists():
+                mlflow.log_artifact(str(path), artifact_path="report")

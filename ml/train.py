@@ -31,6 +31,7 @@ from ml.data import (
     TIERS,
     CustomerDataModule,
     FeatureScaler,
+    data_taken_at,
     horizon_days,
     label_corrections,
     numeric_columns,
@@ -209,6 +210,7 @@ def train(
                 "data_sha256": info["sha256"],
                 "horizon_days": horizon,
                 "label_corrections": label_corrections(warehouse),
+                "data_taken_at": data_taken_at(warehouse),
                 **{k: v for k, v in info.items() if k.endswith("_rows")},
             }
         )
@@ -318,6 +320,8 @@ def train(
             gate_tags = {
                 "gate.decision": "promoted" if decision.promote else "refused",
                 "gate.reason": decision.reason,
+                # on the registered version's run too: the registry's way to why it was trained
+                "valueloop.retrain_reason": reason,
             }
             mlflow.set_tags(gate_tags)
             registered = client.get_model_version(cfg.registered_model, version).run_id

@@ -177,6 +177,10 @@ class TLearner:
     def actions(self) -> list[str]:
         return sorted(a for a in self.models if a != CONTROL)
 
+    def base_revenue(self, frame: pd.DataFrame) -> np.ndarray:
+        """Expected window revenue of each customer without a campaign."""
+        return self.models[CONTROL].predict(self._x(frame))
+
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Expected revenue effect of each action on each customer (columns: actions)."""
         x = self._x(frame)
@@ -216,6 +220,10 @@ class SLearner(TLearner):
         )
         self.models = {a: self.model for a in self.arms}
         return self
+
+    def base_revenue(self, frame: pd.DataFrame) -> np.ndarray:
+        x = self._x(frame).reset_index(drop=True)
+        return self.model.predict(self._design(x, np.full(len(x), CONTROL, object)))
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = self._x(frame).reset_index(drop=True)
@@ -270,6 +278,11 @@ class TwoPartLearner(TLearner):
         self.value_model = self._regressor().fit(x[bought], undiscounted[bought])
         return self
 
+    def base_revenue(self, frame: pd.DataFrame) -> np.ndarray:
+        x = self._x(frame)
+        value = np.clip(self.value_model.predict(x), 0, None)
+        return value * self.models[CONTROL].predict_proba(x)[:, 1]
+
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = self._x(frame)
         value = np.clip(self.value_model.predict(x), 0, None)
@@ -306,6 +319,12 @@ class PooledTwoPartLearner(TwoPartLearner):
         return self
 
     _design = SLearner._design
+
+    def base_revenue(self, frame: pd.DataFrame) -> np.ndarray:
+        x = self._x(frame).reset_index(drop=True)
+        value = np.clip(self.value_model.predict(x), 0, None)
+        design = self._design(x, np.full(len(x), CONTROL, object))
+        return value * self.classifier.predict_proba(design)[:, 1]
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = self._x(frame).reset_index(drop=True)
@@ -356,6 +375,11 @@ class OrdersLearner(PooledTwoPartLearner):
         per_order = per_order / (1 - np.array([self.discounts.get(a, 0.0) for a in arms]))
         self.value_model = self._regressor().fit(x[bought], per_order[bought])
         return self
+
+    def base_revenue(self, frame: pd.DataFrame) -> np.ndarray:
+        x = self._x(frame).reset_index(drop=True)
+        value = np.clip(self.value_model.predict(x), 0, None)
+        return value * self.orders_model.predict(self._design(x, np.full(len(x), CONTROL, object)))
 
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = self._x(frame).reset_index(drop=True)
@@ -570,6 +594,11 @@ class CellLearner(OrdersLearner):
             error[action] = table["std_error"].fillna(fallback_se).to_numpy()
         return pd.DataFrame(effect), pd.DataFrame(error)
 
+    def base_revenue(self, frame: pd.DataFrame) -> np.ndarray:
+        x = self._x(frame.reset_index(drop=True))
+        value = np.clip(self.value_model.predict(x), 0, None)
+        return value * np.clip(self.orders_model.predict(x), 0, None)
+
     def effects(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.reset_index(drop=True)
         x = self._x(frame)
@@ -651,6 +680,36 @@ def unsubscribe_costs(model: TLearner, frame: pd.DataFrame, cost: float) -> pd.D
     return cost * model.unsubscribe_rates(frame)
 
 
+def discount_costs(
+    model: TLearner, frame: pd.DataFrame, margin: float, effects: pd.DataFrame | None = None
+) -> pd.DataFrame | None:
+    """What each action's discount costs beyond ``margin`` x its revenue effect, per customer of
+    ``frame`` (columns: the model's actions): a discount comes off the price, not off the
+    cost of the goods, so on the orders placed with it the shop keeps ``margin - d`` of their
+    list value, not ``margin`` of what was paid. That is ``(1 - margin) x d / (1 - d)`` x the
+    revenue with the action (its base revenue plus its effect): a loyal customer given 15% off
+    an order they would have placed anyway loses the shop the whole 15%, not 35% of it. None
+    when no action has a discount (or the model does not know them)."""
+    discounts = getattr(model, "discounts", None) or {}
+    cut = {a: float(discounts.get(a, 0.0)) for a in model.actions}
+    if not any(cut.values()):
+        return None
+    effects = model.effects(frame) if effects is None else effects
+    with_action = effects.to_numpy() + np.asarray(model.base_revenue(frame))[:, None]
+    factor = np.array([(1 - margin) * cut[a] / (1 - cut[a]) for a in effects.columns])
+    return pd.DataFrame(np.clip(with_action, 0, None) * factor, columns=effects.columns)
+
+
+def profit_error_scale(model: TLearner, margin: float) -> dict[str, float]:
+    """Per action, profit error per unit of revenue-effect error: ``margin`` for an action
+    without a discount; for one with discount d, an extra order is worth ``margin - d`` of its
+    list value, ``1 - d`` of which is revenue, so ``|margin - d| / (1 - d)``."""
+    discounts = getattr(model, "discounts", None) or {}
+    return {
+        a: abs(margin - discounts.get(a, 0.0)) / (1 - discounts.get(a, 0.0)) for a in model.actions
+    }
+
+
 def choose(
     effects: pd.DataFrame,
     costs: dict[str, float],
@@ -662,12 +721,17 @@ def choose(
     shared_errors: pd.DataFrame | None = None,
     bounded: set[str] | frozenset[str] = frozenset(),
     unsubscribe_costs: pd.DataFrame | None = None,
+    discount_costs: pd.DataFrame | None = None,
+    error_scale: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per customer, the eligible action with the highest expected incremental profit, or
     ``no_action`` (profit 0) when none is positive; returns (actions, their expected
     incremental profit). Profit is ``margin`` x the revenue effect, less the contact cost and
     the expected cost of the unsubscribes the action causes (``unsubscribe_costs``, in the
-    shop's currency per customer; see :func:`unsubscribe_costs`).
+    shop's currency per customer; see :func:`unsubscribe_costs`) and the margin its discount
+    gives away (``discount_costs``, :func:`discount_costs`). ``error_scale`` turns each
+    action's revenue error into a profit error (:func:`profit_error_scale`; ``margin`` for
+    every action without it).
 
     With ``std_errors`` (of the revenue effects) and ``confidence_z``, the policy departs from
     the baseline (the ``playbook``'s action per customer, else no action) only where the gain
@@ -687,16 +751,18 @@ def choose(
     Discounts and switches away from an action keep the threshold. The dbt model
     ``scored_customers`` applies the same rule."""
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
-    if unsubscribe_costs is not None:
-        profit = profit - unsubscribe_costs[list(effects.columns)].to_numpy()
+    for extra in (unsubscribe_costs, discount_costs):
+        if extra is not None:
+            profit = profit - extra[list(effects.columns)].to_numpy()
     columns = np.asarray([*effects.columns, "no_action"], dtype=object)
     n = len(profit)
     values = np.column_stack([profit.to_numpy(), np.zeros(n)])
     errors, shared = np.zeros_like(values), np.zeros_like(values)
+    scale = np.array([(error_scale or {}).get(a, margin) for a in effects.columns])
     if std_errors is not None:
-        errors[:, :-1] = margin * std_errors[list(effects.columns)].to_numpy()
+        errors[:, :-1] = scale * std_errors[list(effects.columns)].to_numpy()
     if shared_errors is not None:
-        shared[:, :-1] = margin * shared_errors[list(effects.columns)].to_numpy()
+        shared[:, :-1] = scale * shared_errors[list(effects.columns)].to_numpy()
     if eligible is not None:
         allowed = np.array([[a in e for a in effects.columns] for e in eligible], dtype=bool)
         values[:, :-1] = np.where(allowed.reshape(n, -1), values[:, :-1], -np.inf)
@@ -734,13 +800,16 @@ def expected_profits(
     unsubscribe_cost: float,
 ) -> pd.DataFrame:
     """Each action's expected incremental profit per customer of ``frame`` (columns: the
-    model's actions): ``margin`` x the revenue effect, less the contact cost and the expected
-    unsubscribes' cost (:func:`unsubscribe_costs`). Scoring publishes it; the gate weighs it."""
+    model's actions): ``margin`` x the revenue effect, less the contact cost, the expected
+    unsubscribes' cost (:func:`unsubscribe_costs`) and the margin a discount gives away
+    (:func:`discount_costs`). Scoring publishes it; the gate weighs it."""
     effects = model.effects(frame)
     profit = margin * effects - pd.Series(costs).reindex(effects.columns).to_numpy()
     unsubscribes = unsubscribe_costs(model, frame, unsubscribe_cost)
-    if unsubscribes is not None:
-        profit = profit - unsubscribes[list(effects.columns)].to_numpy()
+    discounts = discount_costs(model, frame, margin, effects)
+    for extra in (unsubscribes, discounts):
+        if extra is not None:
+            profit = profit - extra[list(effects.columns)].to_numpy()
     return profit
 
 
@@ -770,8 +839,9 @@ class PolicyTarget:
         shared = (
             model.shared_std_errors(self.frame) if hasattr(model, "shared_std_errors") else None
         )
+        effects = model.effects(self.frame)
         return choose(
-            model.effects(self.frame),
+            effects,
             self.costs,
             self.margin,
             self.eligible,
@@ -781,6 +851,8 @@ class PolicyTarget:
             shared,
             self.bounded,
             unsubscribe_costs(model, self.frame, self.unsubscribe_cost),
+            discount_costs(model, self.frame, self.margin, effects),
+            profit_error_scale(model, self.margin),
         )[0]
 
 

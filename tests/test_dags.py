@@ -34,7 +34,8 @@ for dag_id, dag in bag.dags.items():
         "tasks": {t.task_id: {"owner": t.owner, "retries": t.retries, "pool": t.pool,
                               "outlets": [getattr(o, "name", None) for o in t.outlets],
                               "callback": bool(t.on_failure_callback),
-                              "env": getattr(t, "env", None)}
+                              "env": getattr(t, "env", None),
+                              "upstream": sorted(t.upstream_task_ids)}
                   for t in dag.tasks},
         "schedule": type(dag.timetable).__name__
         + repr(getattr(dag.timetable, "asset_condition", "")),
@@ -86,8 +87,10 @@ def test_dagbag_imports_cleanly_with_house_rules(airflow_settings: Settings) -> 
 def test_every_warehouse_writer_takes_the_one_slot_pool(airflow_settings: Settings) -> None:
     dags = dagbag(airflow_settings)["dags"]
     ingest = dags["ingest_and_transform"]["tasks"]
-    # Deciding and requesting retraining write nothing (the decision only reads).
-    writers = [t for t in ingest if t not in ("land", "retraining_needed", "request_retraining")]
+    # Deciding and requesting retraining write nothing (the decision only reads), nor does
+    # the check for something new (it reads what ingest returned).
+    readers = ("land", "anything_new", "retraining_needed", "request_retraining")
+    writers = [t for t in ingest if t not in readers]
     assert writers and all(ingest[t]["pool"] == orchestration.WAREHOUSE_POOL for t in writers)
     assert any(t.startswith("dbt.") for t in ingest), "each dbt model is an Airflow task"
     scoring = dags["score_customers"]["tasks"]
@@ -119,7 +122,14 @@ def test_dbt_tasks_find_the_warehouse_from_valueloop_home_alone(airflow_settings
 
 def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
     dags = dagbag(airflow_settings)["dags"]
-    assert dags["ingest_and_transform"]["tasks"]["check_marts"]["outlets"] == ["valueloop_marts"]
+    build = dags["ingest_and_transform"]["tasks"]
+    assert build["check_marts"]["outlets"] == ["valueloop_marts"]
+    # Raw and feedback assets say something new was checked or built, not that a run looked.
+    assert build["ingest"]["outlets"] == [] and build["check_raw"]["outlets"] == ["valueloop_raw"]
+    assert build["check_raw"]["upstream"] == ["anything_new"]
+    feedback = dags["ingest_feedback"]["tasks"]
+    assert feedback["ingest"]["outlets"] == []
+    assert feedback["dbt_feedback"]["outlets"] == ["valueloop_feedback"]
     for announce in ("announce_customer_champion", "announce_uplift_champion"):
         assert dags["train_model"]["tasks"][announce]["outlets"] == ["valueloop_champion"]
     assert dags["score_customers"]["tasks"]["publish"]["outlets"] == ["valueloop_scores"]

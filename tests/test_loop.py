@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from ml import uplift
 from ml.config import TrainConfig
+from ml.data import label_corrections
 from tests.conftest import REPO_ROOT, run_valueloop
 from valueloop import (
     campaigns,
@@ -88,13 +89,26 @@ def assignments(settings: Settings, campaign_id: str | None = None) -> pd.DataFr
         ).df()
 
 
+def test_customers_without_a_segment_or_tier_get_their_control_group_too() -> None:
+    frame = pd.DataFrame(
+        {
+            "customer_key": [f"k{i}" for i in range(300)],
+            "action": "cross_sell",
+            "segment_name": [None] * 100 + ["loyal"] * 200,
+            "value_tier": ["active"] * 200 + [np.nan] * 100,
+        }
+    )
+    flags = campaigns.control_flags(frame, "cmp-x", 0.1)
+    assert [flags[:100].sum(), flags[100:200].sum(), flags[200:].sum()] == [10, 10, 10]
+
+
 def test_the_campaign_split_is_reproducible_stratified_and_controls_are_never_exported(
     settings: Settings,
 ) -> None:
     published_scores(settings)
     first = campaigns.plan(settings, "cmp-a")
-    again = campaigns.plan(settings, "cmp-a", replace=True)  # planned afresh: identically
     rows = assignments(settings, "cmp-a")
+    again = campaigns.plan(settings, "cmp-a", replace=True)  # planned afresh: identically
     assert len(rows) == first.treated + first.control == again.treated + again.control
     assert rows.equals(assignments(settings, "cmp-a"))
     share = settings.campaign_control_share
@@ -462,6 +476,37 @@ def _target(population: pd.DataFrame) -> uplift.PolicyTarget:
     )
 
 
+def test_a_discount_is_charged_whole_in_the_expected_profit() -> None:
+    """The offer takes 20% off every order of the window: beyond margin x the revenue it moves,
+    it gives away (1 - margin) x 20% of the list value of the orders placed with it, the ones
+    placed anyway included. So where it brings no order it loses the discount on the orders
+    the customer places anyway, and its profit error per extra order is (margin - d) of the
+    list value, not margin x (1 - d)."""
+    frame, risk = _planted(8000, 3)
+    offered = (frame["action"] == "offer") & (frame["group_name"] == "treatment")
+    frame = frame.assign(revenue=np.where(offered, 0.8, 1.0) * frame["revenue"])
+    model = uplift.CellLearner(0, {"offer": 0.2, "email": 0.0}).fit(frame)
+    costs, margin = {"offer": 2.0, "email": 0.1}, 0.35
+    effects = model.effects(frame)
+    with_offer = model.base_revenue(frame) + effects["offer"].to_numpy()
+    given = uplift.discount_costs(model, frame, margin)
+    assert np.allclose(given["offer"], (1 - margin) * 0.2 / 0.8 * with_offer)
+    assert (given["email"] == 0).all()
+    profit = uplift.expected_profits(model, frame, costs, margin, 0.0)
+    assert np.allclose(profit["offer"], margin * effects["offer"] - given["offer"] - 2.0)
+    # Where the offer brings nothing, it loses 20% of what the customer buys anyway.
+    idle = risk < 0.4
+    base = model.base_revenue(frame)[idle]
+    assert profit.loc[idle, "offer"].mean() == pytest.approx(-0.2 * base.mean() - 2.0, rel=0.25)
+    assert uplift.profit_error_scale(model, margin) == {
+        "email": pytest.approx(margin),
+        "offer": pytest.approx(0.15 / 0.8),
+    }
+    # A model without discounts prices as before.
+    plain = uplift.CellLearner(0, {"offer": 0.0, "email": 0.0}).fit(frame)
+    assert uplift.discount_costs(plain, frame, margin) is None
+
+
 def test_the_uplift_gate_weighs_the_policy_on_held_out_outcomes() -> None:
     # The gate's paired test: what the challenger's policy would earn over the incumbent's on
     # the customers a campaign would act on, measured on held-out randomised outcomes alone.
@@ -707,6 +752,41 @@ def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> No
     assert monitoring.psi(reference, rng.normal(1.0, 1.0, 5000)) > monitoring.DRIFTED
 
 
+def test_psi_sees_a_move_off_a_pile_up_and_a_feature_that_stops_arriving() -> None:
+    """Quantile edges repeat where a feature piles up (most customers return nothing): the
+    pile is a bin of its own, so a move off it is drift, at the bottom and at the top. Missing
+    values are a bin too: a feed that stops filling a feature is drift, and the same share
+    missing is not."""
+    rng = np.random.default_rng(2)
+
+    def mixed(share_zero: float, n: int = 5000) -> np.ndarray:
+        return np.where(rng.random(n) < share_zero, 0.0, rng.uniform(0.001, 0.03, n))
+
+    reference = mixed(0.92)
+    assert monitoring.psi(reference, mixed(0.92)) < monitoring.STABLE
+    assert monitoring.psi(reference, mixed(0.50)) > monitoring.DRIFTED
+    assert monitoring.psi(np.zeros(5000), mixed(0.6)) > monitoring.DRIFTED  # no discounts before
+    top = np.where(rng.random(5000) < 0.95, 1.0, rng.uniform(0, 1, 5000))  # piled at the top
+    assert monitoring.psi(top, np.where(rng.random(5000) < 0.5, 1.0, rng.uniform(0, 1, 5000))) > (
+        monitoring.DRIFTED
+    )
+    ratings = np.where(rng.random(5000) < 0.57, np.nan, rng.uniform(1, 5, 5000))
+    same = np.where(rng.random(5000) < 0.57, np.nan, rng.uniform(1, 5, 5000))
+    assert monitoring.psi(ratings, same) < monitoring.STABLE
+    assert monitoring.psi(ratings, np.where(rng.random(5000) < 0.99, np.nan, 3.0)) > (
+        monitoring.DRIFTED
+    )
+    assert monitoring.psi(ratings, np.full(5000, np.nan)) > monitoring.DRIFTED
+    nothing = np.full(5000, np.nan)  # no reviews at all when the champion trained
+    assert monitoring.psi(nothing, np.full(5000, np.nan)) == 0.0
+    assert monitoring.psi(nothing, ratings) > monitoring.DRIFTED
+    assert np.isnan(monitoring.psi(ratings, np.array([])))
+    # A reference logged before (right-open bins over the values present) reads as it did.
+    old = {"edges": [0.0], "shares": [0.0, 1.0], "mean": 0.001}
+    assert monitoring.psi_against(old, mixed(0.5)) == 0.0
+    assert np.isnan(monitoring.psi_against(old, np.full(10, np.nan)))
+
+
 def test_tier_migration_counts_the_customers_gone_as_well_as_the_new(settings: Settings) -> None:
     """Between two scoring runs a customer can appear (`new`) or drop out (`gone`); both are
     in the migration table and in the previous run's score distribution."""
@@ -763,6 +843,93 @@ def test_tier_migration_counts_the_customers_gone_as_well_as_the_new(settings: S
     assert score.at["churn_probability", "previous_mean"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
 
 
+def test_champion_performance_counts_corrections_and_campaigns_and_each_day_once(
+    settings: Settings,
+) -> None:
+    """How an earlier run's scores did, once its horizon has passed: against the labels as
+    corrected by people (a "did not churn" counts), with the customers a campaign treated in the
+    horizon told apart, one row per day and model version (the day's last run), and the table
+    measured afresh by each scoring run, never piled up."""
+    day = pd.Timestamp("2025-01-01")
+    scores = {"a": ("active", 0.2), "b": ("lapsed", 0.9), "c": ("high", 0.5), "d": ("lapsed", 0.1)}
+    history = pd.DataFrame(
+        [
+            {
+                "scoring_run_id": run,
+                "scored_at": at,
+                "as_of": as_of,
+                "customer_id": customer,
+                "model_version": "1",
+                "value_tier": tier,
+                "churn_probability": probability,
+                "p_high": 0.3,
+            }
+            for run, at, as_of in (
+                ("run-a", day + pd.Timedelta(hours=1), day),
+                ("run-a-again", day + pd.Timedelta(hours=5), day),  # the same day, later
+                ("run-b", day + pd.Timedelta(days=60), day + pd.Timedelta(days=60)),  # not matured
+            )
+            for customer, (tier, probability) in scores.items()
+        ]
+    )
+    lines = pd.DataFrame(
+        {
+            "customer_id": ["a", "c", "b", "a"],
+            "ordered_on": pd.to_datetime(["2025-02-01", "2025-03-01", "2024-12-01", "2025-04-15"]),
+            "is_purchase": True,
+            "is_merchandise": True,
+        }
+    )
+    settings.ensure_dirs()
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        for schema in ("marts", "intermediate", "staging"):
+            con.execute(f"create schema {schema}")
+        con.register("_h", history)
+        con.register("_l", lines)
+        con.execute("create table marts.customer_scores_history as select * from _h")
+        con.execute(
+            "create table marts.scoring_set as select customer_id,"
+            + ", ".join(f"1.0::double as {f}" for f in monitoring.DRIFT_FEATURES)
+            + " from _h where scoring_run_id = 'run-b'"
+        )
+        con.execute(
+            "create table intermediate.int_order_lines_enriched as"
+            " select customer_id, ordered_on::date as ordered_on, is_purchase, is_merchandise"
+            " from _l"
+        )
+        # d bought nothing, and people say d did not churn (moved to another account).
+        con.execute(
+            "create table staging.stg_feedback__label_feedback as select 'f1' as feedback_id,"
+            " 'd' as customer_id, 'is_churned' as label, 'false' as corrected_value,"
+            " date '2024-12-01' as valid_from, date '9999-12-31' as valid_to,"
+            " timestamp '2025-02-01' as submitted_at"
+        )
+        # c was sent a campaign during the horizon; a's treatment ended before it began.
+        con.execute(
+            "create table intermediate.int_campaign_results as select * from (values"
+            " ('c', 'treatment', timestamp '2025-01-10', timestamp '2025-02-09'),"
+            " ('a', 'treatment', timestamp '2024-11-01', timestamp '2024-12-01'),"
+            " ('b', 'control', timestamp '2025-01-10', timestamp '2025-02-09'))"
+            " as t(customer_id, group_name, assigned_at, window_end)"
+        )
+        first = monitoring.record(con, "run-b", 90, reference={}, reference_name="none")
+        second = monitoring.record(con, "run-c", 90, reference={}, reference_name="none")
+        stored = con.execute("select * from monitoring.champion_performance").df()
+    row = first["champion_performance"].squeeze()
+    assert row["scored_run_id"] == "run-a-again" and row["customers"] == 4
+    assert row["churn_rate"] == pytest.approx(0.25)  # b alone: d's correction counts
+    assert row["corrected_labels"] == 1
+    assert row["churn_roc_auc"] == pytest.approx(1.0)  # 0.5 with d counted as churned
+    assert row["lapsed_accuracy"] == pytest.approx(0.75)
+    assert row["untreated_customers"] == 3
+    assert len(stored) == 1 and stored.at[0, "scoring_run_id"] == "run-c"
+    assert (
+        second["champion_performance"]
+        .drop(columns="scoring_run_id")
+        .equals(first["champion_performance"].drop(columns="scoring_run_id"))
+    )
+
+
 def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: Path) -> None:
     shop = tmp_path / "shop"
     generate(shop, SimulationConfig(customers=1500, seed=5))
@@ -773,9 +940,16 @@ def test_the_market_keeps_its_truth_apart_and_plays_each_window_once(tmp_path: P
         shop, truth["customer_id"], list(costs), start, 30, 0.35, costs
     )
     by_type = profit.groupby(truth["customer_type"].to_numpy()).mean()
-    # A discount to loyal buyers who buy anyway only costs margin; bargain hunters respond.
+    # A discount to loyal buyers who buy anyway gives the discount away, whole: the goods
+    # cost what they cost. Bargain hunters respond.
+    window = market.expectation(shop, truth["customer_id"], start, 30)
+    loyal = (truth["customer_type"] == "loyal_high_value").to_numpy() & window.active
+    given = 0.15 * window.order_value * window.base_orders
+    assert np.allclose(profit["win_back_offer"][loyal], -given[loyal] - 0.5)
     assert by_type.loc["loyal_high_value", "win_back_offer"] < 0
-    assert by_type.loc["bargain_hunter", "win_back_offer"] > 0
+    # It pays where it brings back customers drifting away who had stopped buying.
+    stopped = (truth["customer_type"] == "drifting_away").to_numpy() & ~window.active
+    assert profit["win_back_offer"][stopped].mean() > 0
     assert by_type.loc["loyal_high_value", "vip_perk"] > 0
     # Unsubscribes are charged where the truth has them: a delivered message, then its rate.
     email = {"nurture_email": 0.2}
@@ -898,6 +1072,16 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
             " uplift_ci_low, uplift_ci_high from marts.campaign_performance"
             " where treated > 0 and control > 0"
         ).df()
+        # A discount is charged whole: (1 - margin) x d / (1 - d) of the treated revenue more
+        # than margin x the revenue it moved.
+        profits = con.execute(
+            "select performance.action, discount, revenue_per_treated * treated as revenue,"
+            " discount_cost, incremental_profit, incremental_revenue, contact_cost,"
+            " unsubscribe_rate * treated as unsubscribed"
+            " from marts.campaign_performance as performance"
+            " inner join reference.campaign_actions using (action)"
+            " where segment_name = 'all' and treated > 0 and control > 0"
+        ).df()
     # The uplift's interval is Agresti-Caffo's: a group where nobody (or everybody) bought
     # still has a spread, so a cell of a few controls none of whom bought is no clear win.
     adjusted = [
@@ -916,6 +1100,17 @@ def test_the_demo_runs_the_loop_end_to_end(pipeline_run: Settings) -> None:
         / none_bought["treated"]
     )
     assert (none_bought["uplift_ci_high"] - none_bought["uplift_ci_low"] > 2 * wald).all()
+    margin = pipeline_run.margin_rate
+    charged = (1 - margin) * profits["discount"] / (1 - profits["discount"]) * profits["revenue"]
+    assert (profits["discount"] > 0).any() and (profits["discount"] == 0).any()
+    assert np.allclose(profits["discount_cost"], charged)
+    assert np.allclose(
+        profits["incremental_profit"],
+        margin * profits["incremental_revenue"]
+        - charged
+        - profits["contact_cost"]
+        - pipeline_run.unsubscribe_cost * profits["unsubscribed"],
+    )
     assert planned == 3  # the first scoring's campaign and one after each cycle
     assert len(measured) == 2
     for campaign_id, treated, control in measured:
@@ -1418,6 +1613,45 @@ def test_feedback_never_built_is_counted_and_nothing_before_the_first_ingest(
     assert transform.feedback_unbuilt(settings) == 0
 
 
+def test_a_scheduled_run_with_nothing_new_does_not_rebuild_the_marts(tmp_path: Path) -> None:
+    """`ingest_and_transform` goes past ingest on a schedule only for new data: a file read, or
+    shop data loaded and never built (a run whose build failed); a run someone triggered
+    always goes on. Feedback batches are the feedback DAG's, not the marts build's."""
+    settings = load_settings(env={"VALUELOOP_PII_SALT": "s"}, home=tmp_path)
+    assert (
+        transform.marts_unbuilt(settings) == 0 and transform.shop_loaded_through(settings) is None
+    )
+    settings.ensure_dirs()
+
+    def load(batch: str, entity: str, at: str) -> None:
+        con.execute(
+            "insert into raw.ingest_batches values (?, 'f.csv', ?, ?, 'csv', 1, 1, 0, ?)",
+            [batch, batch, entity, at],
+        )
+
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        ensure_raw_schema(con)
+        load("b1", "customers", "2026-01-01 10:00")
+        load("b2", "order_lines", "2026-01-01 10:00")
+    assert transform.marts_unbuilt(settings) == 2  # never built
+    through = transform.shop_loaded_through(settings)
+    assert through == "2026-01-01T10:00:00"
+    transform.record_marts_build(settings, through)
+    assert transform.marts_unbuilt(settings) == 0
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        load("f1", "label_feedback", "2026-01-02 10:00")  # the feedback DAG builds it
+    assert transform.marts_unbuilt(settings) == 0
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        load("b3", "order_lines", "2026-01-03 10:00")  # loaded; its build then failed
+    assert transform.marts_unbuilt(settings) == 1
+    nothing = {"read": 0, "unbuilt": 0}
+    assert not pipeline.marts_need_building(nothing, "scheduled")
+    assert pipeline.marts_need_building(nothing | {"unbuilt": 1}, "scheduled")
+    assert pipeline.marts_need_building(nothing | {"read": 10}, "scheduled")
+    assert pipeline.marts_need_building(nothing, "manual")
+    assert pipeline.marts_need_building(nothing, "asset_triggered")
+
+
 def test_a_queued_request_trains_only_what_still_fires_and_a_manual_run_both() -> None:
     now = retraining.RetrainDecision(["drift: PSI 0.31 of recency_days (threshold 0.25)"], [])
     asked = {"customer_model": ["drift: PSI 0.31 of recency_days (threshold 0.25)"]}
@@ -1442,6 +1676,53 @@ def test_a_queued_request_trains_only_what_still_fires_and_a_manual_run_both() -
         "uplift_model": ["manual run"],
     }
     assert retraining.plan({}, None, "scheduled", None)["uplift_model"] == ["schedule"]
+
+
+def test_drift_measured_after_the_training_data_was_taken_is_new_to_it(tmp_path: Path) -> None:
+    """A training queued for a worker starts long after its snapshot: drift a scoring run
+    measured in between was not in its data, so it still fires (it did not, by the run's
+    start); drift measured before the snapshot was answered."""
+    settings = load_settings(
+        env={"VALUELOOP_PII_SALT": "s", "VALUELOOP_RETRAIN_DRIFT_PSI": "0.25"}, home=tmp_path
+    )
+    settings.ensure_dirs()
+    now = datetime.now(UTC)
+    naive = now.replace(tzinfo=None)
+    with duckdb.connect(str(settings.warehouse_path)) as con:
+        con.execute("create schema marts")
+        con.execute("create schema monitoring")
+        con.execute(
+            "create table marts.customer_scores_history as select 'run-1' as scoring_run_id,"
+            " '1' as model_version"
+        )
+        con.execute(
+            "create table monitoring.feature_drift as select 'run-1' as scoring_run_id,"
+            " ?::timestamp as computed_at, 'recency_days' as feature, 0.4::double as psi",
+            [naive - timedelta(hours=3)],  # between the snapshot and the run's start
+        )
+        con.execute(
+            "create table monitoring.score_drift (scoring_run_id varchar,"
+            " previous_run_id varchar, score varchar, psi double)"
+        )
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.create_experiment(TrainConfig.load(settings.train_config).experiment)
+
+    def drift_fires_after(started_hours_ago: float, taken_hours_ago: float | None) -> bool:
+        run = client.create_run(
+            experiment,
+            start_time=int((now - timedelta(hours=started_hours_ago)).timestamp() * 1000),
+            tags={"valueloop.kind": "training"},
+        )
+        if taken_hours_ago is not None:
+            taken = (now - timedelta(hours=taken_hours_ago)).isoformat()
+            client.log_param(run.info.run_id, "data_taken_at", taken)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        reasons = retraining.decide(settings, now).customer_model
+        return any(r.startswith("drift: PSI 0.400 of recency_days") for r in reasons)
+
+    assert not drift_fires_after(2, None)  # a run logged before the time was: its start
+    assert drift_fires_after(1, 5)  # taken before the measure, started after it
+    assert not drift_fires_after(0.5, 2)  # taken after it: answered
 
 
 def test_a_training_killed_without_a_word_counts_as_crashed(tmp_path: Path) -> None:
@@ -1475,6 +1756,14 @@ def test_a_training_killed_without_a_word_counts_as_crashed(tmp_path: Path) -> N
         if status:
             client.set_terminated(run.info.run_id, status)
 
+    # Loaded into raw, not yet built into the labels: no training could have seen it, and a
+    # training data snapshot taken now does not count it as seen.
+    assert retraining.decide(settings, now).facts["label_corrections"] == 0
+    assert label_corrections(settings.warehouse_path) == 0
+    with duckdb.connect(str(settings.warehouse_path)) as con:  # what the dbt build makes
+        con.execute("create schema marts")
+        con.execute("create table marts.label_corrections as select * from raw.label_feedback")
+    assert label_corrections(settings.warehouse_path) == 1
     training(30, None)  # killed: never terminated
     fired = retraining.decide(settings, now)
     assert fired.facts["corrections_trained_on"] == 0

@@ -164,10 +164,14 @@ def control_flags(frame: pd.DataFrame, campaign_id: str, share: float) -> np.nda
     """Systematic sampling per (action, segment, tier) stratum, in a hash order: the first
     unit of the stratum starts at a random offset, so each stratum holds out floor or ceil
     of share x its size, and the whole split is a function of the campaign id."""
+    strata = ["action", "segment_name", "value_tier"]
     order = frame.assign(
         _u=[unit_hash(campaign_id, "control", k) for k in frame["customer_key"]],
-    ).sort_values(["action", "segment_name", "value_tier", "_u"])
-    rank = order.groupby(["action", "segment_name", "value_tier"]).cumcount().to_numpy()
+        # A missing segment or tier is a stratum of its own (groupby would leave it out, and
+        # its customers would all be treated), as campaign_performance reports it.
+        **{c: frame[c].astype(object).where(frame[c].notna(), "unknown") for c in strata},
+    ).sort_values([*strata, "_u"])
+    rank = order.groupby(strata).cumcount().to_numpy()
     offset = np.array(
         [
             unit_hash(campaign_id, "stratum", str(a), str(s), str(t))

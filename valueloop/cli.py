@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from valueloop import jobs, loaders, loop, transform
+from valueloop.campaigns import CampaignSent
 from valueloop.config import load_settings
 from valueloop.ingest import IngestError
 from valueloop.orchestration import DagRunFailed
@@ -699,10 +700,13 @@ def _run_directly(settings, train_config: Path | None, board) -> None:
         )
     with board.stage("score + publish"):
         score(settings, run_id, config)
-    with board.stage("plan campaign"):
+    with board.stage("plan campaign") as stage:
         from valueloop.campaigns import plan
 
-        plan(settings)
+        try:
+            plan(settings)
+        except CampaignSent as sent:  # as the DAG: its outcomes came back, it stays as sent
+            stage.update("plan campaign", str(sent))
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
@@ -728,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         DagRunFailed,
         StackError,
+        CampaignSent,
     ) as error:
         print(f"valueloop {args.command}: error: {error}", file=sys.stderr)
         return 1

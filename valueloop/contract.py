@@ -190,6 +190,16 @@ create table if not exists {RAW_SCHEMA}.feedback_builds (
 """
 
 
+# What each marts build of the scheduled DAG covered (`ingest_and_transform`'s check_marts):
+# shop batches loaded after the latest `loaded_through` have not reached the marts yet.
+MARTS_BUILDS_DDL = f"""
+create table if not exists {RAW_SCHEMA}.marts_builds (
+    built_at timestamp not null,
+    loaded_through timestamp
+)
+"""
+
+
 def all_ddl() -> list[str]:
     return [
         f"create schema if not exists {RAW_SCHEMA}",
@@ -198,4 +208,5 @@ def all_ddl() -> list[str]:
         BATCHES_DDL,
         WITHDRAWN_DDL,
         FEEDBACK_BUILDS_DDL,
+        MARTS_BUILDS_DDL,
     ]

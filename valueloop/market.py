@@ -6,8 +6,8 @@
   the season, a drifting interest, and dropout after each purchase);
 * a treated customer's purchases change by a **hidden, heterogeneous effect** of the action
   and the customer's latent type (:data:`TRUE_EFFECTS`): an extra order with some probability,
-  a discount on every order in the window (a discount to a loyal customer who would have
-  bought anyway only costs margin), a chance to come back after dropping out, and a chance to
+  a discount on every order in the window (to a loyal customer who would have bought
+  anyway it only gives money away), a chance to come back after dropping out, and a chance to
   unsubscribe;
 * the activation tool reports delivered, opened, clicked, converted (with the order's
   revenue) and unsubscribed events for the treated group;
@@ -195,15 +195,16 @@ def expected_incremental_profit(
 ) -> pd.DataFrame:
     """The truth: each customer's expected incremental profit for each action in the window
     starting at ``start`` (rows: customers in the given order; columns: actions), the
-    expected unsubscribes charged at ``unsubscribe_cost`` each."""
+    expected unsubscribes charged at ``unsubscribe_cost`` each. ``margin`` is of the list
+    price: the goods of an order cost ``1 - margin`` of its list value whatever it sells
+    for, so a discount comes out of the profit whole (until 2026-11-28 it was charged at
+    ``margin`` of the revenue it took off, as if the goods got cheaper too)."""
     window = expectation(shop, customer_ids, start, days)
     out = {}
     for action in actions:
         orders, price = window.with_action(action)
-        incremental = window.order_value * (orders * price - window.base_orders)
-        out[action] = (
-            margin * incremental - costs[action] - unsubscribe_cost * window.unsubscribes(action)
-        )
+        gross = window.order_value * (orders * (price - (1 - margin)) - margin * window.base_orders)
+        out[action] = gross - costs[action] - unsubscribe_cost * window.unsubscribes(action)
     return pd.DataFrame(out, index=customer_ids.index)
 
 

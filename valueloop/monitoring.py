@@ -51,22 +51,44 @@ DDL = {
     " to_tier varchar, customers bigint",
     "champion_performance": "scoring_run_id varchar, scored_run_id varchar,"
     " model_version varchar, as_of date, customers bigint, churn_rate double,"
-    " churn_roc_auc double, lapsed_accuracy double",
+    " churn_roc_auc double, lapsed_accuracy double, corrected_labels bigint,"
+    " untreated_customers bigint, untreated_churn_roc_auc double",
 }
+PERFORMANCE = DDL["champion_performance"].split(", ")
+
+
+def _bins(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each value's bin among ``2 x len(edges) + 1``: below the first edge, each edge itself,
+    and each gap between two edges and above the last. An edge is a bin of its own because
+    quantile edges repeat where the data piles up on one value (zero returns, no discount):
+    a pile-up shares no bin with its neighbours, so a move off it or onto it is seen."""
+    if len(edges) == 0:  # a reference with no value present: one bin
+        return np.zeros(len(values), dtype=int)
+    below = np.searchsorted(edges, values, side="left")
+    at = (below < len(edges)) & (edges[np.minimum(below, len(edges) - 1)] == values)
+    return 2 * below + at
 
 
 def profile(values: np.ndarray, bins: int = 10) -> dict | None:
-    """A reference population as PSI needs it: its quantile bin edges, the share of it in each
-    bin, and its mean (None when it has no finite value)."""
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
+    """A reference population as PSI needs it: its quantile bin edges (:func:`_bins`), the
+    share of it in each bin and the share missing (null or not finite), of all its values,
+    and its mean (None when no value is there; the profile is None for no values at all)."""
+    total = len(values)
+    if total == 0:
         return None
-    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
-    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    finite = values[np.isfinite(values)]
+    edges = (
+        np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
+        if len(finite)
+        else np.array([], dtype=float)
+    )
+    counts = np.bincount(_bins(edges, finite), minlength=2 * len(edges) + 1)
     return {
         "edges": edges.tolist(),
-        "shares": (counts / counts.sum()).tolist(),
-        "mean": float(values.mean()),
+        "shares": (counts / total).tolist(),
+        "missing": (total - len(finite)) / total,
+        "mean": float(finite.mean()) if len(finite) else None,
+        "bins": "edges apart",
     }
 
 
@@ -84,14 +106,25 @@ def reference_profiles(frame: pd.DataFrame) -> dict[str, dict]:
 
 
 def psi_against(reference: dict | None, current: np.ndarray) -> float:
-    """Population stability index of ``current`` over a reference :func:`profile`'s bins."""
-    current = current[np.isfinite(current)]
+    """Population stability index of ``current`` over a reference :func:`profile`'s bins, the
+    missing values a bin of their own: a feed that stops filling a feature is drift. A
+    reference logged before 2026-11-28 (no ``bins``) has right-open bins over its values
+    present, and is read as it was made: missing values left out."""
     if reference is None or len(current) == 0:
         return float("nan")
     edges = np.asarray(reference["edges"], dtype=float)
-    cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1)
-    r = np.clip(np.asarray(reference["shares"], dtype=float), 1e-4, None)
-    c = np.clip(cur / cur.sum(), 1e-4, None)
+    shares = np.asarray(reference["shares"], dtype=float)
+    finite = current[np.isfinite(current)]
+    if "bins" in reference:
+        cur = np.bincount(_bins(edges, finite), minlength=2 * len(edges) + 1) / len(current)
+        cur = np.append(cur, 1 - len(finite) / len(current))
+        shares = np.append(shares, reference["missing"])
+    else:
+        if len(finite) == 0:
+            return float("nan")
+        cur = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=len(edges) + 1)
+        cur = cur / cur.sum()
+    r, c = np.clip(shares, 1e-4, None), np.clip(cur, 1e-4, None)
     return float(((c - r) * np.log(c / r)).sum())
 
 
@@ -106,14 +139,156 @@ def _status(value: float) -> str:
     return "stable" if value < STABLE else "moving" if value < DRIFTED else "drifted"
 
 
-def _first_measured(con: duckdb.DuckDBPyConnection, run_id: str) -> datetime | None:
-    try:
-        return con.execute(
-            "select min(computed_at) from monitoring.feature_drift where scoring_run_id = ?",
-            [run_id],
+def _exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return bool(
+        con.execute(
+            "select count(*) from information_schema.tables"
+            " where table_schema = ? and table_name = ?",
+            [schema, table],
         ).fetchone()[0]
-    except duckdb.CatalogException:  # the first monitored run
+    )
+
+
+def _first_measured(con: duckdb.DuckDBPyConnection, run_id: str) -> datetime | None:
+    if not _exists(con, "monitoring", "feature_drift"):  # the first monitored run
         return None
+    return con.execute(
+        "select min(computed_at) from monitoring.feature_drift where scoring_run_id = ?",
+        [run_id],
+    ).fetchone()[0]
+
+
+def feature_drift(
+    con: duckdb.DuckDBPyConnection,
+    reference: dict[str, dict] | None,
+    reference_name: str | None,
+) -> pd.DataFrame:
+    """Per drift feature, the PSI of the customers in ``marts.scoring_set`` against
+    ``reference`` (:func:`reference_profiles` of the champion's training data, named
+    ``reference_name``); a champion trained before it was logged is measured against the
+    training split of today's marts instead, and the ``reference`` column says which. Scoring
+    measures it when it reads the scoring set (``ml.score``), so that what is published
+    describes the customers that were scored even if the marts move on before publishing."""
+    features = ", ".join(DRIFT_FEATURES)
+    if reference is None:
+        reference = reference_profiles(
+            con.execute(f"select {features} from marts.training_set where split = 'train'").df()
+        )
+        reference_name = "marts.training_set (today's; the champion logged no reference)"
+    current = con.execute(f"select {features} from marts.scoring_set").df()
+    found = pd.DataFrame(
+        [
+            {
+                "feature": f,
+                "psi": psi_against(reference.get(f), current[f].to_numpy(float)),
+                "reference_mean": float("nan")
+                if reference.get(f, {}).get("mean") is None
+                else reference[f]["mean"],
+                "current_mean": float(current[f].mean()),
+                "reference": reference_name,
+            }
+            for f in DRIFT_FEATURES
+        ]
+    )
+    return found.assign(status=found["psi"].map(_status))
+
+
+def _performance(con: duckdb.DuckDBPyConnection, horizon_days: int) -> pd.DataFrame:
+    """Per earlier scoring run whose horizon has passed, its scores and what happened: churned
+    (no order in the horizon, as the labels count it), unless a correction from people
+    (``label_feedback``) says otherwise for that customer and day, as in
+    ``marts.customer_labels``; and whether a campaign treated the customer during the horizon
+    (a campaign that worked makes a good churn score look wrong). Of several runs on one day by
+    one model version, the last."""
+    corrections = _exists(con, "staging", "stg_feedback__label_feedback")
+    campaigns = _exists(con, "intermediate", "int_campaign_results")
+    corrected = (
+        """
+        corrected as (
+            select matured.scoring_run_id, matured.customer_id,
+                case
+                    when corrections.label = 'value_tier'
+                        then corrections.corrected_value = 'lapsed'
+                    else corrections.corrected_value = 'true'
+                end as churned
+            from matured
+            inner join staging.stg_feedback__label_feedback as corrections
+                on corrections.customer_id = matured.customer_id
+                and matured.as_of::date between corrections.valid_from and corrections.valid_to
+            qualify row_number() over (
+                partition by matured.scoring_run_id, matured.customer_id
+                order by corrections.submitted_at desc, corrections.feedback_id desc
+            ) = 1
+        )"""
+        if corrections
+        else "corrected as (select null::varchar as scoring_run_id,"
+        " null::varchar as customer_id, null::boolean as churned where false)"
+    )
+    treated = (
+        f"""
+        treated as (
+            select distinct matured.scoring_run_id, matured.customer_id
+            from matured
+            inner join intermediate.int_campaign_results as results
+                on results.customer_id = matured.customer_id
+                and results.group_name = 'treatment'
+                and results.assigned_at < matured.as_of + to_days({horizon_days})
+                and results.window_end > matured.as_of
+        )"""
+        if campaigns
+        else "treated as (select null::varchar as scoring_run_id,"
+        " null::varchar as customer_id where false)"
+    )
+    return con.execute(
+        f"""
+        with last_day as (
+            select max(ordered_on) as day from intermediate.int_order_lines_enriched
+        ),
+        runs as (
+            select scoring_run_id, as_of, model_version, max(scored_at) as last_scored_at
+            from marts.customer_scores_history
+            group by scoring_run_id, as_of, model_version
+            qualify row_number() over (
+                partition by as_of, model_version
+                order by last_scored_at desc, scoring_run_id desc
+            ) = 1
+        ),
+        matured as (
+            select history.*
+            from marts.customer_scores_history as history
+            inner join runs using (scoring_run_id), last_day
+            where history.as_of + to_days({horizon_days}) <= last_day.day
+        ),
+        bought as (
+            select matured.scoring_run_id, matured.customer_id,
+                count(*) filter (where lines.is_purchase) as orders
+            from matured
+            inner join intermediate.int_order_lines_enriched as lines
+                on lines.customer_id = matured.customer_id
+                and lines.ordered_on > matured.as_of
+                and lines.ordered_on <= matured.as_of + to_days({horizon_days})
+                and lines.is_merchandise
+            group by all
+        ),
+        {corrected},
+        {treated}
+        select matured.scoring_run_id, matured.model_version, matured.as_of,
+            matured.churn_probability, matured.value_tier,
+            coalesce(corrected.churned, coalesce(bought.orders, 0) = 0) as churned,
+            corrected.churned is not null as corrected,
+            treated.customer_id is not null as treated
+        from matured
+        left join bought using (scoring_run_id, customer_id)
+        left join corrected using (scoring_run_id, customer_id)
+        left join treated using (scoring_run_id, customer_id)
+        """
+    ).df()
+
+
+def _auc(churned: np.ndarray, probability: np.ndarray) -> float:
+    if 0 < churned.sum() < len(churned):
+        return float(roc_auc_score(churned, probability))
+    return float("nan")
 
 
 def record(
@@ -122,38 +297,21 @@ def record(
     horizon_days: int,
     reference: dict[str, dict] | None = None,
     reference_name: str | None = None,
+    measured: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Compute and store the four tables for scoring run ``run_id`` (already published).
+    """Compute and store the four tables for scoring run ``run_id`` (already published), in
+    one transaction.
 
-    Feature drift is measured against ``reference`` (:func:`reference_profiles` of the
-    champion's training data, named ``reference_name``); a champion trained before it was
-    logged is measured against the training split of today's marts instead, and the table's
-    ``reference`` column says which."""
+    Feature drift is ``measured`` (:func:`feature_drift`, when the run scored), or measured
+    here against ``reference`` on ``marts.scoring_set`` as it is now.
+    ``champion_performance`` is replaced whole: every earlier run whose horizon has passed,
+    measured on the labels known now."""
     # A rerun of the same scoring run keeps when it was first measured: the retraining
     # trigger reads drift measured since the last training, and a rerun measures no new data.
     now = _first_measured(con, run_id) or datetime.now(UTC).replace(tzinfo=None)
-    features = ", ".join(DRIFT_FEATURES)
-    if reference is None:
-        reference = reference_profiles(
-            con.execute(f"select {features} from marts.training_set where split = 'train'").df()
-        )
-        reference_name = "marts.training_set (today's; the champion logged no reference)"
-    current = con.execute(f"select {features} from marts.scoring_set").df()
-    feature_drift = pd.DataFrame(
-        [
-            {
-                "scoring_run_id": run_id,
-                "computed_at": now,
-                "feature": f,
-                "psi": psi_against(reference.get(f), current[f].to_numpy(float)),
-                "reference_mean": reference[f]["mean"] if f in reference else float("nan"),
-                "current_mean": float(current[f].mean()),
-                "reference": reference_name,
-            }
-            for f in DRIFT_FEATURES
-        ]
-    )
-    feature_drift["status"] = feature_drift["psi"].map(_status)
+    if measured is None:
+        measured = feature_drift(con, reference, reference_name)
+    features = measured.assign(scoring_run_id=run_id, computed_at=now)
 
     runs = con.execute(
         "select scoring_run_id, max(scored_at) as last_at from marts.customer_scores_history"
@@ -181,7 +339,9 @@ def record(
             [run_id, previous_run],
         ).df()
         for metric, before in (("churn_probability", "churn_before"), ("p_high", "p_high_before")):
-            value = psi(both[before].to_numpy(float), both[metric].to_numpy(float))
+            # Each run's scores, of the customers it scored: one new or gone is no score drift.
+            was, now_scores = both[before].dropna(), both[metric].dropna()
+            value = psi(was.to_numpy(float), now_scores.to_numpy(float))
             score_rows.append(
                 {
                     "scoring_run_id": run_id,
@@ -189,8 +349,8 @@ def record(
                     "computed_at": now,
                     "score": metric,
                     "psi": value,
-                    "current_mean": float(both[metric].mean()),
-                    "previous_mean": float(both[before].mean()),
+                    "current_mean": float(now_scores.mean()),
+                    "previous_mean": float(was.mean()),
                     "status": _status(value),
                 }
             )
@@ -218,44 +378,14 @@ def record(
         ],
     )
 
-    realised = con.execute(
-        f"""
-        with last_day as (
-            select max(ordered_on) as day from intermediate.int_order_lines_enriched
-        ),
-        matured as (
-            select history.*
-            from marts.customer_scores_history as history, last_day
-            where history.as_of + to_days({horizon_days}) <= last_day.day
-        ),
-        bought as (
-            select matured.scoring_run_id, matured.customer_id,
-                count(*) filter (where lines.is_purchase) as orders
-            from matured
-            inner join intermediate.int_order_lines_enriched as lines
-                on lines.customer_id = matured.customer_id
-                and lines.ordered_on > matured.as_of
-                and lines.ordered_on <= matured.as_of + to_days({horizon_days})
-                and lines.is_merchandise
-            group by all
-        )
-        select matured.scoring_run_id, matured.model_version, matured.as_of,
-            matured.churn_probability, matured.value_tier,
-            coalesce(bought.orders, 0) = 0 as churned
-        from matured
-        left join bought using (scoring_run_id, customer_id)
-        """
-    ).df()
     perf = []
+    realised = _performance(con, horizon_days)
     for (scored_run, version, as_of), group in realised.groupby(
         ["scoring_run_id", "model_version", "as_of"]
     ):
         churned = group["churned"].to_numpy(bool)
-        auc = (
-            float(roc_auc_score(churned, group["churn_probability"]))
-            if 0 < churned.sum() < len(churned)
-            else float("nan")
-        )
+        untreated = ~group["treated"].to_numpy(bool)
+        probability = group["churn_probability"].to_numpy(float)
         perf.append(
             {
                 "scoring_run_id": run_id,
@@ -264,38 +394,38 @@ def record(
                 "as_of": as_of,
                 "customers": len(group),
                 "churn_rate": float(churned.mean()),
-                "churn_roc_auc": auc,
+                "churn_roc_auc": _auc(churned, probability),
                 "lapsed_accuracy": float(((group["value_tier"] == "lapsed") == churned).mean()),
+                "corrected_labels": int(group["corrected"].sum()),
+                "untreated_customers": int(untreated.sum()),
+                "untreated_churn_roc_auc": _auc(churned[untreated], probability[untreated]),
             }
         )
-    champion_performance = pd.DataFrame(
-        perf,
-        columns=[
-            "scoring_run_id",
-            "scored_run_id",
-            "model_version",
-            "as_of",
-            "customers",
-            "churn_rate",
-            "churn_roc_auc",
-            "lapsed_accuracy",
-        ],
-    )
+    champion_performance = pd.DataFrame(perf, columns=[c.split()[0] for c in PERFORMANCE])
     tables = {
-        "feature_drift": feature_drift,
+        "feature_drift": features[[c.split()[0] for c in DDL["feature_drift"].split(", ")]],
         "score_drift": score_drift,
         "tier_migration": migration,
         "champion_performance": champion_performance,
     }
-    con.execute("create schema if not exists monitoring")
-    for name, frame in tables.items():
-        con.register("_frame", frame)
-        con.execute(f"create table if not exists monitoring.{name} ({DDL[name]})")
-        for column in DDL[name].split(","):  # a table from an earlier release gains new columns
-            con.execute(f"alter table monitoring.{name} add column if not exists {column}")
-        con.execute(f"delete from monitoring.{name} where scoring_run_id = ?", [run_id])
-        con.execute(f"insert into monitoring.{name} by name select * from _frame")
-        con.unregister("_frame")
+    con.execute("begin transaction")
+    try:
+        con.execute("create schema if not exists monitoring")
+        for name, frame in tables.items():
+            con.register("_frame", frame)
+            con.execute(f"create table if not exists monitoring.{name} ({DDL[name]})")
+            for column in DDL[name].split(","):  # a table from an earlier release gains columns
+                con.execute(f"alter table monitoring.{name} add column if not exists {column}")
+            if name == "champion_performance":  # measured afresh: every matured run, once
+                con.execute(f"delete from monitoring.{name}")
+            else:
+                con.execute(f"delete from monitoring.{name} where scoring_run_id = ?", [run_id])
+            con.execute(f"insert into monitoring.{name} by name select * from _frame")
+            con.unregister("_frame")
+    except BaseException:
+        con.execute("rollback")
+        raise
+    con.execute("commit")
     return tables
 
 

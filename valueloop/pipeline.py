@@ -93,6 +93,21 @@ def ingest_landed(
     return totals
 
 
+def marts_need_building(totals: dict, run_type: str) -> bool:
+    """Whether ``ingest_and_transform`` goes on past ingest: always for a run someone
+    triggered (new dbt models, a withdrawn batch: they know why), and for a scheduled one
+    when a file was read or data loaded earlier was never built (``unbuilt``: a run whose build
+    failed). A scheduled run with nothing new would rebuild the same marts, and the marts
+    asset would rescore the same customers and measure the same drift again, a retraining
+    trigger that fires on no new data."""
+    if str(run_type) != "scheduled":
+        return True
+    needed = totals["read"] > 0 or totals["unbuilt"] > 0
+    if not needed:
+        log.info("nothing new since the marts were last built: the rest of the run is skipped")
+    return needed
+
+
 def snapshot_training_data(settings: Settings, run_id: str) -> Path:
     """What training reads, copied out of the warehouse into ``training/<run>`` (the two most
     recent snapshots are kept), so that training does not hold the warehouse."""

@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "ingest_and_transform": (
         ("land", "ingest"),
         ("ingest", "ingest"),
+        ("anything_new", "ingest"),
         ("check_raw", "raw checks"),
         ("dbt.", "dbt build"),
         ("check_marts", "marts checks"),

@@ -120,20 +120,28 @@ def _largest_drift(
 
 def decide(settings: Settings, now: datetime | None = None) -> RetrainDecision:
     from ml.config import TrainConfig
+    from ml.data import CORRECTIONS_BUILT
     from ml.registry import champion_version
     from ml.uplift import UPLIFT_EXPERIMENT
 
     now = now or datetime.now(UTC)
     cfg = TrainConfig.load(settings.train_config)
     train_run = _latest_run(settings, cfg.experiment, "training", now)
+    # Drift measured after the training data was taken is new to it (a run logged before
+    # that time was recorded: its start).
+    taken = train_run.data.params.get("data_taken_at") if train_run else None
     trained_at = (
-        datetime.fromtimestamp(train_run.info.start_time / 1000, UTC) if train_run else None
+        datetime.fromisoformat(taken)
+        if taken
+        else datetime.fromtimestamp(train_run.info.start_time / 1000, UTC)
+        if train_run
+        else None
     )
     with connect(settings.warehouse_path) as con:
         outcomes = _count(
             con, "select count(*) from intermediate.int_campaign_results where is_matured"
         )
-        corrections = _count(con, "select count(*) from raw.label_feedback")
+        corrections = _count(con, CORRECTIONS_BUILT)  # built into the labels, as training counts
         drift = _largest_drift(con, since=trained_at)
 
     uplift_run = _latest_run(settings, UPLIFT_EXPERIMENT, "uplift", now)

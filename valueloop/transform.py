@@ -197,6 +197,54 @@ def feedback_unbuilt(settings: Settings) -> int:
         ).fetchone()[0]
 
 
+# raw.ingest_batches' batches of the shop's own data (the marts' input but for the feedback)
+SHOP_BATCHES = f"not ({FEEDBACK_BATCHES})"
+
+
+def shop_loaded_through(settings: Settings) -> str | None:
+    """When the latest batch of shop data was loaded (ISO time; None: none yet)."""
+    if not settings.warehouse_path.exists():
+        return None
+    with connect(settings.warehouse_path) as con:
+        if not table_exists(con, "raw.ingest_batches"):
+            return None
+        at = con.execute(
+            f"select max(loaded_at) from raw.ingest_batches where {SHOP_BATCHES}"
+        ).fetchone()[0]
+    return None if at is None else at.isoformat()
+
+
+def marts_unbuilt(settings: Settings) -> int:
+    """Shop batches loaded since the scheduled DAG last built and checked the marts
+    (:func:`record_marts_build`; every one of them before its first build). A build that
+    failed leaves them counted, so the next scheduled run builds them though no file is new."""
+    if not settings.warehouse_path.exists():
+        return 0
+    with connect(settings.warehouse_path) as con:
+        if not table_exists(con, "raw.ingest_batches"):
+            return 0
+        built = (
+            "(select max(loaded_through) from raw.marts_builds)"
+            if table_exists(con, "raw.marts_builds")
+            else "null::timestamp"
+        )
+        return con.execute(
+            f"select count(*) from raw.ingest_batches where {SHOP_BATCHES} and loaded_at >"
+            f" coalesce({built}, '-infinity'::timestamp)"
+        ).fetchone()[0]
+
+
+def record_marts_build(settings: Settings, loaded_through: str | None) -> None:
+    """The marts were built and checked from the shop batches loaded through
+    ``loaded_through`` (what :func:`shop_loaded_through` said before the build)."""
+    with connect(settings.warehouse_path) as con:
+        ensure_raw_schema(con)
+        con.execute(
+            "insert into raw.marts_builds values (current_localtimestamp(), ?::timestamp)",
+            [loaded_through],
+        )
+
+
 def build_feedback(settings: Settings, quiet: bool = True) -> TransformResult:
     """`dbt build` of what the feedback changes: campaign results and performance, the
     corrected labels and the training set (scoring candidates and BI views excepted).

@@ -4,8 +4,12 @@
 -- interval (one buyer and one non-buyer added to each group: a Wald interval collapses where
 -- a group's rate is 0 or 1); revenue uplift with a normal interval (Welch). Incremental
 -- revenue = revenue uplift x treated customers;
--- incremental profit = margin x incremental revenue - contact cost - the unsubscribes' cost
--- (unsubscribe_cost per unsubscribed treated customer: they leave every later campaign).
+-- incremental profit = margin x incremental revenue - the discount's cost - contact cost -
+-- the unsubscribes' cost (unsubscribe_cost per unsubscribed treated customer: they leave
+-- every later campaign). margin_rate is of the list price: an action's discount d comes off
+-- the price, not the cost of the goods, so the treated orders keep margin - d of their list
+-- value, and discount_cost = (1 - margin) x d / (1 - d) x the treated revenue (a discount on
+-- orders placed anyway gives the shop's money away whole, not margin of it).
 {%- set z = 1.959964 %}
 
 with
@@ -13,6 +17,10 @@ with
 results as (
     select * from {{ ref('int_campaign_results') }}
     where is_matured
+),
+
+discounts as (
+    select action, discount from {{ ref('campaign_actions') }}
 ),
 
 grouped as (
@@ -37,7 +45,8 @@ grouped as (
         var_samp(revenue) filter (where group_name = 'treatment') as revenue_var_treated,
         var_samp(revenue) filter (where group_name = 'control') as revenue_var_control,
         avg(unsubscribed::int) filter (where group_name = 'treatment') as unsubscribe_rate,
-        sum(expected_cost) filter (where group_name = 'treatment') as contact_cost
+        sum(expected_cost) filter (where group_name = 'treatment') as contact_cost,
+        sum(revenue) filter (where group_name = 'treatment') as treated_revenue
     from results
     group by grouping sets ((campaign_id, action, segment_name, value_tier), (campaign_id, action))
 ),
@@ -52,7 +61,11 @@ adjusted as (
 
 measured as (
     select
-        *,
+        adjusted.*,
+        -- an action not in the catalogue (a shop's own) is taken as having no discount
+        (1 - {{ var('margin_rate') }}) * coalesce(discounts.discount, 0)
+        / (1 - coalesce(discounts.discount, 0)) * coalesce(adjusted.treated_revenue, 0)
+            as discount_cost,
         conversion_treated - conversion_control as uplift,
         adjusted_treated - adjusted_control as uplift_centre,
         sqrt(
@@ -65,6 +78,7 @@ measured as (
             + coalesce(revenue_var_control, 0) / nullif(control, 0)
         ) as revenue_uplift_se
     from adjusted
+    left join discounts using (action)
 ),
 
 final as (
@@ -87,8 +101,10 @@ final as (
         (revenue_uplift + {{ z }} * revenue_uplift_se)::double as revenue_uplift_ci_high,
         (revenue_uplift * treated)::double as incremental_revenue,
         coalesce(contact_cost, 0)::double as contact_cost,
+        discount_cost::double as discount_cost,
         (
-            {{ var('margin_rate') }} * revenue_uplift * treated - coalesce(contact_cost, 0)
+            {{ var('margin_rate') }} * revenue_uplift * treated - discount_cost
+            - coalesce(contact_cost, 0)
             - {{ var('unsubscribe_cost') }} * coalesce(unsubscribe_rate, 0) * treated
         )::double as incremental_profit,
         (revenue_uplift * treated / nullif(contact_cost, 0))::double as return_on_spend,

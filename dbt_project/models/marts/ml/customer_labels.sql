@@ -57,7 +57,7 @@ high_value_threshold as (
 ),
 
 corrections as (
-    select * from {{ ref('stg_feedback__label_feedback') }}
+    select * from {{ ref('label_corrections') }}
 ),
 
 derived as (
