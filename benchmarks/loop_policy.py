@@ -140,7 +140,7 @@ def noise_bound(
     margin = target.margin
     cost = np.array([target.costs[a] for a in columns])
     scale = np.array([uplift.profit_error_scale(learner, margin)[a] for a in columns])
-    error = scale * learner.std_errors(frame)[columns].to_numpy()
+    error = np.abs(scale) * learner.std_errors(frame)[columns].to_numpy()
     shared = scale * learner.shared_std_errors(frame)[columns].to_numpy()
     allowed = np.array([[a in e for a in columns] for e in target.eligible], dtype=bool)
     names = np.asarray(columns, dtype=object)

@@ -8,9 +8,10 @@ rebuilds it:
 2. **ingest**: load them into schema `raw` (a file already loaded is skipped; bad rows go to
    `raw.quarantine`);
    **anything_new**: a scheduled run with no new file, and no data loaded since the marts were
-   last built here, stops (the rest skipped): nothing would change, and the marts asset would
-   rescore the same customers and re-measure the same drift every day. A run someone
-   triggers (the UI, `valueloop run`) always goes on: new dbt models, a withdrawn batch;
+   last built here, skips the checks and the build: nothing would change, and the marts
+   asset would rescore the same customers and re-measure the same drift every day. The
+   retraining decision still runs. A run someone triggers (the UI, `valueloop run`) always
+   builds: new dbt models, a withdrawn batch;
 3. **check_raw**: the Great Expectations `raw` checkpoint (a critical failure stops the run;
    on success the raw asset is updated);
 4. **dbt**: the dbt project rendered by astronomer-cosmos, one task per model (`dbt build`
@@ -71,7 +72,9 @@ def ingest_and_transform():
             "loaded_through": transform.shop_loaded_through(settings),
         }
 
-    @task.short_circuit
+    # Skips the build; decide_retraining still runs (a drift scoring published since the last
+    # decision fires it today, not when new data next lands).
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
     def anything_new(totals: dict, dag_run=None) -> bool:
         from valueloop import pipeline
 
@@ -121,7 +124,7 @@ def ingest_and_transform():
     ingested = ingest(land())
     marts_checked = check_marts(ingested)
     anything_new(ingested) >> check_raw() >> dbt >> marts_checked
-    retraining_tasks(after=marts_checked)
+    retraining_tasks(after=marts_checked, trigger_rule="none_failed")
 
 
 ingest_and_transform()

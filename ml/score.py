@@ -292,12 +292,14 @@ def score_candidates(
         drift = monitoring.feature_drift(
             con, reference, f"champion v{version}'s training data (run {reference_run})"
         )
+    measured_at = datetime.now(UTC).replace(tzinfo=None)
     stats = {
         "run_id": run_id,
         "model_name": cfg.registered_model,
         "model_version": str(version),
         "drift_reference_run": reference_run,
-        "feature_drift": drift.to_dict("records"),
+        "feature_drift": _drift_records(drift),
+        "drift_measured_at": measured_at.isoformat(),
         "customers": len(predictions),
         "k": segmentation.k,
         "silhouette_by_k": {str(k): v for k, v in segmentation.silhouette_by_k.items()},
@@ -387,7 +389,7 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     )
     if hasattr(model, "std_errors"):
         scale = uplift.profit_error_scale(model, settings.margin_rate)
-        errors = (model.std_errors(frame) * pd.Series(scale)).assign(customer_id=ids)
+        errors = (model.std_errors(frame) * pd.Series(scale).abs()).assign(customer_id=ids)
         long = long.merge(
             errors.melt(id_vars="customer_id", var_name="action", value_name="profit_std_error"),
             on=["customer_id", "action"],
@@ -406,6 +408,21 @@ def uplift_candidates(settings: Settings, predictions: pd.DataFrame) -> pd.DataF
     else:
         long["profit_shared_std_error"] = 0.0
     return long.assign(action_policy=f"uplift-v{version}")[columns]
+
+
+def _drift_records(drift: pd.DataFrame) -> list[dict]:
+    """Feature drift as the stats JSON carries it: NaN as null, since the score task returns
+    the stats to Airflow, whose XCom refuses NaN (a feature no customer has: no reviews)."""
+    return drift.astype(object).where(drift.notna(), None).to_dict("records")
+
+
+def _drift_frame(stats: dict) -> pd.DataFrame | None:
+    """The feature drift the scoring step measured (nulls back to NaN), if it did."""
+    if "feature_drift" not in stats:
+        return None
+    frame = pd.DataFrame(stats["feature_drift"])
+    numbers = ["psi", "reference_mean", "current_mean"]
+    return frame.astype(dict.fromkeys(numbers, "float64"))
 
 
 def check_candidates(settings: Settings, run_id: str):
@@ -447,7 +464,10 @@ def publish(settings: Settings, run_id: str) -> ScoringReport:
                 stats.get("drift_reference"),
                 f"champion v{stats['model_version']}'s training data"
                 f" (run {stats.get('drift_reference_run')})",
-                measured=pd.DataFrame(stats["feature_drift"]) if "feature_drift" in stats else None,
+                measured=_drift_frame(stats),
+                measured_at=datetime.fromisoformat(stats["drift_measured_at"])
+                if "drift_measured_at" in stats
+                else None,
             ),
             run_id,
             reports / f"{stem}_monitoring.html",

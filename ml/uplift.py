@@ -701,12 +701,14 @@ def discount_costs(
 
 
 def profit_error_scale(model: TLearner, margin: float) -> dict[str, float]:
-    """Per action, profit error per unit of revenue-effect error: ``margin`` for an action
-    without a discount; for one with discount d, an extra order is worth ``margin - d`` of its
-    list value, ``1 - d`` of which is revenue, so ``|margin - d| / (1 - d)``."""
+    """Per action, profit per unit of revenue effect, which scales its errors: ``margin`` for
+    an action without a discount; for one with discount d, an extra order is worth
+    ``margin - d`` of its list value, ``1 - d`` of which is revenue, so ``(margin - d) /
+    (1 - d)``. Signed: past the margin an extra order loses money, and the error it shares
+    with other actions turns around (:func:`choose` takes the size for the errors)."""
     discounts = getattr(model, "discounts", None) or {}
     return {
-        a: abs(margin - discounts.get(a, 0.0)) / (1 - discounts.get(a, 0.0)) for a in model.actions
+        a: (margin - discounts.get(a, 0.0)) / (1 - discounts.get(a, 0.0)) for a in model.actions
     }
 
 
@@ -760,7 +762,7 @@ def choose(
     errors, shared = np.zeros_like(values), np.zeros_like(values)
     scale = np.array([(error_scale or {}).get(a, margin) for a in effects.columns])
     if std_errors is not None:
-        errors[:, :-1] = scale * std_errors[list(effects.columns)].to_numpy()
+        errors[:, :-1] = np.abs(scale) * std_errors[list(effects.columns)].to_numpy()
     if shared_errors is not None:
         shared[:, :-1] = scale * shared_errors[list(effects.columns)].to_numpy()
     if eligible is not None:

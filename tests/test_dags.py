@@ -35,7 +35,9 @@ for dag_id, dag in bag.dags.items():
                               "outlets": [getattr(o, "name", None) for o in t.outlets],
                               "callback": bool(t.on_failure_callback),
                               "env": getattr(t, "env", None),
-                              "upstream": sorted(t.upstream_task_ids)}
+                              "upstream": sorted(t.upstream_task_ids),
+                              "trigger_rule": str(getattr(t.trigger_rule, "value",
+                                                          t.trigger_rule))}
                   for t in dag.tasks},
         "schedule": type(dag.timetable).__name__
         + repr(getattr(dag.timetable, "asset_condition", "")),
@@ -127,6 +129,8 @@ def test_assets_wire_the_dags_together(airflow_settings: Settings) -> None:
     # Raw and feedback assets say something new was checked or built, not that a run looked.
     assert build["ingest"]["outlets"] == [] and build["check_raw"]["outlets"] == ["valueloop_raw"]
     assert build["check_raw"]["upstream"] == ["anything_new"]
+    # A build skipped for nothing new still decides on retraining; one that failed does not.
+    assert build["decide_retraining"]["trigger_rule"] == "none_failed"
     feedback = dags["ingest_feedback"]["tasks"]
     assert feedback["ingest"]["outlets"] == []
     assert feedback["dbt_feedback"]["outlets"] == ["valueloop_feedback"]

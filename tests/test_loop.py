@@ -502,6 +502,10 @@ def test_a_discount_is_charged_whole_in_the_expected_profit() -> None:
         "email": pytest.approx(margin),
         "offer": pytest.approx(0.15 / 0.8),
     }
+    # Past the margin an extra order loses money: the scale turns negative.
+    deep = uplift.CellLearner(0, {"offer": 0.5, "email": 0.0})
+    deep.models = dict.fromkeys(["control", "offer", "email"])  # its actions, nothing else
+    assert uplift.profit_error_scale(deep, margin)["offer"] == pytest.approx(-0.15 / 0.5)
     # A model without discounts prices as before.
     plain = uplift.CellLearner(0, {"offer": 0.0, "email": 0.0}).fit(frame)
     assert uplift.discount_costs(plain, frame, margin) is None
@@ -763,7 +767,14 @@ def test_psi_sees_a_move_off_a_pile_up_and_a_feature_that_stops_arriving() -> No
         return np.where(rng.random(n) < share_zero, 0.0, rng.uniform(0.001, 0.03, n))
 
     reference = mixed(0.92)
+    assert monitoring.profile(reference)["points"] == [True]  # the pile at zero, apart
     assert monitoring.psi(reference, mixed(0.92)) < monitoring.STABLE
+    # A decile that lands on a data point of a continuous feature is no pile: a bin of its own
+    # would hold 1/n of the reference and nothing of a new sample (small shops' false drift).
+    continuous = rng.lognormal(size=201)
+    assert not any(monitoring.profile(continuous)["points"])
+    same = [monitoring.psi(rng.lognormal(size=201), rng.lognormal(size=201)) for _ in range(20)]
+    assert np.mean(same) < monitoring.STABLE
     assert monitoring.psi(reference, mixed(0.50)) > monitoring.DRIFTED
     assert monitoring.psi(np.zeros(5000), mixed(0.6)) > monitoring.DRIFTED  # no discounts before
     top = np.where(rng.random(5000) < 0.95, 1.0, rng.uniform(0, 1, 5000))  # piled at the top
@@ -899,7 +910,7 @@ def test_champion_performance_counts_corrections_and_campaigns_and_each_day_once
         )
         # d bought nothing, and people say d did not churn (moved to another account).
         con.execute(
-            "create table staging.stg_feedback__label_feedback as select 'f1' as feedback_id,"
+            "create table marts.label_corrections as select 'f1' as feedback_id,"
             " 'd' as customer_id, 'is_churned' as label, 'false' as corrected_value,"
             " date '2024-12-01' as valid_from, date '9999-12-31' as valid_to,"
             " timestamp '2025-02-01' as submitted_at"
@@ -1644,12 +1655,14 @@ def test_a_scheduled_run_with_nothing_new_does_not_rebuild_the_marts(tmp_path: P
     with duckdb.connect(str(settings.warehouse_path)) as con:
         load("b3", "order_lines", "2026-01-03 10:00")  # loaded; its build then failed
     assert transform.marts_unbuilt(settings) == 1
+    from airflow.sdk.api.datamodels._generated import DagRunType  # what the task context has
+
     nothing = {"read": 0, "unbuilt": 0}
-    assert not pipeline.marts_need_building(nothing, "scheduled")
-    assert pipeline.marts_need_building(nothing | {"unbuilt": 1}, "scheduled")
-    assert pipeline.marts_need_building(nothing | {"read": 10}, "scheduled")
-    assert pipeline.marts_need_building(nothing, "manual")
-    assert pipeline.marts_need_building(nothing, "asset_triggered")
+    assert not pipeline.marts_need_building(nothing, DagRunType.SCHEDULED)
+    assert pipeline.marts_need_building(nothing | {"unbuilt": 1}, DagRunType.SCHEDULED)
+    assert pipeline.marts_need_building(nothing | {"read": 10}, DagRunType.SCHEDULED)
+    assert pipeline.marts_need_building(nothing, DagRunType.MANUAL)
+    assert pipeline.marts_need_building(nothing, DagRunType.ASSET_TRIGGERED)
 
 
 def test_a_queued_request_trains_only_what_still_fires_and_a_manual_run_both() -> None:

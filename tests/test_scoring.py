@@ -247,3 +247,25 @@ def test_reason_drivers_count_each_driver_once_per_customer_whatever_its_figures
     assert drivers.loc["spent N in the last N days (lowers risk)", "customers"] == 1
     assert drivers.loc["no order in N days (raises risk)", "share"] == round(2 / 4, 3)
     assert list(drivers["customers"]) == sorted(drivers["customers"], reverse=True)
+
+
+def test_feature_drift_travels_to_publish_as_strict_json() -> None:
+    """The score task returns its stats to Airflow, whose XCom refuses NaN: a feature no
+    customer has (a shop without reviews) goes as null and comes back as NaN."""
+    import json
+
+    from ml.score import _drift_frame, _drift_records
+
+    drift = pd.DataFrame(
+        {
+            "feature": ["avg_rating", "frequency"],
+            "psi": [np.nan, 0.02],
+            "reference_mean": [np.nan, 3.1],
+            "current_mean": [np.nan, 3.0],
+            "reference": "run r",
+            "status": ["n/a", "stable"],
+        }
+    )
+    sent = json.dumps({"feature_drift": _drift_records(drift)}, allow_nan=False)
+    back = _drift_frame(json.loads(sent))
+    pd.testing.assert_frame_equal(back, drift)

@@ -8,12 +8,13 @@ from valueloop.assets import RETRAIN
 from valueloop.orchestration import WAREHOUSE_POOL
 
 
-def retraining_tasks(after) -> None:
+def retraining_tasks(after, trigger_rule: str = "all_success") -> None:
     """``after`` >> decide_retraining >> retraining_needed >> request_retraining (updates the
     retrain asset with the reasons in its extra, which triggers train_model); nothing is
-    requested when no trigger fired."""
+    requested when no trigger fired. ``trigger_rule``: decide_retraining's (``none_failed``
+    decides after a build that was skipped, not after one that failed)."""
 
-    @task(pool=WAREHOUSE_POOL)
+    @task(pool=WAREHOUSE_POOL, trigger_rule=trigger_rule)
     def decide_retraining() -> dict:
         from valueloop import pipeline
         from valueloop.config import load_settings

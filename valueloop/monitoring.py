@@ -57,22 +57,32 @@ DDL = {
 PERFORMANCE = DDL["champion_performance"].split(", ")
 
 
-def _bins(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Each value's bin among ``2 x len(edges) + 1``: below the first edge, each edge itself,
-    and each gap between two edges and above the last. An edge is a bin of its own because
-    quantile edges repeat where the data piles up on one value (zero returns, no discount):
-    a pile-up shares no bin with its neighbours, so a move off it or onto it is seen."""
-    if len(edges) == 0:  # a reference with no value present: one bin
+# An edge holding at least this share of the reference exactly is a bin of its own (a pile-up:
+# zero returns, one order). Below it an edge is a data point the deciles happened to land on,
+# which a new sample almost never hits again: as its own bin it would read as drift.
+POINT_SHARE = 0.05
+
+
+def _bins(edges: np.ndarray, points: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each value's bin among ``2 x len(edges) + 1``: the gaps between the edges, right-open
+    (``len(edges) + 1``), then one per edge for the edges that are ``points``, where the
+    data piles up on one value: a pile shares no bin with its neighbours, so a move off it
+    or onto it is seen (a pile at zero with small positive values beside it, or at the top)."""
+    k = len(edges)
+    if k == 0:  # a reference with no value present: one bin
         return np.zeros(len(values), dtype=int)
+    gap = np.searchsorted(edges, values, side="right")
     below = np.searchsorted(edges, values, side="left")
-    at = (below < len(edges)) & (edges[np.minimum(below, len(edges) - 1)] == values)
-    return 2 * below + at
+    edge = np.minimum(below, k - 1)
+    at = (below < k) & (edges[edge] == values) & points[edge]
+    return np.where(at, k + 1 + edge, gap)
 
 
 def profile(values: np.ndarray, bins: int = 10) -> dict | None:
-    """A reference population as PSI needs it: its quantile bin edges (:func:`_bins`), the
-    share of it in each bin and the share missing (null or not finite), of all its values,
-    and its mean (None when no value is there; the profile is None for no values at all)."""
+    """A reference population as PSI needs it: its quantile bin edges, which of them are
+    piles of their own (:func:`_bins`), the share of it in each bin and the share missing
+    (null or not finite), of all its values, and its mean (None when no value is there; the
+    profile is None for no values at all)."""
     total = len(values)
     if total == 0:
         return None
@@ -82,13 +92,15 @@ def profile(values: np.ndarray, bins: int = 10) -> dict | None:
         if len(finite)
         else np.array([], dtype=float)
     )
-    counts = np.bincount(_bins(edges, finite), minlength=2 * len(edges) + 1)
+    points = np.array([(finite == e).mean() >= POINT_SHARE for e in edges], dtype=bool)
+    counts = np.bincount(_bins(edges, points, finite), minlength=2 * len(edges) + 1)
     return {
         "edges": edges.tolist(),
+        "points": points.tolist(),
         "shares": (counts / total).tolist(),
         "missing": (total - len(finite)) / total,
         "mean": float(finite.mean()) if len(finite) else None,
-        "bins": "edges apart",
+        "bins": "piles apart",
     }
 
 
@@ -116,7 +128,9 @@ def psi_against(reference: dict | None, current: np.ndarray) -> float:
     shares = np.asarray(reference["shares"], dtype=float)
     finite = current[np.isfinite(current)]
     if "bins" in reference:
-        cur = np.bincount(_bins(edges, finite), minlength=2 * len(edges) + 1) / len(current)
+        points = np.asarray(reference.get("points", [True] * len(edges)), dtype=bool)
+        cur = np.bincount(_bins(edges, points, finite), minlength=2 * len(edges) + 1)
+        cur = cur / len(current)
         cur = np.append(cur, 1 - len(finite) / len(current))
         shares = np.append(shares, reference["missing"])
     else:
@@ -196,11 +210,11 @@ def feature_drift(
 def _performance(con: duckdb.DuckDBPyConnection, horizon_days: int) -> pd.DataFrame:
     """Per earlier scoring run whose horizon has passed, its scores and what happened: churned
     (no order in the horizon, as the labels count it), unless a correction from people
-    (``label_feedback``) says otherwise for that customer and day, as in
-    ``marts.customer_labels``; and whether a campaign treated the customer during the horizon
-    (a campaign that worked makes a good churn score look wrong). Of several runs on one day by
-    one model version, the last."""
-    corrections = _exists(con, "staging", "stg_feedback__label_feedback")
+    (``marts.label_corrections``, what the labels read) says otherwise for that customer
+    and day, as in ``marts.customer_labels``; and whether a campaign treated the customer
+    during the horizon (a campaign that worked makes a good churn score look wrong). Of
+    several runs on one day by one model version, the last."""
+    corrections = _exists(con, "marts", "label_corrections")  # built into the labels
     campaigns = _exists(con, "intermediate", "int_campaign_results")
     corrected = (
         """
@@ -212,7 +226,7 @@ def _performance(con: duckdb.DuckDBPyConnection, horizon_days: int) -> pd.DataFr
                     else corrections.corrected_value = 'true'
                 end as churned
             from matured
-            inner join staging.stg_feedback__label_feedback as corrections
+            inner join marts.label_corrections as corrections
                 on corrections.customer_id = matured.customer_id
                 and matured.as_of::date between corrections.valid_from and corrections.valid_to
             qualify row_number() over (
@@ -298,17 +312,20 @@ def record(
     reference: dict[str, dict] | None = None,
     reference_name: str | None = None,
     measured: pd.DataFrame | None = None,
+    measured_at: datetime | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Compute and store the four tables for scoring run ``run_id`` (already published), in
     one transaction.
 
-    Feature drift is ``measured`` (:func:`feature_drift`, when the run scored), or measured
-    here against ``reference`` on ``marts.scoring_set`` as it is now.
+    Feature drift is ``measured`` (:func:`feature_drift`, when the run scored, at
+    ``measured_at``: its ``computed_at``, which the retraining trigger compares with when a
+    training took its data), or measured here and now against ``reference`` on
+    ``marts.scoring_set``.
     ``champion_performance`` is replaced whole: every earlier run whose horizon has passed,
     measured on the labels known now."""
     # A rerun of the same scoring run keeps when it was first measured: the retraining
     # trigger reads drift measured since the last training, and a rerun measures no new data.
-    now = _first_measured(con, run_id) or datetime.now(UTC).replace(tzinfo=None)
+    now = _first_measured(con, run_id) or measured_at or datetime.now(UTC).replace(tzinfo=None)
     if measured is None:
         measured = feature_drift(con, reference, reference_name)
     features = measured.assign(scoring_run_id=run_id, computed_at=now)

@@ -100,7 +100,7 @@ def marts_need_building(totals: dict, run_type: str) -> bool:
     failed). A scheduled run with nothing new would rebuild the same marts, and the marts
     asset would rescore the same customers and measure the same drift again, a retraining
     trigger that fires on no new data."""
-    if str(run_type) != "scheduled":
+    if run_type != "scheduled":  # a str enum in the task context: str() gives its name
         return True
     needed = totals["read"] > 0 or totals["unbuilt"] > 0
     if not needed:

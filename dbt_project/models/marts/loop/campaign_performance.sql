@@ -20,7 +20,10 @@ results as (
 ),
 
 discounts as (
-    select action, discount from {{ ref('campaign_actions') }}
+    select
+        action,
+        discount
+    from {{ ref('campaign_actions') }}
 ),
 
 grouped as (

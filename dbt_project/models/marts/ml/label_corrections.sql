@@ -3,13 +3,13 @@
 -- here (valueloop.retraining; the training snapshot's label_corrections), so a correction
 -- loaded into raw but not yet built into the labels never counts as trained on.
 select
-    feedback_id::varchar as feedback_id,
-    customer_id::varchar as customer_id,
-    label::varchar as label,
-    corrected_value::varchar as corrected_value,
-    valid_from::date as valid_from,
-    valid_to::date as valid_to,
-    reason::varchar as reason,
-    source::varchar as source,
-    submitted_at::timestamp as submitted_at
+    feedback_id,
+    customer_id,
+    label,
+    corrected_value,
+    valid_from,
+    valid_to,
+    reason,
+    source,
+    submitted_at
 from {{ ref('stg_feedback__label_feedback') }}
