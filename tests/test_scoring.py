@@ -231,6 +231,39 @@ def test_a_bi_connection_held_open_never_blocks_a_publish(scored, monkeypatch, c
     assert sorted((exports / "snapshots").iterdir()) == sorted([report.snapshot_dir, newest])
 
 
+def test_a_snapshot_current_all_day_stays_readable_for_the_retention_after_it(
+    tmp_path: Path,
+) -> None:
+    """The retention counts from when a snapshot stopped being current, not from when it was
+    made: one current for 23 hours, opened minutes before the next publish, is still there
+    after two more publishes, and goes once it has been replaced longer than the retention."""
+    import os
+    import time
+
+    exports = tmp_path / "exports"
+    with duckdb.connect() as warehouse:
+        warehouse.execute("create schema marts")
+        for table in bi_snapshot.BI_TABLES:
+            warehouse.execute(f"create table {table} as select 1 as x")
+        day = timedelta(hours=24)
+        first = bi_snapshot.publish_snapshot(warehouse, exports, "a", day)
+        made = time.time() - 23 * 3600
+        os.utime(first, (made, made))  # current for 23 hours
+        with duckdb.connect(str(bi_snapshot.current_database(exports)), read_only=True) as bi:
+            second = bi_snapshot.publish_snapshot(warehouse, exports, "b", day)
+            # Two hours pass: the first was made 25 hours ago and replaced 2 hours ago.
+            retired = first / bi_snapshot.RETIRED
+            retired.write_text(f"{float(retired.read_text()) - 2 * 3600}\n")
+            made = time.time() - 25 * 3600
+            os.utime(first, (made, made))
+            third = bi_snapshot.publish_snapshot(warehouse, exports, "c", day)
+            assert first.exists()  # its reader has the retention from its replacement
+            assert bi.execute("select count(*) from marts.customer_scores").fetchone() == (1,)
+        retired.write_text(f"{time.time() - 25 * 3600}\n")  # replaced 25 hours ago
+        fourth = bi_snapshot.publish_snapshot(warehouse, exports, "d", day)
+    assert sorted((exports / "snapshots").iterdir()) == sorted([second, third, fourth])
+
+
 def test_reason_drivers_count_each_driver_once_per_customer_whatever_its_figures() -> None:
     texts = pd.Series(
         [

@@ -7,11 +7,15 @@ Parquet file per table, with ``bi.duckdb`` beside them: a small database of view
 files, under the warehouse's own schema names, so the same SQL works on both. The link
 ``exports/current`` then moves to the new folder in one ``rename`` (atomic on POSIX), and
 ``exports/previous`` to the one before, kept for rollback. Older snapshots are removed once
-they are older than the retention (``VALUELOOP_BI_SNAPSHOT_RETENTION_HOURS``, default 24).
+they stopped being current longer ago than the retention
+(``VALUELOOP_BI_SNAPSHOT_RETENTION_HOURS``, default 24): a snapshot records when it was
+replaced (``RETIRED``), since one that was current for most of a day may have been opened
+minutes before.
 
 A connection opened on ``exports/current/bi.duckdb`` keeps reading the snapshot it opened,
 whole, while later runs publish; reconnecting shows the newest. It stays valid for the
-retention, however many runs publish meanwhile: an analyst's connection lasts the day.
+retention after the next publish, however many runs publish meanwhile: an analyst's
+connection lasts the day.
 """
 
 from __future__ import annotations
@@ -43,6 +47,19 @@ BI_TABLES = (
     "marts.fct_daily_revenue",
 )
 DATABASE = "bi.duckdb"
+RETIRED = "RETIRED"  # in a snapshot's folder: when it stopped being current (epoch seconds)
+
+
+def _retire(folder: Path) -> None:
+    """Record that ``folder`` stopped being current now."""
+    (folder / RETIRED).write_text(f"{time.time():.3f}\n")
+
+
+def _retired_at(folder: Path) -> float:
+    """When ``folder`` stopped being current; a snapshot retired before this was recorded (or
+    never marked) by its folder's time, as the retention was counted then."""
+    marker = folder / RETIRED
+    return float(marker.read_text()) if marker.exists() else folder.stat().st_mtime
 
 
 def _swap_link(link: Path, target: Path) -> None:
@@ -92,10 +109,12 @@ def publish_snapshot(
     if before is not None:
         _swap_link(exports_dir / "previous", before)
     _swap_link(exports_dir / "current", folder)
+    if before is not None:
+        _retire(before)
     keep = {folder, before}
     cutoff = time.time() - retention.total_seconds()
     for old in snapshots.iterdir():  # expired snapshots, and partial ones a crash left behind
-        if old not in keep and (old.name.startswith(".") or old.stat().st_mtime < cutoff):
+        if old not in keep and (old.name.startswith(".") or _retired_at(old) < cutoff):
             shutil.rmtree(old)
     log.info("BI snapshot %s is current (previous: %s)", folder, before)
     return folder
@@ -109,4 +128,6 @@ def rollback(exports_dir: Path) -> Path:
     target = before.resolve()
     _swap_link(exports_dir / "current", target)
     _swap_link(before, now)
+    _retire(now)
+    (target / RETIRED).unlink(missing_ok=True)  # current again
     return target
