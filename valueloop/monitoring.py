@@ -6,10 +6,14 @@
 * ``score_drift``: PSI of churn probability and P(high) against the previous scoring run;
 * ``tier_migration``: customers per (previous tier, current tier) between the two runs (``new``:
   not scored before; ``gone``: scored before, not now);
-* ``champion_performance``: for earlier scoring runs whose horizon has since passed, how the
-  scores did against what happened (churn ROC-AUC, tier accuracy), per model version.
+* ``champion_performance``: for earlier scoring runs whose horizon has since passed (one per
+  day and model version), how the scores did against what happened as the labels count it,
+  corrections included (churn ROC-AUC, lapsed accuracy; also without the customers a campaign
+  treated), measured afresh by every run.
 
-A run's rows are replaced when it is re-run. An HTML page of the same is logged to MLflow with
+PSI bins: the reference's deciles, a pile-up on one value a bin of its own, missing values one
+more (:func:`profile`). A run's rows are replaced when it is re-run, all four tables in one
+transaction. An HTML page of the same is logged to MLflow with
 the scoring run. (evidently 0.7.23 does not import under pandas 3, and no nannyml release
 resolves with this lock, so the measures are computed here, in DuckDB and numpy.)
 """
