@@ -177,24 +177,31 @@ def _feedback_loaded_through(con) -> object:
     ).fetchone()[0]
 
 
-def feedback_unbuilt(settings: Settings) -> int:
-    """Feedback batches loaded since the feedback marts were last built by
-    :func:`build_feedback` (every one of them, before its first build). A build that failed
-    leaves them counted, so the next feedback run builds them even when no file is new."""
+def _unbuilt(settings: Settings, batches: str, builds: str) -> int:
+    """Batches of ``raw.ingest_batches`` matching ``batches`` loaded after the latest
+    ``loaded_through`` recorded in the build table ``builds`` (every one of them before its
+    first build; none before anything was ingested, and no warehouse made for asking)."""
     if not settings.warehouse_path.exists():
         return 0  # nothing ingested yet
     with connect(settings.warehouse_path) as con:
         if not table_exists(con, "raw.ingest_batches"):
             return 0
         built = (
-            "(select max(loaded_through) from raw.feedback_builds)"
-            if table_exists(con, "raw.feedback_builds")
+            f"(select max(loaded_through) from {builds})"
+            if table_exists(con, builds)
             else "null::timestamp"
         )
         return con.execute(
-            f"select count(*) from raw.ingest_batches where {FEEDBACK_BATCHES} and loaded_at >"
+            f"select count(*) from raw.ingest_batches where {batches} and loaded_at >"
             f" coalesce({built}, '-infinity'::timestamp)"
         ).fetchone()[0]
+
+
+def feedback_unbuilt(settings: Settings) -> int:
+    """Feedback batches loaded since the feedback marts were last built by
+    :func:`build_feedback` (every one of them, before its first build). A build that failed
+    leaves them counted, so the next feedback run builds them even when no file is new."""
+    return _unbuilt(settings, FEEDBACK_BATCHES, "raw.feedback_builds")
 
 
 # raw.ingest_batches' batches of the shop's own data (the marts' input but for the feedback)
@@ -218,20 +225,7 @@ def marts_unbuilt(settings: Settings) -> int:
     """Shop batches loaded since the scheduled DAG last built and checked the marts
     (:func:`record_marts_build`; every one of them before its first build). A build that
     failed leaves them counted, so the next scheduled run builds them though no file is new."""
-    if not settings.warehouse_path.exists():
-        return 0
-    with connect(settings.warehouse_path) as con:
-        if not table_exists(con, "raw.ingest_batches"):
-            return 0
-        built = (
-            "(select max(loaded_through) from raw.marts_builds)"
-            if table_exists(con, "raw.marts_builds")
-            else "null::timestamp"
-        )
-        return con.execute(
-            f"select count(*) from raw.ingest_batches where {SHOP_BATCHES} and loaded_at >"
-            f" coalesce({built}, '-infinity'::timestamp)"
-        ).fetchone()[0]
+    return _unbuilt(settings, SHOP_BATCHES, "raw.marts_builds")
 
 
 def record_marts_build(settings: Settings, loaded_through: str | None) -> None:
